@@ -1,0 +1,183 @@
+"""The `lemb` command: one thin command per stage over importable functions.
+
+User mistakes (bad input, bad settings, a conflicting earlier run) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lemb.errors import LembError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="LLM-aware retrieval embedders: retrieve, label, train, eval."
+)
+log = logging.getLogger("lemb")
+
+Run = Annotated[Optional[str], typer.Option("--run", help="Run folder; each stage writes <run>/<stage>/.")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings (flags win).")]
+Executor = Annotated[Optional[str], typer.Option(help="ray (default) or local (in-process).")]
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster address; default starts a local cluster.")]
+Workers = Annotated[Optional[int], typer.Option(help="Actors in the pool (one model copy each).")]
+Threads = Annotated[Optional[int], typer.Option(help="Torch threads per worker (1 is fastest on 2 vCPUs).")]
+Shards = Annotated[Optional[int], typer.Option(help="Output shards (the unit of work and of resume).")]
+Restart = Annotated[Optional[bool], typer.Option("--restart", help="Discard earlier output made with other settings.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("lemb").setLevel(logging.INFO)
+        try:
+            return fn(*args, **kwargs)
+        except (LembError, FileNotFoundError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _common(run, executor, address, workers, threads, shards, restart) -> dict[str, Any]:
+    return dict(run=run, executor=executor, address=address, workers=workers, threads=threads, shards=shards, restart=restart)
+
+
+@app.command()
+@_user_errors
+def retrieve(
+    queries: Annotated[Optional[str], typer.Option(help="Query records (JSONL or Parquet).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Key records (JSONL or Parquet).")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="HF id, local path or lemb default name.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Candidates per query.")] = None,
+    run: Run = None, config: Config = None, executor: Executor = None, address: Address = None,
+    workers: Workers = None, threads: Threads = None, shards: Shards = None, restart: Restart = None, quiet: Quiet = False,
+) -> None:
+    """Embed keys and queries (task instructions prepended) and write faiss top-K candidate shards."""
+    from lemb.pipeline.config import RetrieveConfig, load_config
+    from lemb.stages.retrieve import retrieve as run_retrieve
+
+    cfg = load_config(RetrieveConfig, config, queries=queries, corpus=corpus, embedder=embedder, top_k=top_k,
+                      **_common(run, executor, address, workers, threads, shards, restart))
+    stats = run_retrieve(cfg, progress=not quiet)
+    typer.echo(f"candidates: {int(stats['candidates'].get('rows_out', 0))} rows in {Path(cfg.run) / 'retrieve' / 'candidates'}")
+
+
+@app.command()
+@_user_errors
+def label(
+    llm: Annotated[Optional[str], typer.Option(help="LLM: HF id, local path or lemb default name.")] = None,
+    n_samples: Annotated[Optional[int], typer.Option(help="N samples from the prompt without candidate.")] = None,
+    per_candidate_samples: Annotated[Optional[int], typer.Option(help="m samples from each candidate's prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    run: Run = None, config: Config = None, executor: Executor = None, address: Address = None,
+    workers: Workers = None, threads: Threads = None, shards: Shards = None, restart: Restart = None, quiet: Quiet = False,
+) -> None:
+    """Sample the LLM, score the desired output under each candidate, write rank-aware reward shards."""
+    from lemb.pipeline.config import LabelConfig, load_config
+    from lemb.stages.label import label as run_label
+
+    cfg = load_config(LabelConfig, config, llm=llm, n_samples=n_samples, per_candidate_samples=per_candidate_samples,
+                      seed=seed, **_common(run, executor, address, workers, threads, shards, restart))
+    stats = run_label(cfg, progress=not quiet)
+    typer.echo(
+        f"rewards: {int(stats.get('rows_out', 0))} rows, {int(stats.get('queries_labelled', 0))} queries labelled, "
+        f"{int(stats.get('queries_skipped_no_competing_samples', 0) + stats.get('queries_skipped_no_target', 0))} "
+        f"without signal, in {Path(cfg.run) / 'label'}"
+    )
+
+
+@app.command()
+@_user_errors
+def train(
+    embedder: Annotated[Optional[str], typer.Option(help="Embedder to start from.")] = None,
+    steps: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Queries per one-task batch.")] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    reward: Annotated[Optional[str], typer.Option(help="rank | likelihood | improvement")] = None,
+    run: Run = None, config: Config = None, threads: Threads = None, quiet: Quiet = False,
+) -> None:
+    """Graded distillation of the embedder from the run's reward shards; saves <run>/train/model."""
+    from lemb.pipeline.config import TrainConfig, load_config
+    from lemb.trainer.recipe import train as run_train
+
+    cfg = load_config(TrainConfig, config, embedder=embedder, steps=steps, batch_size=batch_size, lr=lr, reward=reward,
+                      run=run, threads=threads)
+    path = run_train(cfg, progress=not quiet)
+    typer.echo(f"model: {path}")
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    queries: Annotated[Optional[str], typer.Option(help="Held-out query records.")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Key records.")] = None,
+    embedder: Annotated[Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable; default: base and trained.")] = None,
+    answer_k: Annotated[Optional[int], typer.Option(help="Retrieved candidates in the LLM prompt (0: no LLM).")] = None,
+    run: Run = None, config: Config = None, threads: Threads = None, quiet: Quiet = False,
+) -> None:
+    """Retrieval metrics and the LLM's answer accuracy for each embedder; writes <run>/eval/."""
+    from lemb.pipeline.config import EvalConfig, load_config
+    from lemb.trainer.report import table
+    from lemb.workflow import evaluate_run
+
+    named = {}
+    for item in embedder or []:
+        name, sep, model = item.partition("=")
+        if not sep:
+            raise LembError(f"--embedder {item!r}: expected NAME=MODEL")
+        named[name] = model
+    cfg = load_config(EvalConfig, config, queries=queries, corpus=corpus, answer_k=answer_k, run=run, threads=threads)
+    metrics = evaluate_run(cfg, named or None, progress=not quiet)
+    typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
+
+
+@app.command()
+@_user_errors
+def inspect(path: Path, top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3) -> None:
+    """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
+    from lemb.pipeline.status import inspect_shards
+
+    typer.echo(inspect_shards(path, top))
+
+
+@app.command()
+@_user_errors
+def status(run: Path) -> None:
+    """Which stages and shards of a run are done, pending or failed."""
+    from lemb.pipeline.status import run_status
+
+    typer.echo(run_status(run))
+
+
+@app.command()
+@_user_errors
+def demo(
+    size: Annotated[str, typer.Option(help="tiny (about 3 minutes) or small.")] = "small",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
+    executor: Executor = "ray", threads: Annotated[int, typer.Option()] = 1, quiet: Quiet = False,
+) -> None:
+    """The whole pipeline on the built-in demo world with the default models; prints base vs trained."""
+    from lemb.trainer.report import table
+    from lemb.workflow import DEMO_SETTINGS, run_demo
+
+    if size not in DEMO_SETTINGS:
+        raise LembError(f"--size must be one of {', '.join(DEMO_SETTINGS)}, got {size!r}")
+    metrics = run_demo(size, out, executor=executor or "ray", threads=threads, progress=not quiet)
+    typer.echo("\nHeld-out demo queries, base vs trained embedder:\n")
+    typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
+    typer.echo(f"\nreport: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
+
+
+def main() -> None:
+    app(prog_name="lemb")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Read query and key records from JSONL or Parquet, validating every row.
+
+Any problem raises InputError naming the file, the line or id, and the field, before a stage
+writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lemb.data import schemas
+from lemb.errors import InputError
+
+
+def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) pairs; the location is 'line N' for JSONL and 'row N' for Parquet."""
+    if not path.exists():
+        raise InputError(path, "file", None, "not found")
+    if path.suffix == ".parquet":
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path, "file", None, f"not a readable Parquet file ({exc})") from None
+        return [(f"row {i + 1}", r) for i, r in enumerate(rows)]
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"line {n}", None, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(path, f"line {n}", None, "expected a JSON object")
+            out.append((f"line {n}", record))
+    return out
+
+
+def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Schema, id_field: str) -> dict[str, Any]:
+    rid = record.get(id_field)
+    label = f"{where} ({id_field} {rid!r})" if isinstance(rid, str) else where
+    clean: dict[str, Any] = {}
+    for f in schema:
+        value = record.get(f.name)
+        if pa.types.is_list(f.type):
+            value = [] if value is None else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InputError(path, label, f.name, "expected a list of strings")
+        elif value is None:
+            if f.name not in record and not f.nullable:
+                raise InputError(path, label, f.name, "missing")
+            if not f.nullable:
+                raise InputError(path, label, f.name, "must not be null")
+        elif not isinstance(value, str):
+            raise InputError(path, label, f.name, f"expected a string, got {type(value).__name__}")
+        clean[f.name] = value
+    if not clean["text"].strip():
+        raise InputError(path, label, "text", "empty text")
+    if not clean[id_field].strip():
+        raise InputError(path, label, id_field, "empty id")
+    if clean["task"] not in schemas.TASKS:
+        raise InputError(path, label, "task", f"unknown task {clean['task']!r}; known: {', '.join(schemas.TASKS)}")
+    return clean
+
+
+def _read(path: str | Path, schema: pa.Schema, id_field: str) -> pa.Table:
+    path = Path(path)
+    seen: dict[str, str] = {}
+    records = []
+    for where, raw in _load_rows(path):
+        rec = _check_record(path, where, raw, schema, id_field)
+        if rec[id_field] in seen:
+            raise InputError(path, where, id_field, f"duplicate id {rec[id_field]!r} (first at {seen[rec[id_field]]})")
+        seen[rec[id_field]] = where
+        records.append(rec)
+    if not records:
+        raise InputError(path, "file", None, "no records")
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def read_queries(path: str | Path) -> pa.Table:
+    table = _read(path, schemas.QUERY, "query_id")
+    for rec in table.select(["query_id", "task", "history"]).to_pylist():
+        if rec["task"] in schemas.PER_QUERY_TASKS and not rec["history"]:
+            raise InputError(path, f"query_id {rec['query_id']!r}", "history", f"task {rec['task']} needs a history")
+    return table
+
+
+def read_keys(path: str | Path) -> pa.Table:
+    return _read(path, schemas.KEY, "key_id")
+
+
+def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

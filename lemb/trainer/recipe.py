@@ -1,0 +1,144 @@
+"""`lemb train`: graded distillation of the embedder from cached rewards, a recipe in four steps.
+
+setup() builds every component from the config and the reward shards; train() is the loop;
+save() writes a model folder that loads with sentence-transformers and with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lemb.data.readers import read_keys, read_queries
+from lemb.data.schemas import history_key_id
+from lemb.data.tasks import instructions, task_spec
+from lemb.errors import LembError
+from lemb.pipeline.config import TrainConfig, save_config, to_dict
+from lemb.pipeline.executor import set_threads
+from lemb.pipeline.shards import read_stage, write_json_atomic
+from lemb.stages.encoder import load_embedder
+from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
+from lemb.trainer.losses import compute_loss
+
+log = logging.getLogger(__name__)
+
+
+class TrainRecipe:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.run = Path(config.run)
+        self.out = self.run / "train"
+
+    def setup(self) -> None:
+        c = self.config
+        set_threads(c.threads)
+        torch.manual_seed(c.seed)
+        self.groups, self.skipped = self._load_groups()
+        if not self.groups:
+            raise LembError(f"{self.run / 'label'}: no query carries a training signal ({dict(self.skipped)})")
+        for reason, n in self.skipped.items():
+            log.warning("%d queries left out of training: %s", n, reason)
+        self.model = load_embedder(c.embedder, c.max_length)
+        self.model.train()
+        self.sampler = TaskBatchSampler(self.groups, c.batch_size, c.task_weights or None, c.seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        warmup = int(c.warmup * c.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (c.steps - s) / max(c.steps - warmup, 1)))
+        )
+        self.initial_loss: dict[str, float] = {}  # for self-paced scheduling
+        self.history: list[dict[str, Any]] = []
+
+    def _load_groups(self) -> tuple[list[Group], Any]:
+        retrieve_cfg = yaml.safe_load((self.run / "retrieve" / "config.yaml").read_text())
+        queries = {q["query_id"]: q for q in read_queries(retrieve_cfg["queries"]).to_pylist()}
+        texts: dict[str, str] = {}
+        if retrieve_cfg.get("corpus"):
+            texts = {k["key_id"]: k["text"] for k in read_keys(retrieve_cfg["corpus"]).to_pylist()}
+        for q in queries.values():
+            texts.update({history_key_id(q["query_id"], i): t for i, t in enumerate(q["history"])})
+        rewards = read_stage(self.run / "label")
+        return build_groups(rewards, queries, texts, self.config.reward, self.config.group_size, str(self.run / "label"))
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        features = self.model.tokenize(texts)
+        return self.model(features)["sentence_embedding"]
+
+    def _loss(self, batch: list[Group]) -> tuple[str, torch.Tensor]:
+        c = self.config
+        task = batch[0].task
+        spec = task_spec(task)
+        q_instr, k_instr = instructions(c.instructions, task)
+        data = collate(batch, c.group_size)
+        q = self._embed([q_instr + t for t in data["queries"]])
+        flat_valid = data["valid"].reshape(-1)
+        keys = [k_instr + t for t, ok in zip(data["keys"], flat_valid.tolist()) if ok]
+        k = torch.zeros(len(data["keys"]), q.shape[-1], dtype=q.dtype)
+        k[flat_valid] = self._embed(keys)  # padding slots stay zero and are masked out
+        k = k.reshape(len(batch), c.group_size, -1)
+        loss = compute_loss(
+            c.loss.get(task, spec.loss), q, k, data["rewards"], data["valid"], data["positive"],
+            tau=c.tau, alpha=c.alpha, in_batch=spec.in_batch_negatives, in_batch_mask=data["in_batch_mask"],
+        )
+        return task, loss
+
+    def train(self, progress: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        start = time.perf_counter()
+        for step in tqdm(range(c.steps), desc="train", disable=not progress):
+            batch = [self.groups[i] for i in self.sampler.batch(step)]
+            task, loss = self._loss(batch)
+            scale = 1.0
+            if c.self_paced:  # tasks already learnt slow down: L_task(0) / L_task(now)
+                self.initial_loss.setdefault(task, loss.item())
+                scale = self.initial_loss[task] / max(loss.item(), 1e-8)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * scale).backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.history.append({"step": step, "task": task, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]})
+        self.seconds = time.perf_counter() - start
+
+    def save(self) -> Path:
+        c = self.config
+        path = self.out / "model"
+        tasks = sorted({g.task for g in self.groups})
+        prompts = {}
+        for t in tasks:
+            q_instr, k_instr = instructions(c.instructions, t)
+            prompts[f"{t}_query"], prompts[f"{t}_key"] = q_instr, k_instr
+        self.model.prompts = prompts
+        self.model.eval()
+        self.model.save(str(path))
+        with open(self.out / "log.jsonl", "w") as fh:
+            for row in self.history:
+                fh.write(json.dumps(row) + "\n")
+        stats = {
+            "steps": c.steps,
+            "groups": len(self.groups),
+            "groups_per_task": {t: sum(g.task == t for g in self.groups) for t in tasks},
+            "queries_left_out": dict(self.skipped),
+            "seconds": self.seconds,
+            "final_loss": self.history[-1]["loss"] if self.history else None,
+        }
+        write_json_atomic(self.out / "_stats.json", stats)
+        save_config(c, self.out)
+        return path
+
+
+def train(config: TrainConfig, progress: bool = True) -> Path:
+    recipe = TrainRecipe(config)
+    recipe.setup()
+    recipe.train(progress)
+    return recipe.save()
+
+
+__all__ = ["TrainRecipe", "train", "to_dict"]

@@ -1,0 +1,92 @@
+"""metrics.json, report.md and PNG plots of an evaluated run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lemb.pipeline.shards import write_json_atomic
+
+HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_contains")
+
+
+def metrics_json(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """{"base": {"recall@1": ..., "per_task": {...}}, "trained": {...}}: headline numbers over all queries."""
+    return {name: {**by_task["all"], "per_task": {t: m for t, m in by_task.items() if t != "all"}} for name, by_task in metrics.items()}
+
+
+def table(metrics: dict[str, dict[str, float]], names: list[str]) -> str:
+    cols = [m for m in HEADLINE if any(m in metrics[n] for n in names)]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m in cols:
+        lines.append(f"| {m} | " + " | ".join(f"{metrics[n].get(m, float('nan')):.3f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot_rewards(label_dir: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import polars as pl
+
+    files = sorted(label_dir.glob("part-*.parquet"))
+    if not files:
+        return None
+    df = pl.read_parquet(files).filter(pl.col("reward").is_not_null())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task in sorted(df["task"].unique().to_list()):
+        ax.hist(df.filter(pl.col("task") == task)["reward"].to_numpy(), bins=20, range=(0, 1), alpha=0.6, label=task)
+    ax.set_xlabel("rank-aware reward")
+    ax.set_ylabel("(query, candidate) pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_loss(log_path: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log_path.exists():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task in sorted({r["task"] for r in rows}):
+        pts = [(r["step"], r["loss"]) for r in rows if r["task"] == task]
+        ax.plot(*zip(*pts), marker=".", linestyle="-", label=task)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Path]:
+    """Write metrics.json, report.md and the plots into `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(metrics)
+    write_json_atomic(out / "metrics.json", metrics_json(metrics))
+    paths = {"metrics": out / "metrics.json", "report": out / "report.md"}
+    for key, path in (
+        ("rewards_plot", plot_rewards(run / "label", out / "rewards.png")),
+        ("loss_plot", plot_loss(run / "train" / "log.jsonl", out / "loss.png")),
+    ):
+        if path:
+            paths[key] = path
+    lines = ["# lemb evaluation", "", f"Run: `{run}`", "", "## All held-out queries", "", table({n: metrics[n]["all"] for n in names}, names)]
+    for task in sorted({t for n in names for t in metrics[n] if t != "all"}):
+        lines += ["", f"## {task} ({metrics[names[0]][task]['queries']} queries)", ""]
+        lines.append(table({n: metrics[n][task] for n in names}, names))
+    for key, title in (("rewards_plot", "Reward distribution"), ("loss_plot", "Training loss")):
+        if key in paths:
+            lines += ["", f"## {title}", "", f"![{title}]({paths[key].name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return paths

@@ -1,0 +1,69 @@
+"""Whole-pipeline workflows built from the stages: evaluation of a run, and the built-in demo."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig, load_config
+from lemb.pipeline.shards import write_json_atomic
+from lemb.trainer.report import write_report
+
+log = logging.getLogger(__name__)
+
+# Demo sizes: steps and samples chosen so `tiny` runs in about 3 minutes and `small` in under 15 here.
+DEMO_SETTINGS = {
+    "tiny": {"top_k": 4, "n_samples": 6, "per_candidate_samples": 1, "steps": 30, "batch_size": 4},
+    "small": {"top_k": 5, "n_samples": 8, "per_candidate_samples": 2, "steps": 120, "batch_size": 8},
+}
+
+
+def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Base vs trained embedder of a run (or the given embedders); writes `<run>/eval/` and returns the metrics."""
+    from lemb.trainer.evaluate import evaluate
+
+    run = Path(config.run)
+    if not embedders:
+        embedders = config.embedders or _default_embedders(run)
+    result = evaluate(config, embedders, progress)
+    out = run / "eval"
+    write_report(run, out, result["metrics"])
+    write_json_atomic(out / "details.json", result["details"])
+    return result["metrics"]
+
+
+def _default_embedders(run: Path) -> dict[str, str]:
+    train_cfg = run / "train" / "config.yaml"
+    if not train_cfg.exists():
+        from lemb.errors import LembError
+
+        raise LembError(f"{train_cfg}: not found; run `lemb train --run {run}` first or pass --embedder")
+    base = yaml.safe_load(train_cfg.read_text())["embedder"]
+    return {"base": base, "trained": str(run / "train" / "model")}
+
+
+def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Generate the demo world, then retrieve -> label -> train -> eval; returns the metrics."""
+    from lemb.data.demo import write_demo
+    from lemb.stages.label import label
+    from lemb.stages.retrieve import retrieve
+    from lemb.trainer.recipe import train
+
+    s = DEMO_SETTINGS[size]
+    files = write_demo(out / "data", size=size)
+    run = out / "run"
+    common = {"run": str(run), "executor": executor, "threads": threads, "shards": 4, "restart": True}
+    retrieve(load_config(RetrieveConfig, queries=str(files["train"]), corpus=str(files["corpus"]), top_k=s["top_k"], **common), progress)
+    label(
+        load_config(LabelConfig, n_samples=s["n_samples"], per_candidate_samples=s["per_candidate_samples"], **common),
+        progress,
+    )
+    train(load_config(TrainConfig, steps=s["steps"], batch_size=s["batch_size"], group_size=s["top_k"], **common), progress)
+    eval_config = load_config(EvalConfig, queries=str(files["heldout"]), corpus=str(files["corpus"]), **common)
+    metrics = evaluate_run(eval_config, progress=progress)
+    paths = write_report(run, out, metrics)
+    log.info("demo report: %s", paths["report"])
+    return metrics
