@@ -107,14 +107,17 @@ class TaskBatchSampler:
         task_index = self._task_at(step)
         pool = self.by_task[self.tasks[task_index]]
         draws = self._draws_before(step)
+        if len(pool) <= self.batch_size:  # a task smaller than a batch: all of it, never a query twice
+            return [pool[i] for i in np.random.default_rng([self.seed, draws, task_index]).permutation(len(pool))]
         out: list[int] = []
+        d = draws * self.batch_size
         # each task cycles through its queries in epochs of a seeded permutation
-        for d in range(draws * self.batch_size, (draws + 1) * self.batch_size):
+        while len(out) < self.batch_size:
             epoch, pos = divmod(d, len(pool))
             item = pool[np.random.default_rng([self.seed, epoch, task_index]).permutation(len(pool))[pos]]
-            if item in out:  # a task smaller than a batch: never the same query twice in one batch
-                break
-            out.append(item)
+            if item not in out:  # at an epoch boundary the next epoch may repeat a query
+                out.append(item)
+            d += 1
         return out
 
 

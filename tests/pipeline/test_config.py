@@ -1,0 +1,42 @@
+import pytest
+
+from lemb.errors import ConfigError
+from lemb.pipeline.config import LabelConfig, RetrieveConfig, TrainConfig, config_hash, load_config, save_config
+
+
+def test_yaml_and_flags_merge_flags_win(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("queries: q.jsonl\ntop_k: 3\nshards: 2\n")
+    c = load_config(RetrieveConfig, cfg, top_k=5, corpus=None)
+    assert (c.queries, c.top_k, c.shards, c.corpus) == ("q.jsonl", 5, 2, None)
+
+
+def test_all_problems_in_one_message():
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, steps=0, lr=-1.0, reward="bogus", loss={"qa": "hinge"})
+    msg = str(err.value)
+    for part in ("steps must be >= 1", "lr must be > 0", "reward must be", "loss[qa]"):
+        assert part in msg
+
+
+def test_unknown_setting_and_wrong_type():
+    with pytest.raises(ConfigError, match="unknown setting 'topk'.*n_samples must be"):
+        load_config(LabelConfig, topk=3, n_samples="eight")
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(LabelConfig, bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(LabelConfig, tmp_path / "missing.yaml")
+
+
+def test_hash_ignores_execution_settings_and_saved_config_round_trips(tmp_path):
+    a = load_config(LabelConfig, workers=1, executor="local")
+    b = load_config(LabelConfig, workers=4, executor="ray")
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(LabelConfig, n_samples=4))
+    path = save_config(a, tmp_path)
+    assert load_config(LabelConfig, path) == a

@@ -1,0 +1,79 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lemb.data import schemas
+from lemb.errors import LembError, StageConflict
+from lemb.pipeline.shards import ShardPlan, finish_stage, open_stage, read_stage, shard_of, shard_path, write_shard
+
+
+def test_plan_is_deterministic_and_partitions_ids():
+    ids = [f"q{i}" for i in range(50)]
+    a, b = ShardPlan.from_ids(ids, 4), ShardPlan.from_ids(list(reversed(ids)), 4)
+    assert a.ids == b.ids
+    assert sorted(x for shard in a.ids for x in shard) == sorted(ids)
+    assert all(shard_of(x, 4) == s for s, shard in enumerate(a.ids) for x in shard)
+    assert sum(1 for shard in a.ids if shard) > 1
+
+
+def _candidates(n):
+    return pa.table(
+        {"query_id": [f"q{i}" for i in range(n)], "task": ["qa"] * n, "key_id": ["k"] * n,
+         "retrieval_rank": [1] * n, "retrieval_score": [0.5] * n},
+        schema=schemas.CANDIDATE,
+    )
+
+
+def test_write_shard_is_atomic_and_carries_metadata(tmp_path):
+    path = write_shard(tmp_path, 3, _candidates(5), schemas.CANDIDATE, {"lemb.llm": "x"}, {"rows_out": 5})
+    assert path == shard_path(tmp_path, 3)
+    meta = pq.read_schema(path).metadata
+    assert meta[b"lemb.llm"] == b"x"
+    assert not list(tmp_path.glob(".*tmp*"))
+    # a table that does not fit the schema fails and leaves nothing behind
+    bad = pa.table({"query_id": ["q"], "task": ["qa"]})
+    with pytest.raises((ValueError, KeyError, pa.ArrowInvalid)):
+        write_shard(tmp_path, 4, bad, schemas.CANDIDATE, {}, {})
+    assert not shard_path(tmp_path, 4).exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_open_stage_skips_done_and_refuses_changed_config(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("x\n")
+    plan = ShardPlan.from_ids([f"q{i}" for i in range(20)], 2)
+    stage = tmp_path / "stage"
+    assert open_stage(stage, "s", {"top_k": 8}, "h1", [inp], plan) == set()
+    write_shard(stage, 0, _candidates(2), schemas.CANDIDATE, {}, {"rows_out": 2, "rows_in": 2})
+    (stage / ".part-00001.parquet.tmp-999").write_text("half")  # left by a killed process
+    assert open_stage(stage, "s", {"top_k": 8}, "h1", [inp], plan) == {0}
+    assert not (stage / ".part-00001.parquet.tmp-999").exists()
+    with pytest.raises(StageConflict, match=r"top_k: 8 -> 4.*--restart"):
+        open_stage(stage, "s", {"top_k": 4}, "h2", [inp], plan)
+    assert shard_path(stage, 0).exists()  # refusing touches nothing
+    assert open_stage(stage, "s", {"top_k": 4}, "h2", [inp], plan, restart=True) == set()
+    assert json.loads((stage / "_manifest.json").read_text())["config_hash"] == "h2"
+
+
+def test_changed_input_is_named(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("x\n")
+    plan = ShardPlan.from_ids(["a"], 1)
+    open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
+    inp.write_text("changed content\n")
+    with pytest.raises(StageConflict, match="input changed"):
+        open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
+
+
+def test_read_stage_refuses_incomplete_stage(tmp_path):
+    plan = ShardPlan.from_ids([f"q{i}" for i in range(20)], 2)
+    open_stage(tmp_path, "s", {}, "h", [], plan)
+    write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
+    with pytest.raises(LembError, match="incomplete"):
+        read_stage(tmp_path)
+    write_shard(tmp_path, 1, _candidates(2), schemas.CANDIDATE, {}, {"rows_out": 2})
+    assert read_stage(tmp_path).num_rows == 5
+    stats = finish_stage(tmp_path, 2, [])
+    assert stats["rows_out"] == 5 and stats["shards_done"] == 2

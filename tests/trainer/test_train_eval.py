@@ -1,0 +1,68 @@
+"""A tiny real training run and evaluation on the labelled fixture run."""
+
+import json
+
+import pytest
+import torch
+
+from lemb.pipeline.config import EvalConfig, TrainConfig, load_config
+from lemb.trainer.evaluate import normalize_answer
+from lemb.trainer.recipe import train
+from lemb.workflow import evaluate_run
+
+
+@pytest.fixture(scope="module")
+def trained(labelled_run):
+    path = train(load_config(TrainConfig, run=str(labelled_run), steps=6, batch_size=2, group_size=2, lr=5e-5), progress=False)
+    return labelled_run, path
+
+
+def test_trained_model_loads_in_both_libraries_with_instructions(trained):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    _, path = trained
+    st = SentenceTransformer(str(path), device="cpu")
+    assert st.prompts["qa_query"] == "Represent this query for retrieving relevant documents: "
+    emb = st.encode(["hello"], normalize_embeddings=True)
+    hf = AutoModel.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    with torch.no_grad():
+        out = hf(**tok(["hello"], return_tensors="pt")).last_hidden_state.mean(1)
+    torch.testing.assert_close(torch.nn.functional.normalize(out, dim=-1)[0], torch.from_numpy(emb[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_training_changed_weights_and_logged_loss(trained):
+    from sentence_transformers import SentenceTransformer
+
+    from lemb.stages.encoder import load_embedder
+
+    run, path = trained
+    base = load_embedder("all-minilm-l6-v2").encode(["What is the capital of Zorbia?"])
+    new = SentenceTransformer(str(path), device="cpu").encode(["What is the capital of Zorbia?"])
+    assert abs(base - new).max() > 1e-4
+    log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all(row["loss"] == row["loss"] for row in log)
+    assert json.loads((run / "train" / "_stats.json").read_text())["groups"] >= 3
+
+
+def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
+    run, _ = trained
+    cfg = load_config(EvalConfig, run=str(run), queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]))
+    metrics = evaluate_run(cfg, progress=False)
+    assert set(metrics) == {"base", "trained"}
+    for name in metrics:
+        for key in ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy"):
+            assert 0.0 <= metrics[name]["all"][key] <= 1.0
+        assert set(metrics[name]) == {"all", "qa", "chat", "tool"}
+    # every query has its positive among 2-6 keys: recall@5 must be perfect
+    assert metrics["base"]["all"]["recall@5"] == 1.0
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    assert saved["base"]["recall@1"] == metrics["base"]["all"]["recall@1"]
+    assert (run / "eval" / "report.md").read_text().startswith("# lemb evaluation")
+    assert (run / "eval" / "rewards.png").stat().st_size > 1000 and (run / "eval" / "loss.png").stat().st_size > 1000
+
+
+def test_normalize_answer():
+    assert normalize_answer("The  Quelm!") == "quelm"
+    assert normalize_answer("An apple, a day") == "apple day"
