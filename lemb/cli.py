@@ -34,8 +34,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("lemb").setLevel(logging.INFO)
+        from lemb.pipeline.executor import quiet_libraries
+
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except (LembError, FileNotFoundError) as exc:

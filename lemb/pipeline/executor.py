@@ -48,6 +48,21 @@ class Stage(ABC):
         return {}
 
 
+def quiet_libraries() -> None:
+    """lemb logs at INFO; third-party libraries only warn (no per-model loading bars in worker logs)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lemb").setLevel(logging.INFO)
+    for noisy in ("faiss", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def set_threads(threads: int) -> None:
     import torch
 
@@ -70,7 +85,7 @@ class _Worker:
 
     def __init__(self, factory: Callable[[], Stage], threads: int) -> None:
         set_threads(threads)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        quiet_libraries()
         self.stage = factory()
         self.stage.setup()
 

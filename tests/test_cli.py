@@ -1,0 +1,68 @@
+"""The `lemb` command: bad input exits 1 with one line naming file, id and field, and writes nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lemb.cli import app
+from tests.conftest import CORPUS, QUERIES, write_jsonl
+
+runner = CliRunner()
+
+
+def _retrieve(tmp_path, queries, corpus):
+    q = write_jsonl(tmp_path / "q.jsonl", queries) if isinstance(queries, list) else queries
+    c = write_jsonl(tmp_path / "c.jsonl", corpus) if isinstance(corpus, list) else corpus
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["retrieve", "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor", "local", "--quiet"])
+    return result, run
+
+
+@pytest.mark.parametrize(
+    "queries, corpus, message",
+    [
+        ("missing.jsonl", CORPUS, "missing.jsonl: file: not found"),
+        ([{k: v for k, v in QUERIES[0].items() if k != "text"}], CORPUS, "q.jsonl: line 1 (query_id 'q1'), field 'text': missing"),
+        ([{**QUERIES[0], "text": ""}], CORPUS, "field 'text': empty text"),
+        ([{**QUERIES[0], "task": "poem"}], CORPUS, "field 'task': unknown task 'poem'"),
+        (QUERIES, CORPUS + [CORPUS[0]], "c.jsonl: line 7, field 'key_id': duplicate id 'k1'"),
+        ([{**QUERIES[0], "positive_ids": ["nope"]}], CORPUS, "query_id 'q1', field 'positive_ids': 'nope' is not in the corpus"),
+    ],
+)
+def test_bad_input_one_line_and_nothing_written(tmp_path, queries, corpus, message):
+    if isinstance(queries, str):
+        queries = tmp_path / queries
+    result, run = _retrieve(tmp_path, queries, corpus)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not run.exists()
+
+
+def test_bad_settings_one_line(tmp_path):
+    result = runner.invoke(app, ["train", "--run", str(tmp_path), "--steps", "0", "--lr", "-1"])
+    assert result.exit_code == 1
+    assert "steps must be >= 1" in result.stderr and "lr must be > 0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_label_before_retrieve_says_what_to_run(tmp_path):
+    result = runner.invoke(app, ["label", "--run", str(tmp_path / "r"), "--executor", "local"])
+    assert result.exit_code == 1 and "run `lemb retrieve" in result.stderr
+
+
+def test_entry_point_runs_as_a_process(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lemb.cli", "status", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip() == f"error: {tmp_path}: no stage output here"
+
+
+def test_status_and_inspect_on_a_run(labelled_run):
+    result = runner.invoke(app, ["status", str(labelled_run)])
+    assert result.exit_code == 0
+    assert "label" in result.stdout and "2/2" in result.stdout
+    result = runner.invoke(app, ["inspect", str(labelled_run / "label")])
+    assert result.exit_code == 0
+    assert "8 rows in 2 shard(s)" in result.stdout and "reward distribution" in result.stdout
