@@ -50,8 +50,8 @@ class DemoData:
 
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "pl", "qu", "r", "s", "sk", "st", "t", "tr", "v", "z", "zh"]
-_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
-_CODAS = ["", "", "", "n", "r", "l", "m", "k", "sh", "x", "nd", "rk", "lm"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
+_CODAS = ["", "", "", "n", "r", "l", "m", "k", "x", "sh"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ class _Namer:
         """A new lowercase word (not used before in this world, nor as a prefix of one)."""
         while True:
             w = "".join(self._syllable(coda=(i == syllables - 1)) for i in range(syllables)) + suffix
-            if 4 <= len(w) <= 11 and w not in self.used:
+            if 4 <= len(w) <= 10 and w not in self.used:
                 self.used.add(w)
                 return w
 

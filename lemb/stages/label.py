@@ -65,12 +65,14 @@ class LabelStage(Stage):
             "lemb.version": lemb.__version__,
         }
 
-    def _sample(self, message: str, n: int, task: str, *seed_parts: str) -> list[str]:
-        if n == 0:
-            return []
+    def _sample(self, qid: str, task: str, bare: str, prompts: list[str]) -> list[str]:
+        """The query's pool before dropping: N samples of the bare prompt and m of each candidate's prompt."""
         c = self.config
-        seed = derive_seed(c.seed, *seed_parts)
-        samples = self.llm.sample(message, n, task_spec(task).max_new_tokens, c.temperature, seed)
+        ns = [c.n_samples] + [c.per_candidate_samples] * len(prompts)
+        per_prompt = self.llm.sample_many(
+            [bare, *prompts], ns, task_spec(task).max_new_tokens, c.temperature, derive_seed(c.seed, qid)
+        )
+        samples = [text for texts in per_prompt for text in texts]
         self.counters["samples_drawn"] += len(samples)
         return samples
 
@@ -89,9 +91,7 @@ class LabelStage(Stage):
         if not target or not target.strip():
             self.counters["queries_skipped_no_target"] += 1
             return [{**base, **_ids(r), "n_samples": 0, "skip_reason": "no_target"} for r in rows]
-        samples = self._sample(bare, self.config.n_samples, task, qid)
-        for r in rows:
-            samples += self._sample(prompts[r["key_id"]], self.config.per_candidate_samples, task, qid, r["key_id"])
+        samples = self._sample(qid, task, bare, [prompts[r["key_id"]] for r in rows])
         pool, counts, dropped = build_pool(samples, target)
         self.counters["samples_empty"] += dropped["empty"]
         self.counters["samples_equal_to_target"] += dropped["equal_to_target"]

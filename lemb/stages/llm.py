@@ -164,42 +164,65 @@ class TransformersLLM:
             texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
         return texts
 
-    @torch.inference_mode()
     def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        prompt = torch.tensor([self._encode_prompt(user_message)], device=self.device)
-        # generate would prefill the prompt once per returned sequence; prefilling it once and repeating the cache
-        # gives the same samples for a fraction of the work (the prompt is most of the tokens on CPU).
-        past = None
-        if prompt.shape[1] > 1:
-            past = self.model(prompt[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
-            past.batch_repeat_interleave(n)
-        ids = prompt.expand(n, -1)
-        # A forked RNG makes the samples a function of (prompt, seed) alone and leaves the caller's stream untouched.
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), past_key_values=past, do_sample=True,
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
-                eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
-            )  # fmt: skip
-        return self._decode(out[:, ids.shape[1] :])
+        """n samples of one prompt, a function of (prompt, n, seed) alone."""
+        return self.sample_many([user_message], [n], max_new_tokens, temperature, seed)[0]
 
-    @torch.inference_mode()
-    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
-        if not user_messages:
-            return []
+    def _left_pad(self, user_messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [self._encode_prompt(m) for m in user_messages]
         width = max(map(len, seqs))
         # Left padding keeps every prompt's last token at the end, where generation continues.
         ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **sampling) -> list[str]:
         out = self.model.generate(
-            ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, width)]),
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
+            **sampling,
         )  # fmt: skip
-        return self._decode(out[:, width:])
+        return self._decode(out[:, ids.shape[1] :])
+
+    @torch.inference_mode()
+    def sample_many(
+        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[list[str]]:
+        """ns[i] samples of each prompt in one batched call (decoding is memory-bound on CPU: rows are nearly free).
+
+        The samples are a function of (prompts, ns, seed): the same query with the same candidates always gets the
+        same pool, whatever ran before it.
+        """
+        if sum(ns) == 0:
+            return [[] for _ in user_messages]
+        ids, mask = self._left_pad(user_messages)
+        rows = torch.repeat_interleave(torch.arange(len(ns), device=self.device), torch.tensor(ns, device=self.device))
+        past = None
+        if ids.shape[1] > 1:
+            # each distinct prompt is prefilled once; its cache is repeated for its rows (prefill dominates on CPU)
+            positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+            past = self.model(
+                ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True, logits_to_keep=1
+            ).past_key_values
+            past.batch_select_indices(rows)
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            texts = self._generate(
+                ids[rows], mask[rows], max_new_tokens, past_key_values=past, do_sample=True, temperature=temperature,
+                top_k=0, top_p=1.0,
+            )  # fmt: skip
+        out, start = [], 0
+        for n in ns:
+            out.append(texts[start : start + n])
+            start += n
+        return out
+
+    @torch.inference_mode()
+    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        if not user_messages:
+            return []
+        ids, mask = self._left_pad(user_messages)
+        return self._generate(ids, mask, max_new_tokens, do_sample=False)
 
     @torch.inference_mode()
     def score(
@@ -216,8 +239,8 @@ class TransformersLLM:
         out = self.model(torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every continuation's first token
         results: list[tuple[float, int]] = [(0.0, 0)] * len(conts)
-        # Padding is wasted compute (one batch of mixed lengths cost 3x its real tokens on the benchmark), so a
-        # chunk takes continuations, longest first, only while each is at least half the chunk's longest.
+        # Padding is wasted compute (one padded batch of the benchmark's 9 continuations: 198 slots, 61 real tokens),
+        # so a chunk takes continuations, longest first, only while each is at least half the chunk's longest.
         chunks: list[list[int]] = []
         for i in sorted(range(len(conts)), key=lambda i: -len(conts[i])):
             if chunks and len(chunks[-1]) < batch_size and 2 * len(conts[i]) >= len(conts[chunks[-1][0]]):

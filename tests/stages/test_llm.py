@@ -112,3 +112,16 @@ def test_resolve_llm_path(tmp_path) -> None:
     assert resolve_llm_path(str(tmp_path)) == str(tmp_path)
     assert resolve_llm_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert os.path.isfile(os.path.join(resolve_llm_path(DEFAULT_LLM), "config.json"))
+
+
+def test_sample_many_shares_each_prompt_prefill_correctly(llm) -> None:
+    # near-zero temperature makes sampling greedy: the prefilled, left-padded, repeated cache must give the
+    # same tokens as plain greedy decoding of each prompt
+    prompts = ["Name a colour.", "Background: Quelm is the capital of Zorbia.\n\nWhat is the capital of Zorbia?"]
+    pools = llm.sample_many(prompts, [2, 1], max_new_tokens=8, temperature=1e-5, seed=3)
+    greedy = llm.greedy(prompts, max_new_tokens=8)
+    assert [len(p) for p in pools] == [2, 1]
+    assert pools[0] == [greedy[0], greedy[0]] and pools[1] == [greedy[1]]
+    hot = llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
+    assert hot == llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
+    assert llm.sample_many(prompts, [0, 0], 8, 1.0, 3) == [[], []]
