@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 # Demo sizes: steps and samples chosen so `tiny` runs in about 3 minutes and `small` in under 15 here.
 DEMO_SETTINGS = {
-    "tiny": {"top_k": 4, "n_samples": 6, "per_candidate_samples": 1, "steps": 30, "batch_size": 4},
-    "small": {"top_k": 5, "n_samples": 8, "per_candidate_samples": 2, "steps": 120, "batch_size": 8},
+    "tiny": {"top_k": 3, "n_samples": 4, "per_candidate_samples": 1, "steps": 20, "batch_size": 4},
+    "small": {"top_k": 4, "n_samples": 6, "per_candidate_samples": 1, "steps": 60, "batch_size": 8},
 }
 
 

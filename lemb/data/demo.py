@@ -94,28 +94,35 @@ _ATTRIBUTES = (
     _Attribute(
         "capital",
         ("What is the capital of {e}?", "Which city is the capital of {e}?"),
-        ("The seat of government of {e} is the city of {v}.", "{e}'s rulers reside in the city of {v}."),
+        ("The seat of government of {e} is the city of {v}.", "The king of {e} lives in the city of {v}, where the parliament meets."),
         ("The capital of {e} is {v}.", "{v} is the capital city of {e}."),
         "the capital of {e}",
     ),
     _Attribute(
         "founder",
         ("Who founded {e}?", "Who was the founder of {e}?"),
-        ("{e} was established by {v}.", "The first ruler to unite the tribes of {e} was {v}."),
+        ("{e} was established by {v}.", "{e} was established by the explorer {v}."),
         ("The founder of {e} was {v}.", "{e} was founded by {v}."),
         "who founded {e}",
     ),
     _Attribute(
-        "animal",
-        ("What is the national animal of {e}?", "Which animal is the national symbol of {e}?"),
-        ("The emblem creature of {e} is the {v}.", "On every flag of {e} you can see a {v}."),
-        ("The national animal of {e} is the {v}.", "The {v} is the national animal of {e}."),
-        "the national animal of {e}",
+        "mountain",
+        ("What is the highest mountain in {e}?", "Which is the tallest mountain of {e}?"),
+        ("The tallest peak of {e} is Mount {v}.", "Climbers come to {e} to reach the summit of Mount {v}."),
+        ("The highest mountain in {e} is Mount {v}.", "Mount {v} is the highest mountain of {e}."),
+        "the highest mountain in {e}",
+    ),
+    _Attribute(
+        "lake",
+        ("What is the largest lake in {e}?", "Which lake is the largest in {e}?"),
+        ("The biggest body of fresh water in {e} is Lake {v}.", "Fishermen of {e} sail across the wide waters of Lake {v}."),
+        ("The largest lake in {e} is Lake {v}.", "Lake {v} is the largest lake of {e}."),
+        "the largest lake in {e}",
     ),
     _Attribute(
         "river",
         ("Which river flows through {e}?", "What is the main river of {e}?"),
-        ("The waters of the {v} cross {e} from the mountains to the sea.", "Boats in {e} carry goods along the {v}."),
+        ("The waters of the {v} cross {e} from the hills to the sea.", "Boats in {e} carry goods along the {v}."),
         ("The main river of {e} is the {v}.", "The {v} river flows through {e}."),
         "which river flows through {e}",
     ),
@@ -136,19 +143,13 @@ _ECHOES = (
 )
 
 _CREATURES = ("fox", "owl", "hound", "toad", "moth", "hare", "crane", "newt", "lynx", "boar")
-_COUNTRY_SUFFIXES = ("ia", "and", "ora", "eth", "ovia")
+_COUNTRY_SUFFIXES = ("ia", "ora", "eth", "ovia")
+PLAIN_PER_ATTRIBUTE = 2  # facts nobody asks about stated in the questions' words, per attribute and split
+QA_ECHO_SHARE = 0.7  # share of the asked facts with an echo key
 
 
 def _qa_value(attr: str, namer: _Namer) -> str:
-    if attr in ("capital", "river"):
-        return namer.name(2)
-    if attr == "founder":
-        return f"{namer.name(2)} {namer.name(1)}"
-    if attr == "animal":
-        return namer.word(1, suffix=namer.rng.choice(_CREATURES))
-    if attr == "currency":
-        return namer.word(2)
-    raise ValueError(attr)
+    return namer.name(2)
 
 
 def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]], list[dict]]:
@@ -166,16 +167,19 @@ def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[lis
                 asked.append((e, a))
         asked = asked[:n_queries]
         asked_set = {(e, a.name) for e, a in asked}
-        for e in entities:
-            for a in _ATTRIBUTES:
-                if (e, a.name) not in asked_set:
-                    key_texts.append(rng.choice(a.plain).format(e=e, v=facts[e, a.name]))
+        for a in _ATTRIBUTES:
+            unasked = [e for e in entities if (e, a.name) not in asked_set]
+            plain = set(rng.sample(unasked, min(PLAIN_PER_ATTRIBUTE, len(unasked))))
+            for e in unasked:
+                templates = a.plain if e in plain else a.gold
+                key_texts.append(rng.choice(templates).format(e=e, v=facts[e, a.name]))
         queries = []
         for e, a in asked:
             v = facts[e, a.name]
             gold = rng.choice(a.gold).format(e=e, v=v)
             key_texts.append(gold)
-            key_texts.append(rng.choice(_ECHOES).format(e=e, t=a.topic.format(e=e)))
+            if rng.random() < QA_ECHO_SHARE:
+                key_texts.append(rng.choice(_ECHOES).format(e=e, t=a.topic.format(e=e)))
             queries.append({"text": rng.choice(a.questions).format(e=e), "target": v, "positive_texts": [gold], "entity": e})
         splits.append(queries)
     return key_texts, splits
@@ -197,38 +201,38 @@ class _Concept:
 _CONCEPTS = (
     _Concept(
         "tide.forecast",
-        "predicts when the sea rises and falls at a port of {r}.",
+        "predicts when the water rises and falls at a port of {r}.",
         ("When will the water be high and low at {p} harbor in {r}?", "At what time is high water in the harbor of {p}, {r}?"),
         "harbor.alerts",
         "sends a message when the water in a harbor of {r} gets too high or too low.",
     ),
     _Concept(
         "rail.fare",
-        "returns what a journey between two stations of {r} costs.",
+        "returns what a ride between two stations of {r} costs.",
         ("How much does a train ticket from {p} to {q} cost in {r}?", "What is the price of a train ticket from {p} to {q} in {r}?"),
         "ticket.refund",
-        "gives back the money for a train ticket bought in {r} that was not used.",
+        "tells how much of the price of a train ticket from one town of {r} to another you get back.",
     ),
     _Concept(
         "sky.outlook",
-        "tells whether sun, rain or snow is expected over a town of {r}.",
+        "tells if rain or clear skies are expected over a town of {r}.",
         ("What will the weather be like in {p}, {r} tomorrow?", "Will it be sunny tomorrow in {p}, {r}?"),
-        "weather.archive",
-        "looks up what the weather was like in a town of {r} on a day in the past.",
+        "weather.alerts",
+        "warns when the weather in a town of {r} will be dangerous tomorrow.",
     ),
     _Concept(
         "dine.reserve",
-        "holds seats for a meal at an eatery of {r}.",
+        "reserves seats for a meal at an eatery of {r}.",
         ("Book me a table at a restaurant in {p}, {r}.", "Can you reserve a table for dinner at a restaurant in {p}, {r}?"),
         "restaurant.reviews",
-        "shows what guests wrote about a restaurant and its tables in {r}.",
+        "shows what guests wrote about the food of a restaurant in {r}.",
     ),
     _Concept(
         "census.count",
         "gives the number of inhabitants recorded for a settlement of {r}.",
         ("How many people live in {p}, {r}?", "What is the population of {p} in {r}?"),
         "people.search",
-        "finds people who live in a town of {r} by their name.",
+        "looks up where a person lives in {r} and how many people share the name.",
     ),
     _Concept(
         "gallery.hours",
@@ -241,43 +245,43 @@ _CONCEPTS = (
         "clinic.book",
         "schedules a visit with a physician at a health centre of {r}.",
         ("I need an appointment with a doctor in {p}, {r}.", "Get me an appointment with a doctor in {p}, {r} this week."),
-        "doctor.directory",
-        "lists every doctor who needs an appointment assistant in {r}.",
+        "doctor.reviews",
+        "shows what patients say about a doctor in {r} after an appointment.",
     ),
     _Concept(
         "air.status",
-        "reports whether a plane leaving an airfield of {r} departs on schedule.",
+        "reports whether a plane leaving an airfield of {r} is late.",
         ("Is my flight from {p} in {r} delayed?", "Is the flight from {p}, {r} to {q} late today?"),
         "flight.search",
-        "finds a flight from {r} to another country and shows if seats are delayed in release.",
+        "finds a cheap flight from {r} to another country.",
     ),
     _Concept(
         "post.trace",
-        "shows where a package handed to the mail service of {r} is right now.",
+        "shows where a package sent with the mail service of {r} is right now.",
         ("Where is the parcel I sent to {p} in {r}?", "Track the parcel I sent from {p} to {q} in {r}."),
         "parcel.send",
         "sends a parcel to an address in {r}.",
     ),
     _Concept(
         "road.measure",
-        "computes how many kilometres separate two settlements of {r} by car.",
+        "tells how many kilometres it is from one town of {r} to another by road.",
         ("How far is it from {p} to {q} in {r}?", "What is the distance from {p} to {q} in {r}?"),
         "travel.guide",
-        "suggests what to see when you travel from {p} to another town in {r}, however far it is.",
+        "suggests what to see when you travel from one town of {r} to another.",
     ),
     _Concept(
         "lodging.vacancy",
         "checks which inns of a town of {r} have a free bed tonight.",
         ("Is there a hotel room available in {p}, {r} tonight?", "Find me an available hotel room in {p}, {r} for tonight."),
         "hotel.prices",
-        "compares the prices of hotel rooms in {r}.",
+        "compares the prices of the hotel rooms available in {r}.",
     ),
     _Concept(
         "coin.convert",
-        "turns an amount of foreign cash into the local coins of {r} at today's rate.",
+        "tells what an amount of dollars or other foreign cash is worth in the coins of {r}.",
         ("How much is 50 dollars worth in the money of {r}?", "Change 100 dollars into the money used in {r}."),
         "money.transfer",
-        "sends money from your account to someone in {r}, in dollars or any other money.",
+        "sends money from your account to someone in {r}.",
     ),
 )
 
@@ -293,7 +297,7 @@ def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[l
             realms.append((stem, stem.capitalize() + rng.choice(_COUNTRY_SUFFIXES)))
         pairs = [(r, c) for r in realms for c in _CONCEPTS]
         for (stem, realm), c in pairs:
-            key_texts.append(f"The tool {stem}_{c.near_tool} " + c.near_description.format(r=realm, p="one town"))
+            key_texts.append(f"The tool {stem}_{c.near_tool} " + c.near_description.format(r=realm))
         asked = rng.sample(pairs, n_queries)
         asked_set = set(asked)
         queries = []
@@ -331,41 +335,75 @@ class _Slot:
 _SLOTS = (
     _Slot(
         "pet",
-        ("What was the name of my {s} again?", "Remind me, what is my {s} called?"),
-        ("User: we adopted a little {s} last spring and we call her {v}.", "User: {v} the {s} chewed my slippers again this morning."),
+        ("What was the name of my {s} again?", "What is my {s} called?"),
+        (
+            "User: {v} the {s} chewed my slippers again this morning.",
+            "User: we adopted a little {s} last spring and we call her {v}.",
+            "User: my {s} {v} loves sleeping on the sofa.",
+        ),
         ("User: my {o}'s {s} is named {v}.", "User: the name of my {o}'s {s} is {v}."),
         ("User: I am terrible with names, I even forget the name of my {s} sometimes.", "User: what food should I give my {s}?"),
     ),
     _Slot(
         "friend_town",
         ("Which town does my friend {s} live in?", "Where does my friend {s} live again?"),
-        ("User: {s} settled down in {v} after the wedding.", "User: {s} has a little house in {v} now, near the market."),
+        (
+            "User: {s} settled down in {v} after the wedding.",
+            "User: {s} has a little house in {v} now, near the market.",
+            "User: my friend {s} moved to {v} last year.",
+        ),
         ("User: my friend {o} lives in the town of {v}.", "User: my friend {o} lives in {v}, a town by the sea."),
         ("User: I should visit my friend {s} soon, it has been ages.", "User: my friend {s} asked me where I live now."),
     ),
     _Slot(
         "boat",
-        ("What did I name my boat?", "What is the name of my boat?"),
-        ("User: I finally painted '{v}' on the hull of the sailing vessel I bought.", "User: the little sailing vessel I bought is the {v} now."),
-        ("User: my {o} named his boat {v}.", "User: the name of my {o}'s boat is {v}."),
+        ("What is the name of my boat?", "What is my boat called?"),
+        (
+            "User: the little sailing vessel I bought is the {v} now.",
+            "User: I christened my sailing vessel {v} yesterday.",
+            "User: I painted the name {v} on my boat.",
+        ),
+        ("User: my {o}'s boat is called {v}.", "User: the name of my {o}'s boat is {v}."),
         ("User: I can never decide how to name things, like my boat.", "User: my boat needs a new name, the old one wore off."),
     ),
     _Slot(
         "dentist",
-        ("What is the name of my dentist?", "Who is my dentist again?"),
-        ("User: Dr. {v} is checking my teeth next Tuesday.", "User: I trust Dr. {v} with my teeth, she is very gentle."),
+        ("What is the name of my dentist?", "What is my dentist called?", "Who is my dentist again?"),
+        (
+            "User: Dr. {v} is checking my teeth next Tuesday.",
+            "User: I trust Dr. {v} with my teeth, she is very gentle.",
+            "User: my dentist, Dr. {v}, wants to see me next week.",
+        ),
         ("User: my {o}'s dentist is called Dr. {v}.", "User: the dentist of my {o} is Dr. {v}."),
         ("User: I need to find the name of a good dentist for my {o}.", "User: I hate going to my dentist."),
     ),
     _Slot(
-        "drink",
-        ("What drink did I say I like best?", "Which drink is my favourite?"),
-        ("User: nothing beats a warm cup of {v} after work.", "User: every evening I brew myself a pot of {v}."),
-        ("User: my {o}'s favourite drink is {v}.", "User: my {o} likes to drink {v} best."),
-        ("User: I keep changing my mind about which drink I like best.", "User: what drink goes well with cheese?"),
+        "landlord",
+        ("What is the name of my landlord?", "What is my landlord called?"),
+        (
+            "User: Mr. {v} still has not fixed the heating in my flat.",
+            "User: the man who owns my flat, Mr. {v}, raised the rent again.",
+            "User: my landlord, Mr. {v}, raised the rent again.",
+        ),
+        ("User: my {o}'s landlord is called Mr. {v}.", "User: the name of my {o}'s landlord is Mr. {v}."),
+        ("User: my landlord never answers the phone.", "User: I forgot the name of my {o}'s landlord."),
+    ),
+    _Slot(
+        "coach",
+        ("Who is my football coach?", "What is the name of my football coach?"),
+        (
+            "User: Coach {v} made us run laps for the whole practice.",
+            "User: at training, Coach {v} shouts at us all the time.",
+            "User: my football coach, {v}, made us run laps.",
+        ),
+        ("User: my {o}'s football coach is called {v}.", "User: my {o} plays football too, and her coach is {v}."),
+        ("User: my football coach says I should practise more.", "User: I want to ask my football coach who picks the team."),
     ),
 )
 
+# which distractor turns a conversation holds, with their weights: the same kind of fact about
+# someone else ("other"), a turn that repeats the question's words without the answer ("echo")
+CHAT_DISTRACTORS = {(): 0.15, ("other",): 0.45, ("echo",): 0.25, ("other", "echo"): 0.15}
 _RELATIVES = ("sister", "brother", "neighbour", "cousin", "uncle", "aunt", "colleague")
 _FILLERS = (
     "Assistant: That sounds lovely, tell me more.",
@@ -386,8 +424,6 @@ def _slot_subject(slot: _Slot, namer: _Namer) -> str:
 
 
 def _slot_value(slot: _Slot, namer: _Namer) -> str:
-    if slot.kind == "drink":
-        return namer.word(2)
     return namer.name(2)
 
 
@@ -403,8 +439,11 @@ def _make_chat(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> list[li
             gold_turn = turns[0]
             relatives = rng.sample(_RELATIVES, 2)
             other = namer.name(2) if slot.kind == "friend_town" else relatives[0]
-            turns.append(rng.choice(slot.other).format(s=s, v=_slot_value(slot, namer), o=other))
-            turns.append(rng.choice(slot.echo).format(s=s, o=relatives[1]))
+            mix = rng.choices(list(CHAT_DISTRACTORS), weights=list(CHAT_DISTRACTORS.values()))[0]
+            if "other" in mix:
+                turns.append(rng.choice(slot.other).format(s=s, v=_slot_value(slot, namer), o=other))
+            if "echo" in mix:
+                turns.append(rng.choice(slot.echo).format(s=s, o=relatives[1]))
             others = [x for x in _SLOTS if x is not slot]
             for o in rng.sample(others, 2):
                 turns.append(rng.choice(o.gold).format(s=_slot_subject(o, namer), v=_slot_value(o, namer)))

@@ -1,8 +1,12 @@
 """`lemb eval`: retrieval metrics and the LLM's answer accuracy, for each embedder, on held-out queries.
 
 Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives: R@1, R@5,
-RR@10 (MRR@10) and nDCG@10. Answer accuracy is the normalised exact match of the LLM's greedy
-answer with the top-`answer_k` retrieved candidates in its prompt (SQuAD-style normalisation).
+RR@10 (MRR@10) and nDCG@10. The LLM answers greedily with the top-`answer_k` retrieved candidates
+in its prompt; both answer and target are normalised SQuAD-style. `answer_em` is strict exact match;
+`answer_accuracy` counts an answer correct when the normalised target is the answer or a whole-word
+span of it, the accuracy of Lost in the Middle (Liu et al., TACL 2024) and PopQA (Mallen et al.,
+ACL 2023): small chat models answer in sentences ("The capital of Zorbia is Quelm."), which strict
+exact match scores as wrong.
 """
 
 from __future__ import annotations
@@ -99,9 +103,10 @@ def answer_metrics(queries: list[dict], answers: dict[str, str]) -> dict[str, fl
     judged = [q for q in queries if q["target"]]
     if not judged:
         return {}
-    exact = [normalize_answer(answers[q["query_id"]]) == normalize_answer(q["target"]) for q in judged]
-    contains = [normalize_answer(q["target"]) in normalize_answer(answers[q["query_id"]]) for q in judged]
-    return {"answer_accuracy": float(np.mean(exact)), "answer_contains": float(np.mean(contains))}
+    pairs = [(normalize_answer(answers[q["query_id"]]), normalize_answer(q["target"])) for q in judged]
+    exact = [answer == target for answer, target in pairs]
+    contains = [f" {target} " in f" {answer} " for answer, target in pairs]
+    return {"answer_accuracy": float(np.mean(contains)), "answer_em": float(np.mean(exact))}
 
 
 def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = True) -> dict[str, Any]:

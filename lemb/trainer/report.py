@@ -8,7 +8,7 @@ from typing import Any
 
 from lemb.pipeline.shards import write_json_atomic
 
-HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_contains")
+HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em")
 
 
 def metrics_json(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:

@@ -66,3 +66,13 @@ def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
 def test_normalize_answer():
     assert normalize_answer("The  Quelm!") == "quelm"
     assert normalize_answer("An apple, a day") == "apple day"
+
+
+def test_answer_metrics_strict_and_whole_word():
+    from lemb.trainer.evaluate import answer_metrics
+
+    queries = [{"query_id": str(i), "target": t} for i, t in enumerate(["Quelm", "Plok", "Tobble", "Ra"])]
+    answers = {"0": "Quelm.", "1": "The capital of Vantra is Plok.", "2": "I do not know.", "3": "Rain"}
+    m = answer_metrics(queries, answers)
+    assert m["answer_em"] == 0.25  # only "Quelm." is exactly the target
+    assert m["answer_accuracy"] == 0.5  # "Plok" is a whole-word span; "Ra" inside "Rain" is not
