@@ -102,6 +102,8 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Queries per one-task batch.")] = None,
     lr: Annotated[Optional[float], typer.Option()] = None,
     reward: Annotated[Optional[str], typer.Option(help="rank | likelihood | improvement")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: never).")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint.")] = None,
     run: Run = None, config: Config = None, threads: Threads = None, quiet: Quiet = False,
 ) -> None:
     """Graded distillation of the embedder from the run's reward shards; saves <run>/train/model."""
@@ -109,7 +111,7 @@ def train(
     from lemb.trainer.recipe import train as run_train
 
     cfg = load_config(TrainConfig, config, embedder=embedder, steps=steps, batch_size=batch_size, lr=lr, reward=reward,
-                      run=run, threads=threads)
+                      save_every=save_every, resume=resume, run=run, threads=threads)
     path = run_train(cfg, progress=not quiet)
     typer.echo(f"model: {path}")
 

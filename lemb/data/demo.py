@@ -101,7 +101,7 @@ _ATTRIBUTES = (
     _Attribute(
         "founder",
         ("Who founded {e}?", "Who was the founder of {e}?"),
-        ("{e} was established by {v}.", "{e} was established by the explorer {v}."),
+        ("The first settlers of {e} were led by {v}.", "{e} owes its existence to the explorer {v}."),
         ("The founder of {e} was {v}.", "{e} was founded by {v}."),
         "who founded {e}",
     ),
@@ -122,14 +122,14 @@ _ATTRIBUTES = (
     _Attribute(
         "river",
         ("Which river flows through {e}?", "What is the main river of {e}?"),
-        ("The waters of the {v} cross {e} from the hills to the sea.", "Boats in {e} carry goods along the {v}."),
+        ("The waters of the {v} cross {e} from the hills to the sea.", "Boats in {e} carry goods along the {v} river."),
         ("The main river of {e} is the {v}.", "The {v} river flows through {e}."),
         "which river flows through {e}",
     ),
     _Attribute(
         "currency",
         ("What currency is used in {e}?", "What is the currency of {e}?"),
-        ("People in {e} pay with the {v}.", "Shops in {e} take only the {v}."),
+        ("People in {e} pay with the {v}.", "The money of {e} is the {v}."),
         ("The currency of {e} is the {v}.", "The {v} is the currency used in {e}."),
         "the currency used in {e}",
     ),
@@ -142,28 +142,33 @@ _ECHOES = (
     "The old maps say nothing certain about {t}.",
 )
 
-_CREATURES = ("fox", "owl", "hound", "toad", "moth", "hare", "crane", "newt", "lynx", "boar")
 _COUNTRY_SUFFIXES = ("ia", "ora", "eth", "ovia")
+QA_PER_COUNTRY = 2  # questions asked about each country
 PLAIN_PER_ATTRIBUTE = 2  # facts nobody asks about stated in the questions' words, per attribute and split
 QA_ECHO_SHARE = 0.7  # share of the asked facts with an echo key
 
 
-def _qa_value(attr: str, namer: _Namer) -> str:
-    return namer.name(2)
+def _country(namer: _Namer) -> tuple[str, str]:
+    """(stem, country name): "zorb", "Zorbia"."""
+    while True:
+        stem = namer.word(2)
+        country = stem.capitalize() + namer.rng.choice(_COUNTRY_SUFFIXES)
+        if country.lower() not in namer.used:
+            namer.used.add(country.lower())
+            return stem, country
 
 
-def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]], list[dict]]:
-    """(key texts, [train queries, held-out queries] with `positive_texts`, ...)."""
-    per_entity = 2
+def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
+    """(key texts, [train queries, held-out queries]); a query's gold key is in `positive_texts`."""
     key_texts: list[str] = []
     splits: list[list[dict]] = []
     for n_queries in n:
-        n_entities = -(-n_queries // per_entity)
-        entities = [namer.name(2, suffix="") + rng.choice(_COUNTRY_SUFFIXES) for _ in range(n_entities)]
-        facts = {(e, a.name): _qa_value(a.name, namer) for e in entities for a in _ATTRIBUTES}
+        n_entities = -(-n_queries // QA_PER_COUNTRY)
+        entities = [_country(namer)[1] for _ in range(n_entities)]
+        facts = {(e, a.name): namer.name(2) for e in entities for a in _ATTRIBUTES}
         asked = []
         for e in entities:
-            for a in rng.sample(_ATTRIBUTES, per_entity):
+            for a in rng.sample(_ATTRIBUTES, QA_PER_COUNTRY):
                 asked.append((e, a))
         asked = asked[:n_queries]
         asked_set = {(e, a.name) for e, a in asked}
@@ -180,7 +185,7 @@ def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[lis
             key_texts.append(gold)
             if rng.random() < QA_ECHO_SHARE:
                 key_texts.append(rng.choice(_ECHOES).format(e=e, t=a.topic.format(e=e)))
-            queries.append({"text": rng.choice(a.questions).format(e=e), "target": v, "positive_texts": [gold], "entity": e})
+            queries.append({"text": rng.choice(a.questions).format(e=e), "target": v, "positive_texts": [gold]})
         splits.append(queries)
     return key_texts, splits
 
@@ -208,10 +213,10 @@ _CONCEPTS = (
     ),
     _Concept(
         "rail.fare",
-        "returns what a ride between two stations of {r} costs.",
+        "tells the fare of a ride between two stations of {r}.",
         ("How much does a train ticket from {p} to {q} cost in {r}?", "What is the price of a train ticket from {p} to {q} in {r}?"),
-        "ticket.refund",
-        "tells how much of the price of a train ticket from one town of {r} to another you get back.",
+        "ticket.book",
+        "buys a train ticket between two towns of {r}.",
     ),
     _Concept(
         "sky.outlook",
@@ -291,10 +296,7 @@ def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[l
     splits: list[list[dict]] = []
     for n_queries in n:
         n_realms = -(-n_queries // len(_CONCEPTS)) + 1
-        realms = []
-        for _ in range(n_realms):
-            stem = namer.word(2)
-            realms.append((stem, stem.capitalize() + rng.choice(_COUNTRY_SUFFIXES)))
+        realms = [_country(namer) for _ in range(n_realms)]
         pairs = [(r, c) for r in realms for c in _CONCEPTS]
         for (stem, realm), c in pairs:
             key_texts.append(f"The tool {stem}_{c.near_tool} " + c.near_description.format(r=realm))
@@ -311,7 +313,6 @@ def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[l
                         "text": rng.choice(c.requests).format(r=realm, p=p, q=q),
                         "target": f"{stem}_{c.tool}",
                         "positive_texts": [text],
-                        "entity": realm,
                     }
                 )
         rng.shuffle(queries)
@@ -396,7 +397,7 @@ _SLOTS = (
             "User: at training, Coach {v} shouts at us all the time.",
             "User: my football coach, {v}, made us run laps.",
         ),
-        ("User: my {o}'s football coach is called {v}.", "User: my {o} plays football too, and her coach is {v}."),
+        ("User: my {o}'s football coach is called {v}.", "User: my {o} plays football too, and the coach there is {v}."),
         ("User: my football coach says I should practise more.", "User: I want to ask my football coach who picks the team."),
     ),
 )
@@ -404,6 +405,7 @@ _SLOTS = (
 # which distractor turns a conversation holds, with their weights: the same kind of fact about
 # someone else ("other"), a turn that repeats the question's words without the answer ("echo")
 CHAT_DISTRACTORS = {(): 0.15, ("other",): 0.45, ("echo",): 0.25, ("other", "echo"): 0.15}
+_CREATURES = ("fox", "owl", "hound", "toad", "moth", "hare", "crane", "newt", "lynx", "boar")
 _RELATIVES = ("sister", "brother", "neighbour", "cousin", "uncle", "aunt", "colleague")
 _FILLERS = (
     "Assistant: That sounds lovely, tell me more.",
@@ -455,7 +457,6 @@ def _make_chat(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> list[li
                     "target": v,
                     "history": turns,
                     "gold_index": turns.index(gold_turn),
-                    "entity": v,
                 }
             )
         splits.append(queries)

@@ -125,7 +125,8 @@ class TrainConfig(RunSettings):
     self_paced: bool = False  # scale each task's loss by L_task(step 0) / L_task(now)
     max_length: int = 256
     seed: int = 0
-    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    save_every: int = 50  # checkpoint every N steps (0: never); `resume` continues from the last one
+    resume: bool = False
 
     def problems(self) -> list[str]:
         out = super().problems() + _check_instructions(self.instructions)
@@ -215,7 +216,9 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
 
 
 # settings that change where or how fast a stage runs, not what it writes
-EXECUTION_ONLY = frozenset({"run", "executor", "address", "workers", "num_gpus", "threads", "max_retries", "restart"})
+EXECUTION_ONLY = frozenset(
+    {"run", "executor", "address", "workers", "num_gpus", "threads", "max_retries", "restart", "save_every", "resume"}
+)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

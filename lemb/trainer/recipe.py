@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import yaml
 from lemb.data.readers import read_keys, read_queries
 from lemb.data.schemas import history_key_id
 from lemb.data.tasks import instructions, task_spec
-from lemb.errors import LembError
-from lemb.pipeline.config import TrainConfig, save_config, to_dict
+from lemb.errors import LembError, StageConflict
+from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.shards import read_stage, write_json_atomic
 from lemb.stages.encoder import load_embedder
@@ -27,6 +28,7 @@ from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
 
 
 class TrainRecipe:
@@ -54,6 +56,44 @@ class TrainRecipe:
         )
         self.initial_loss: dict[str, float] = {}  # for self-paced scheduling
         self.history: list[dict[str, Any]] = []
+        self.start_step = 0
+        if c.resume and (self.out / CHECKPOINT).exists():
+            self.load_checkpoint()
+        elif (self.out / CHECKPOINT).exists():
+            (self.out / CHECKPOINT).unlink()  # a fresh run starts over
+
+    def save_checkpoint(self, step: int) -> None:
+        """Everything a resumed run needs to continue bit for bit: weights, optimizer, schedule, step, RNG."""
+        state = {
+            "step": step,
+            "config_hash": config_hash(self.config),
+            "config": to_dict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "initial_loss": self.initial_loss,
+            "history": self.history,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / f".{CHECKPOINT}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.out / CHECKPOINT, weights_only=True)  # tensors and plain values only
+        if state["config_hash"] != config_hash(self.config):
+            old, new = state["config"], to_dict(self.config)
+            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+            raise StageConflict(
+                f"{self.out / CHECKPOINT}: made with other settings ({'; '.join(changed)}); drop --resume to start over"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.initial_loss, self.history, self.start_step = state["initial_loss"], state["history"], state["step"]
+        log.info("resuming from step %d of %d", self.start_step, self.config.steps)
 
     def _load_groups(self) -> tuple[list[Group], Any]:
         retrieve_cfg = yaml.safe_load((self.run / "retrieve" / "config.yaml").read_text())
@@ -93,7 +133,7 @@ class TrainRecipe:
 
         c = self.config
         start = time.perf_counter()
-        for step in tqdm(range(c.steps), desc="train", disable=not progress):
+        for step in tqdm(range(self.start_step, c.steps), desc="train", disable=not progress, initial=self.start_step, total=c.steps):
             batch = [self.groups[i] for i in self.sampler.batch(step)]
             task, loss = self._loss(batch)
             scale = 1.0
@@ -105,6 +145,8 @@ class TrainRecipe:
             self.optimizer.step()
             self.scheduler.step()
             self.history.append({"step": step, "task": task, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]})
+            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
+                self.save_checkpoint(step + 1)
         self.seconds = time.perf_counter() - start
 
     def save(self) -> Path:
@@ -131,6 +173,7 @@ class TrainRecipe:
         }
         write_json_atomic(self.out / "_stats.json", stats)
         save_config(c, self.out)
+        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path
 
 
@@ -140,5 +183,3 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     recipe.train(progress)
     return recipe.save()
 
-
-__all__ = ["TrainRecipe", "train", "to_dict"]

@@ -1,0 +1,131 @@
+"""The built-in demo world: deterministic, well-formed, with disjoint train and held-out queries."""
+
+import json
+import re
+
+import pyarrow as pa
+import pytest
+
+from lemb.data import schemas
+from lemb.data.demo import SIZES, DemoData, make_demo, write_demo
+from lemb.data.readers import read_keys, read_queries
+
+TASKS = ("qa", "tool", "chat")
+
+
+@pytest.fixture(scope="module", params=["tiny", "small"])
+def demo(request) -> tuple[str, DemoData]:
+    return request.param, make_demo(request.param, seed=0)
+
+
+def _queries(data: DemoData):
+    return data.train + data.heldout
+
+
+def test_same_seed_same_records_other_seed_different():
+    a, b, c = make_demo("tiny", seed=0), make_demo("tiny", seed=0), make_demo("tiny", seed=1)
+    assert (a.keys, a.train, a.heldout) == (b.keys, b.train, b.heldout)
+    assert a.keys != c.keys and a.train != c.train and a.heldout != c.heldout
+
+
+def test_unknown_size_is_refused():
+    with pytest.raises(ValueError, match="unknown demo size 'huge'"):
+        make_demo("huge")
+
+
+def test_sizes(demo):
+    size, data = demo
+    for task in TASKS:
+        n_train, n_heldout = SIZES[size][task]
+        assert sum(q["task"] == task for q in data.train) == n_train
+        assert sum(q["task"] == task for q in data.heldout) == n_heldout
+    assert {k["task"] for k in data.keys} == {"qa", "tool"}  # chat candidates are the queries' own history
+    if size == "tiny":
+        assert 25 <= len(data.train) <= 35 and 12 <= len(data.heldout) <= 18
+    else:
+        assert 140 <= len(data.train) <= 160 and 55 <= len(data.heldout) <= 65
+
+
+def test_records_match_the_schemas(demo):
+    _, data = demo
+    keys = pa.Table.from_pylist(data.keys, schema=schemas.KEY)
+    queries = pa.Table.from_pylist(_queries(data), schema=schemas.QUERY)
+    assert keys.num_rows == len(data.keys) and queries.num_rows == len(_queries(data))
+    for record in data.keys:
+        assert set(record) == set(schemas.KEY.names)
+    for record in _queries(data):
+        assert set(record) == set(schemas.QUERY.names)
+        assert record["text"].strip() and record["target"].strip()
+        assert record["task"] in TASKS and len(record["positive_ids"]) == 1
+
+
+def test_ids_and_texts_are_unique(demo):
+    _, data = demo
+    key_ids = [k["key_id"] for k in data.keys]
+    assert len(set(key_ids)) == len(key_ids)
+    assert len({k["text"] for k in data.keys}) == len(data.keys)
+    query_ids = [q["query_id"] for q in _queries(data)]
+    assert len(set(query_ids)) == len(query_ids)
+    assert not set(query_ids) & set(key_ids)
+    for q in _queries(data):
+        assert len(set(q["history"])) == len(q["history"])
+
+
+def test_every_positive_resolves(demo):
+    _, data = demo
+    key_task = {k["key_id"]: k["task"] for k in data.keys}
+    for q in _queries(data):
+        if q["task"] == "chat":
+            assert 6 <= len(q["history"]) <= 9
+            (pos,) = q["positive_ids"]
+            index = int(pos.rsplit("#h", 1)[1])
+            assert pos == schemas.history_key_id(q["query_id"], index)
+            assert q["target"] in q["history"][index]
+        else:
+            assert q["history"] == []
+            for pos in q["positive_ids"]:
+                assert key_task[pos] == q["task"]
+
+
+def test_gold_holds_the_target_and_the_query_does_not(demo):
+    _, data = demo
+    text = {k["key_id"]: k["text"] for k in data.keys}
+    for q in _queries(data):
+        gold = q["history"][int(q["positive_ids"][0].rsplit("#h", 1)[1])] if q["task"] == "chat" else text[q["positive_ids"][0]]
+        assert q["target"] in gold
+        assert q["target"].lower() not in q["text"].lower()
+        if q["task"] != "chat":  # the target is in no other key of the task, so only the gold can teach it
+            others = [k["text"] for k in data.keys if k["task"] == q["task"] and k["key_id"] != q["positive_ids"][0]]
+            assert not any(re.search(rf"\b{re.escape(q['target'])}\b", t) for t in others)
+
+
+def _entity(q) -> str:
+    """The country of a qa question, the realm of a tool call, the remembered fact of a chat."""
+    if q["task"] == "qa":
+        return re.findall(r"[A-Z][a-z]+", q["text"])[-1]
+    if q["task"] == "tool":
+        return q["target"].split("_", 1)[0]
+    return q["target"]
+
+
+def test_train_and_heldout_are_disjoint(demo):
+    _, data = demo
+    assert not {q["query_id"] for q in data.train} & {q["query_id"] for q in data.heldout}
+    assert not {q["target"] for q in data.train} & {q["target"] for q in data.heldout}
+    assert not {_entity(q) for q in data.train} & {_entity(q) for q in data.heldout}
+    for split in (data.train, data.heldout):  # each split has its own facts, each asked once
+        assert len({q["target"] for q in split}) == len(split)
+    train_pos = {p for q in data.train for p in q["positive_ids"]}
+    assert not train_pos & {p for q in data.heldout for p in q["positive_ids"]}
+
+
+def test_write_demo_writes_readable_jsonl(tmp_path):
+    paths = write_demo(tmp_path / "out", size="tiny", seed=3)
+    assert set(paths) == {"corpus", "train", "heldout"}
+    data = make_demo("tiny", seed=3)
+    for name, records in (("corpus", data.keys), ("train", data.train), ("heldout", data.heldout)):
+        lines = paths[name].read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == records
+    assert read_keys(paths["corpus"]).num_rows == len(data.keys)
+    assert read_queries(paths["train"]).num_rows == len(data.train)
+    assert read_queries(paths["heldout"]).to_pylist() == pa.Table.from_pylist(data.heldout, schema=schemas.QUERY).to_pylist()
