@@ -1,0 +1,79 @@
+"""kill -9 `lemb retrieve` and `lemb label` at several points; a rerun finishes with the same shards."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from lemb.pipeline.shards import read_stage
+
+
+def _run_until(cmd, ready, extra_wait=0.0, timeout=300):
+    """Start `cmd`, kill -9 it once `ready()` holds (plus `extra_wait` seconds); True if it was killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.02)
+    if extra_wait:
+        time.sleep(extra_wait)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+def _shards(stage_dir):
+    return sorted(stage_dir.glob("part-*.parquet"))
+
+
+def _table(stage_dir, keys):
+    df = pl.from_arrow(read_stage(stage_dir)).sort(keys)
+    assert df.select(keys).is_duplicated().sum() == 0
+    return df
+
+
+def _kill_at_three_points_then_finish(cmd, stage_dir):
+    manifest = stage_dir / "_manifest.json"
+    kills = 0
+    kills += _run_until(cmd, manifest.exists)  # before the first shard
+    first = lambda: len(_shards(stage_dir)) >= 1  # noqa: E731
+    kills += _run_until(cmd, first)  # between shards
+    n_done = len(_shards(stage_dir))
+    kills += _run_until(cmd, lambda: len(_shards(stage_dir)) > n_done)  # in the next shard's work
+    assert kills >= 2, "the stage finished before it could be interrupted"
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert not list(stage_dir.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
+    def cmd(run):
+        return [sys.executable, "-m", "lemb.cli", "retrieve", "--queries", str(tiny_data["queries"]), "--corpus",
+                str(tiny_data["corpus"]), "--run", str(run), "--executor", "local", "--shards", "4", "--top-k", "2", "--quiet"]
+
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
+    _kill_at_three_points_then_finish(cmd(tmp_path / "killed"), tmp_path / "killed" / "retrieve" / "candidates")
+    for step, keys in (("keys", ["key_id"]), ("candidates", ["query_id", "retrieval_rank"])):
+        ref = _table(tmp_path / "ref" / "retrieve" / step, keys)
+        got = _table(tmp_path / "killed" / "retrieve" / step, keys)
+        assert got.equals(ref)
+
+
+@pytest.mark.slow
+def test_label_killed_and_rerun_equals_uninterrupted(labelled_run, tmp_path):
+    def cmd(run):
+        return [sys.executable, "-m", "lemb.cli", "label", "--run", str(run), "--executor", "local", "--shards", "4",
+                "--n-samples", "3", "--per-candidate-samples", "1", "--quiet"]
+
+    for name in ("ref", "killed"):
+        shutil.copytree(labelled_run / "retrieve", tmp_path / name / "retrieve")
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
+    _kill_at_three_points_then_finish(cmd(tmp_path / "killed"), tmp_path / "killed" / "label")
+    keys = ["query_id", "key_id"]
+    ref, got = _table(tmp_path / "ref" / "label", keys), _table(tmp_path / "killed" / "label", keys)
+    assert got.height == ref.height == 8
+    assert got.equals(ref)  # same samples, log-probabilities and rewards
