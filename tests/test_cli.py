@@ -66,3 +66,35 @@ def test_status_and_inspect_on_a_run(labelled_run):
     result = runner.invoke(app, ["inspect", str(labelled_run / "label")])
     assert result.exit_code == 0
     assert "8 rows in 2 shard(s)" in result.stdout and "reward distribution" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["retrieve", "--embedder", "./no/such/model"], ["label", "--llm", "/no/such/llm"]])
+def test_missing_model_path_is_one_line(tmp_path, command, labelled_run):
+    q = write_jsonl(tmp_path / "q.jsonl", QUERIES)
+    c = write_jsonl(tmp_path / "c.jsonl", CORPUS)
+    run = tmp_path / "run"
+    if command[0] == "label":
+        import shutil
+
+        shutil.copytree(labelled_run / "retrieve", run / "retrieve")
+        args = [*command, "--run", str(run), "--executor", "local"]
+    else:
+        args = [*command, "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor", "local"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "path not found" in result.stderr
+    assert not (run / command[0]).exists() or command[0] == "retrieve" and not run.exists()
+
+
+def test_long_texts_are_truncated_counted_and_warned_once(tmp_path, caplog):
+    long_corpus = CORPUS + [{"key_id": f"long{i}", "task": "qa", "text": "word " * 400, "title": None} for i in range(3)]
+    c = write_jsonl(tmp_path / "c.jsonl", long_corpus)
+    q = write_jsonl(tmp_path / "q.jsonl", QUERIES)
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="lemb"):
+        result = runner.invoke(app, ["retrieve", "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor",
+                                     "local", "--shards", "1", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads((run / "retrieve" / "keys" / "_stats.json").read_text())
+    assert stats["truncated_texts"] == 3
+    assert sum("truncated" in r.message for r in caplog.records) == 1

@@ -153,7 +153,13 @@ def finish_stage(stage_dir: Path, n_shards: int, failures: list[dict[str, Any]])
             for k, v in json.loads(p.read_text()).items():
                 if isinstance(v, (int, float)):
                     totals[k] = totals.get(k, 0) + v
-    stats = {"shards": n_shards, "shards_done": done, "shards_failed": len(failures), **totals}
+    stats = {
+        "shards": n_shards,
+        "shards_done": done,
+        "shards_failed": len(failures),
+        "ids_in_failed_shards": sum(len(f["ids"]) for f in failures),  # reported, never silently dropped
+        **totals,
+    }
     write_json_atomic(stage_dir / STATS, stats)
     if failures:
         with open(stage_dir / FAILURES, "w") as fh:

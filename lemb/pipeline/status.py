@@ -16,13 +16,14 @@ def stage_status(stage_dir: Path) -> dict:
     failed = []
     if (stage_dir / FAILURES).exists():
         failed = [json.loads(line)["shard"] for line in (stage_dir / FAILURES).read_text().splitlines() if line]
-    rows = seconds = 0.0
+    rows = seconds = tokens = 0.0
     for i in done:
         stats_file = stage_dir / f"part-{i:05d}.stats.json"
         if stats_file.exists():
             s = json.loads(stats_file.read_text())
             rows += s.get("rows_out", 0)
             seconds += s.get("seconds", 0.0)
+            tokens += sum(v for k, v in s.items() if k.endswith("_tokens"))
     return {
         "stage": manifest["stage"],
         "shards": n,
@@ -30,6 +31,7 @@ def stage_status(stage_dir: Path) -> dict:
         "failed": len(failed),
         "pending": n - len(done) - len(failed),
         "rows": int(rows),
+        "tokens": int(tokens),
         "seconds": round(seconds, 1),
         "config_hash": manifest["config_hash"],
         "finished": (stage_dir / STATS).exists() and len(done) == n,
@@ -40,12 +42,12 @@ def run_status(run: Path) -> str:
     stages = sorted(p.parent for p in run.rglob(MANIFEST))
     if not stages and not (run / "train").exists():
         raise LembError(f"{run}: no stage output here")
-    lines = [f"{'stage':<22}{'done':>6}{'pending':>9}{'failed':>8}{'rows':>9}{'seconds':>10}  config"]
+    lines = [f"{'stage':<22}{'done':>6}{'pending':>9}{'failed':>8}{'rows':>9}{'tokens':>10}{'seconds':>10}  config"]
     for d in stages:
         s = stage_status(d)
         lines.append(
             f"{s['stage']:<22}{s['done']:>4}/{s['shards']:<2}{s['pending']:>8}{s['failed']:>8}{s['rows']:>9}"
-            f"{s['seconds']:>10}  {s['config_hash']}"
+            f"{s['tokens']:>10}{s['seconds']:>10}  {s['config_hash']}"
         )
     model = run / "train" / "model"
     if (run / "train").exists():

@@ -173,6 +173,9 @@ def build_work(run: Path) -> tuple[pa.Table, list[str | None]]:
 
 
 def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
+    from lemb.stages.llm import resolve_llm_path
+
+    resolve_llm_path(config.llm)  # a missing model fails here, not in every worker
     run = Path(config.run)
     work, inputs = build_work(run)
     factory = functools.partial(LabelStage, config)

@@ -21,7 +21,7 @@ from lemb.errors import InputError, MissingDependency
 from lemb.pipeline.config import RetrieveConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import Stage, run_stage
 from lemb.pipeline.shards import read_stage
-from lemb.stages.encoder import Encoder
+from lemb.stages.encoder import Encoder, resolve_embedder_path
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def check_positives(queries: pa.Table, keys: pa.Table | None, path: str) -> None
 
 def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
     """Run both steps; returns their stats. Inputs are validated in full before anything is written."""
+    resolve_embedder_path(config.embedder)  # a missing model fails here, not in every worker
     queries = read_queries(config.queries)
     keys = read_keys(config.corpus) if config.corpus else None
     check_positives(queries, keys, config.queries)
