@@ -49,7 +49,7 @@ class DemoData:
 # fictional names
 
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "pl", "qu", "r", "s", "sk", "st", "t", "tr", "v", "z", "zh"]
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "pl", "r", "s", "sk", "st", "t", "tr", "v", "z"]
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
 _CODAS = ["", "", "", "n", "r", "l", "m", "k", "x", "sh"]
 
@@ -66,10 +66,12 @@ class _Namer:
         return s + self.rng.choice(_CODAS) if coda else s
 
     def word(self, syllables: int = 2, suffix: str = "") -> str:
-        """A new lowercase word (not used before in this world, nor as a prefix of one)."""
+        """A new lowercase word, not used before in this world."""
         while True:
-            w = "".join(self._syllable(coda=(i == syllables - 1)) for i in range(syllables)) + suffix
-            if 4 <= len(w) <= 10 and w not in self.used:
+            parts = [self._syllable(coda=(i == syllables - 1)) for i in range(syllables)]
+            w = "".join(parts) + suffix
+            stutter = any(a[:2] == b[:2] for a, b in zip(parts, parts[1:]))  # "Pleplek" is hard to copy
+            if 4 <= len(w) <= 10 and w not in self.used and not stutter:
                 self.used.add(w)
                 return w
 
@@ -94,14 +96,14 @@ _ATTRIBUTES = (
     _Attribute(
         "capital",
         ("What is the capital of {e}?", "Which city is the capital of {e}?"),
-        ("The seat of government of {e} is the city of {v}.", "The king of {e} lives in the city of {v}, where the parliament meets."),
+        ("The seat of government of {e} is the city of {v}.", "The parliament of {e} meets in the city of {v}."),
         ("The capital of {e} is {v}.", "{v} is the capital city of {e}."),
         "the capital of {e}",
     ),
     _Attribute(
         "founder",
         ("Who founded {e}?", "Who was the founder of {e}?"),
-        ("The first settlers of {e} were led by {v}.", "{e} owes its existence to the explorer {v}."),
+        ("The first settlers of {e} were led by {v}.", "The explorer {v} led the first settlers to {e}."),
         ("The founder of {e} was {v}.", "{e} was founded by {v}."),
         "who founded {e}",
     ),
@@ -196,7 +198,7 @@ def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[lis
 
 @dataclass(frozen=True)
 class _Concept:
-    tool: str  # namespace.verb; the realm prefix is added
+    tool: str  # namespace.verb; the name is the realm's stem + these words in CamelCase
     description: str  # {r}: realm name; in other words than the requests
     requests: tuple[str, ...]  # {r}: realm, {p}, {q}: towns
     near_tool: str  # a tool that shares the requests' words but does something else
@@ -291,6 +293,12 @@ _CONCEPTS = (
 )
 
 
+def _tool_name(stem: str, tool: str) -> str:
+    """"zorb", "tide.forecast" -> "ZorbTideForecast" (the small LLM copies CamelCase names far more
+    reliably than zorb_tide.forecast: 31 of 32 against 25 of 32 requests, SmolLM2-135M)."""
+    return stem.capitalize() + "".join(w.capitalize() for w in tool.split("."))
+
+
 def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
     key_texts: list[str] = []
     splits: list[list[dict]] = []
@@ -299,19 +307,19 @@ def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[l
         realms = [_country(namer) for _ in range(n_realms)]
         pairs = [(r, c) for r in realms for c in _CONCEPTS]
         for (stem, realm), c in pairs:
-            key_texts.append(f"The tool {stem}_{c.near_tool} " + c.near_description.format(r=realm))
+            key_texts.append(f"The tool {_tool_name(stem, c.near_tool)} " + c.near_description.format(r=realm))
         asked = rng.sample(pairs, n_queries)
         asked_set = set(asked)
         queries = []
         for (stem, realm), c in pairs:
-            text = f"The tool {stem}_{c.tool} " + c.description.format(r=realm)
+            text = f"The tool {_tool_name(stem, c.tool)} " + c.description.format(r=realm)
             key_texts.append(text)
             if ((stem, realm), c) in asked_set:
                 p, q = namer.name(2), namer.name(2)
                 queries.append(
                     {
                         "text": rng.choice(c.requests).format(r=realm, p=p, q=q),
-                        "target": f"{stem}_{c.tool}",
+                        "target": _tool_name(stem, c.tool),
                         "positive_texts": [text],
                     }
                 )
@@ -336,7 +344,7 @@ class _Slot:
 _SLOTS = (
     _Slot(
         "pet",
-        ("What was the name of my {s} again?", "What is my {s} called?"),
+        ("What was the name of my {s} again?", "Remind me, what did I name my {s}?"),
         (
             "User: {v} the {s} chewed my slippers again this morning.",
             "User: we adopted a little {s} last spring and we call her {v}.",
@@ -369,7 +377,7 @@ _SLOTS = (
     ),
     _Slot(
         "dentist",
-        ("What is the name of my dentist?", "What is my dentist called?", "Who is my dentist again?"),
+        ("What is the name of my dentist?", "What is my dentist called?"),
         (
             "User: Dr. {v} is checking my teeth next Tuesday.",
             "User: I trust Dr. {v} with my teeth, she is very gentle.",
@@ -414,6 +422,8 @@ _FILLERS = (
     "User: I started reading a long novel about sailors.",
     "Assistant: Happy to help with anything else you need.",
     "User: work has been busy since the new manager arrived.",
+    "Assistant: Sounds like a busy week.",
+    "User: I baked bread for the first time yesterday.",
 )
 
 
@@ -446,10 +456,11 @@ def _make_chat(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> list[li
                 turns.append(rng.choice(slot.other).format(s=s, v=_slot_value(slot, namer), o=other))
             if "echo" in mix:
                 turns.append(rng.choice(slot.echo).format(s=s, o=relatives[1]))
+            length = rng.randint(6, 8)
             others = [x for x in _SLOTS if x is not slot]
-            for o in rng.sample(others, 2):
+            for o in rng.sample(others, rng.randint(2, 3)):
                 turns.append(rng.choice(o.gold).format(s=_slot_subject(o, namer), v=_slot_value(o, namer)))
-            turns.extend(rng.sample(_FILLERS, rng.randint(1, 3)))
+            turns.extend(rng.sample(_FILLERS, max(1, length - len(turns))))
             rng.shuffle(turns)
             queries.append(
                 {

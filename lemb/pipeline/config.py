@@ -124,6 +124,7 @@ class TrainConfig(RunSettings):
     task_weights: dict[str, float] = field(default_factory=dict)  # empty: mix tasks by their size
     self_paced: bool = False  # scale each task's loss by L_task(step 0) / L_task(now)
     max_length: int = 256
+    grad_chunk: int = 0  # queries per gradient-cache chunk (0: off); bounds memory by the chunk, same gradients
     seed: int = 0
     save_every: int = 50  # checkpoint every N steps (0: never); `resume` continues from the last one
     resume: bool = False
@@ -137,6 +138,8 @@ class TrainConfig(RunSettings):
                 out.append(f"loss: unknown task {task!r}")
             if loss not in ("graded", "kl", "contrastive"):
                 out.append(f"loss[{task}] must be graded, kl or contrastive, got {loss!r}")
+        if self.grad_chunk < 0:
+            out.append(f"grad_chunk must be >= 0, got {self.grad_chunk}")
         for name in ("group_size", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")

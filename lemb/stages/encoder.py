@@ -38,6 +38,12 @@ def load_embedder(name: str, max_length: int = 256, trust_remote_code: bool = Fa
     return model
 
 
+def embedding_dim(model) -> int:
+    """sentence-transformers renamed get_sentence_embedding_dimension to get_embedding_dimension."""
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
 class Encoder:
     """Encodes texts into L2-normalised float32 vectors, counting texts cut at `max_length` tokens."""
 
@@ -58,7 +64,7 @@ class Encoder:
 
     def encode(self, texts: list[str], instruction: str = "") -> np.ndarray:
         if not texts:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
+            return np.zeros((0, embedding_dim(self.model)), dtype=np.float32)
         full = [instruction + t for t in texts]
         self._count_truncated(full)
         emb = self.model.encode(

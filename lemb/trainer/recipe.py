@@ -26,6 +26,7 @@ from lemb.pipeline.shards import read_stage, write_json_atomic
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
+from lemb.trainer.step import World, backward_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -40,12 +41,16 @@ class TrainRecipe:
     def setup(self) -> None:
         c = self.config
         set_threads(c.threads)
+        self.world = _init_distributed()
         torch.manual_seed(c.seed)
         self.groups, self.skipped = self._load_groups()
         if not self.groups:
             raise LembError(f"{self.run / 'label'}: no query carries a training signal ({dict(self.skipped)})")
         for reason, n in self.skipped.items():
             log.warning("%d queries left out of training: %s", n, reason)
+        small = sorted({g.task for g in self.groups if sum(h.task == g.task for h in self.groups) < self.world.size})
+        if small:
+            raise LembError(f"tasks {small} have fewer queries than the {self.world.size} training processes")
         self.model = load_embedder(c.embedder, c.max_length)
         self.model.train()
         self.sampler = TaskBatchSampler(self.groups, c.batch_size, c.task_weights or None, c.seed)
@@ -106,26 +111,30 @@ class TrainRecipe:
         rewards = read_stage(self.run / "label")
         return build_groups(rewards, queries, texts, self.config.reward, self.config.group_size, str(self.run / "label"))
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        features = self.model.tokenize(texts)
-        return self.model(features)["sentence_embedding"]
-
-    def _loss(self, batch: list[Group]) -> tuple[str, torch.Tensor]:
+    def _step(self, batch: list[Group]) -> tuple[str, float]:
+        """Forward and backward of one one-task batch; gradients accumulate in the model."""
         c = self.config
         task = batch[0].task
         spec = task_spec(task)
         q_instr, k_instr = instructions(c.instructions, task)
         data = collate(batch, c.group_size)
-        q = self._embed([q_instr + t for t in data["queries"]])
-        flat_valid = data["valid"].reshape(-1)
-        keys = [k_instr + t for t, ok in zip(data["keys"], flat_valid.tolist()) if ok]
-        k = torch.zeros(len(data["keys"]), q.shape[-1], dtype=q.dtype)
-        k[flat_valid] = self._embed(keys)  # padding slots stay zero and are masked out
-        k = k.reshape(len(batch), c.group_size, -1)
-        loss = compute_loss(
-            c.loss.get(task, spec.loss), q, k, data["rewards"], data["valid"], data["positive"],
-            tau=c.tau, alpha=c.alpha, in_batch=spec.in_batch_negatives, in_batch_mask=data["in_batch_mask"],
-        )
+
+        def loss_fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return compute_loss(
+                c.loss.get(task, spec.loss), q, k, data["rewards"], data["valid"], data["positive"],
+                tau=c.tau, alpha=c.alpha, in_batch=spec.in_batch_negatives, in_batch_mask=data["in_batch_mask"],
+            )  # fmt: skip
+
+        def scale(loss: float) -> float:
+            if not c.self_paced:
+                return 1.0
+            self.initial_loss.setdefault(task, loss)  # tasks already learnt slow down: L_task(0) / L_task(now)
+            return self.initial_loss[task] / max(loss, 1e-8)
+
+        loss = backward_step(
+            self.model, [q_instr + t for t in data["queries"]], [k_instr + t for t in data["keys"]], data["valid"],
+            loss_fn, chunk_size=c.grad_chunk, world=self.world, scale=scale,
+        )  # fmt: skip
         return task, loss
 
     def train(self, progress: bool = True) -> None:
@@ -133,19 +142,16 @@ class TrainRecipe:
 
         c = self.config
         start = time.perf_counter()
-        for step in tqdm(range(self.start_step, c.steps), desc="train", disable=not progress, initial=self.start_step, total=c.steps):
+        steps = range(self.start_step, c.steps)
+        for step in tqdm(steps, desc="train", disable=not progress or self.world.rank, initial=self.start_step, total=c.steps):
             batch = [self.groups[i] for i in self.sampler.batch(step)]
-            task, loss = self._loss(batch)
-            scale = 1.0
-            if c.self_paced:  # tasks already learnt slow down: L_task(0) / L_task(now)
-                self.initial_loss.setdefault(task, loss.item())
-                scale = self.initial_loss[task] / max(loss.item(), 1e-8)
+            batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
-            (loss * scale).backward()
+            task, loss = self._step(batch)
             self.optimizer.step()
             self.scheduler.step()
-            self.history.append({"step": step, "task": task, "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]})
-            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
+            self.history.append({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps and self.world.rank == 0:
                 self.save_checkpoint(step + 1)
         self.seconds = time.perf_counter() - start
 
@@ -177,9 +183,20 @@ class TrainRecipe:
         return path
 
 
+def _init_distributed() -> World:
+    """Join the process group that torchrun (or Ray Train) describes in the environment, if any."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return World.current()
+
+
 def train(config: TrainConfig, progress: bool = True) -> Path:
     recipe = TrainRecipe(config)
     recipe.setup()
     recipe.train(progress)
+    if recipe.world.rank:
+        return recipe.out / "model"  # rank 0 writes the model
     return recipe.save()
 

@@ -1,0 +1,79 @@
+"""Gradient cache and data-parallel steps give the gradients of the plain single-process step."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lemb.stages.encoder import load_embedder
+from lemb.trainer.batches import Group, collate
+from lemb.trainer.losses import graded_loss
+from lemb.trainer.step import World, backward_step
+
+TEXTS = ["capital of Zorbia", "Quelm is the seat of government", "tide tables of the harbor", "my pet glimmerfox"]
+
+
+def _batch():
+    groups = []
+    for i in range(4):
+        keys = [f"{TEXTS[(i + j) % 4]} {j}" for j in range(3 - (i == 2))]  # one group has a padding slot
+        groups.append(Group(f"q{i}", "qa", f"question {i} about {TEXTS[i]}", keys, [f"k{i}{j}" for j in range(len(keys))],
+                            [1.0, 0.5, 0.0][: len(keys)], [True] + [False] * (len(keys) - 1)))
+    return collate(groups, 3)
+
+
+def _grads(chunk_size=0, world=None):
+    torch.manual_seed(0)
+    model = load_embedder("all-minilm-l6-v2", 64)
+    model.eval()  # no dropout: the plain and chunked passes then see the same function
+    data = _batch()
+
+    def loss_fn(q, k):
+        return graded_loss(q, k, data["rewards"], data["valid"], tau=0.05, alpha=0.5, in_batch_mask=data["in_batch_mask"])
+
+    loss = backward_step(model, data["queries"], data["keys"], data["valid"], loss_fn, chunk_size=chunk_size, world=world)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _grads()
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_gradient_cache_equals_plain_backward(reference, chunk):
+    loss, grads = _grads(chunk_size=chunk)
+    assert loss == pytest.approx(reference[0], abs=1e-6)
+    assert grads.keys() == reference[1].keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference[1][name], atol=1e-5, rtol=1e-4)
+
+
+def _worker(rank, port, chunk, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        loss, grads = _grads(chunk_size=chunk, world=World(rank, 2))
+        out[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [0, 1])
+def test_two_gloo_workers_equal_one_process(reference, chunk):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(port, chunk, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        loss, grads = out[rank]
+        assert loss == pytest.approx(reference[0], abs=1e-5)
+        for name, g in reference[1].items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4)
