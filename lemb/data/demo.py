@@ -223,7 +223,7 @@ _CONCEPTS = (
     _Concept(
         "sky.outlook",
         "tells if rain or clear skies are expected over a town of {r}.",
-        ("What will the weather be like in {p}, {r} tomorrow?", "Will it be sunny tomorrow in {p}, {r}?"),
+        ("Fetch tomorrow's weather forecast for {p}, {r}.", "Will it be sunny tomorrow in {p}, {r}?"),
         "weather.alerts",
         "warns when the weather in a town of {r} will be dangerous tomorrow.",
     ),
@@ -344,7 +344,7 @@ class _Slot:
 _SLOTS = (
     _Slot(
         "pet",
-        ("What was the name of my {s} again?", "Remind me, what did I name my {s}?"),
+        ("What was the name of my {s} again?", "What is the name of my {s}?"),
         (
             "User: {v} the {s} chewed my slippers again this morning.",
             "User: we adopted a little {s} last spring and we call her {v}.",
@@ -366,18 +366,18 @@ _SLOTS = (
     ),
     _Slot(
         "boat",
-        ("What is the name of my boat?", "What is my boat called?"),
+        ("What is the name of my boat?", "What was the name of my boat again?"),
         (
             "User: the little sailing vessel I bought is the {v} now.",
-            "User: I christened my sailing vessel {v} yesterday.",
-            "User: I painted the name {v} on my boat.",
+            "User: we sailed the {v} around the bay, she handles the waves well.",
+            "User: my boat, the {v}, is moored by the old pier.",
         ),
         ("User: my {o}'s boat is called {v}.", "User: the name of my {o}'s boat is {v}."),
         ("User: I can never decide how to name things, like my boat.", "User: my boat needs a new name, the old one wore off."),
     ),
     _Slot(
         "dentist",
-        ("What is the name of my dentist?", "What is my dentist called?"),
+        ("What is the name of my dentist?", "What was the name of my dentist again?"),
         (
             "User: Dr. {v} is checking my teeth next Tuesday.",
             "User: I trust Dr. {v} with my teeth, she is very gentle.",
@@ -388,7 +388,7 @@ _SLOTS = (
     ),
     _Slot(
         "landlord",
-        ("What is the name of my landlord?", "What is my landlord called?"),
+        ("What is the name of my landlord?", "What was the name of my landlord again?"),
         (
             "User: Mr. {v} still has not fixed the heating in my flat.",
             "User: the man who owns my flat, Mr. {v}, raised the rent again.",
@@ -399,7 +399,7 @@ _SLOTS = (
     ),
     _Slot(
         "coach",
-        ("Who is my football coach?", "What is the name of my football coach?"),
+        ("What is the name of my football coach?", "What was the name of my football coach again?"),
         (
             "User: Coach {v} made us run laps for the whole practice.",
             "User: at training, Coach {v} shouts at us all the time.",

@@ -12,7 +12,8 @@ Mapping to lemb records:
 - `pos` become `positive_ids`; `answers[0]` the target (the schema holds one desired output).
 - chat and lrlm candidates are the query's own history, addressed by `schemas.history_key_id`.
   chat lists them in `history`; lrlm lists them in `pos` + `neg` (empty pos in the toy file), and
-  they become its history in that order.
+  they become its history in that order. Where a line has both, pos / neg are candidates taken
+  from the history (`pos_index` / `neg_index` then index the history).
 - `scores` maps (query_id, key_id) to the teacher score, or None where the file lists the
   candidate without one (tool and convsearch have no teacher_scores): the pairs are the query's
   candidate set, which the writer needs back. Duplicate candidates of one query keep the first.
@@ -43,12 +44,16 @@ def fe_key_id(text: str) -> str:
 
 
 def _query_id(item: dict[str, Any], task: str, index: int) -> str:
-    raw = item.get("query_id", item.get("qid"))
-    if raw is None:
-        return f"{task}-{index}"
-    # Ids this writer wrote already carry the task prefix; raw ids (ints in the toy files) get it,
-    # so that files of several tasks can be mixed without collisions.
-    return raw if isinstance(raw, str) and raw.startswith(f"{task}-") else f"{task}-{raw}"
+    """String `query_id`s (what this writer writes) are kept; FlagEmbedding's own ids get the task as prefix.
+
+    The toy files number queries from 0 in every task (int `query_id`, or tool's string `qid`); the
+    prefix keeps files of several tasks apart. Lines without an id are numbered by position.
+    """
+    raw = item.get("query_id")
+    if isinstance(raw, str):
+        return raw
+    raw = item.get("qid") if raw is None else raw
+    return f"{task}-{index if raw is None else raw}"
 
 
 def _strings(path: Path, where: str, item: dict[str, Any], field: str) -> list[str]:
@@ -60,8 +65,19 @@ def _strings(path: Path, where: str, item: dict[str, Any], field: str) -> list[s
     return value
 
 
-def _history_slots(path: Path, where: str, history: list[str], texts: list[str]) -> list[int]:
-    """Positions in `history` of candidate texts; repeated texts take successive equal items."""
+def _history_slots(path: Path, where: str, item: dict[str, Any], history: list[str], texts: list[str]) -> list[int]:
+    """Positions in `history` of the pos + neg texts.
+
+    lemb writes them as `pos_index` + `neg_index` (for chat and lrlm the history is the corpus these
+    indices point into); without them, repeated texts take successive equal items.
+    """
+    index = list(item.get("pos_index") or []) + list(item.get("neg_index") or [])
+    if index:
+        if len(index) != len(texts) or not all(
+            isinstance(i, int) and 0 <= i < len(history) and history[i] == t for i, t in zip(index, texts)
+        ):
+            raise InputError(path, where, "pos_index/neg_index", "do not point at the pos/neg texts in the history")
+        return index
     slots, taken = [], set()
     for text in texts:
         i = next((i for i, h in enumerate(history) if h == text and i not in taken), None)
@@ -113,7 +129,7 @@ def read_flagembedding(path: str | Path, task: str | None = None) -> tuple[list[
             if history is None:  # lrlm: pos + neg are the earlier chunks
                 history, slots = pos + neg, list(range(len(pos) + len(neg)))
             elif pos or neg:  # lemb's form for a candidate subset of the history
-                slots = _history_slots(path, where, history, pos + neg)
+                slots = _history_slots(path, where, item, history, pos + neg)
             else:  # chat: the whole history is the candidate set
                 slots = list(range(len(history)))
             cand_ids = [schemas.history_key_id(qid, i) for i in slots]
@@ -166,7 +182,8 @@ def write_flagembedding(queries: Iterable[dict] | pa.Table, keys: Iterable[dict]
     every candidate has one (a query with some but not all rewarded is an error).
     chat and lrlm follow the toy files: no pos from rewards; chat writes `history` with scores aligned
     to it, lrlm `pos: []`, `neg` = its history. When their candidates are only part of the history,
-    the full `history` is written beside pos / neg (lemb's extension, read back by `read_flagembedding`).
+    the full `history` is written beside pos / neg, with pos_index / neg_index pointing into it
+    (lemb's extension, read back by `read_flagembedding`).
     """
     path = Path(path)
     texts = {k["key_id"]: k["text"] for k in _rows(keys)}
@@ -200,6 +217,7 @@ def write_flagembedding(queries: Iterable[dict] | pa.Table, keys: Iterable[dict]
                 out["pos"], out["neg"] = [history[slot[k]] for k in pos], [history[slot[k]] for k in order[len(pos):]]
                 if not (whole and not known and task == "lrlm"):
                     out["history"] = history
+                    out["pos_index"], out["neg_index"] = [slot[k] for k in pos], [slot[k] for k in order[len(pos):]]
         else:
             if known:
                 pos = known

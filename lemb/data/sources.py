@@ -246,6 +246,14 @@ def _gorilla_doc_text(doc: dict[str, Any]) -> str:
     return f"{head}\nAPI: {doc['api_name']}\nCall: {doc['api_call']}\n{doc.get('description') or ''}".strip()
 
 
+def _gorilla_instruction(code: str) -> str:
+    """The request of an APIBench item: "###Instruction: ... ###Output: ..." (spacing varies)."""
+    text = re.split(r"#+\s*Output:", code)[0]
+    text = re.sub(r"#+\s*Instruction:", "", text)
+    # Some requests carry their input data ("###Input: ..."): part of the request; the markers are not.
+    return re.sub(r"#+\s*Input:", "Input:", text).strip()
+
+
 def gorilla_apibench(folder: str | Path, hub: str) -> Records:
     """Gorilla APIBench for one hub (torchhub, tensorflowhub, huggingface) in tool_retrieval/gorilla_apibench.
 
@@ -271,7 +279,7 @@ def gorilla_apibench(folder: str | Path, hub: str) -> Records:
     for i, item in enumerate(_jsonl(folder / "apibench" / f"{eval_file}.json")):
         gold = item["api_data"]
         kid = by_call.get(gold["api_call"]) or by_name.get(gold["api_name"])
-        text = item["code"].split("###Output:")[0].replace("###Instruction:", "").strip()
+        text = _gorilla_instruction(item["code"])
         if kid is None or not text:
             dropped += 1
             continue

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,13 @@ class TrainRecipe:
         self.run = Path(config.run)
         self.out = self.run / "train"
 
-    def setup(self) -> None:
+    def setup(self, groups: list[Group] | None = None) -> None:
+        """Build every component; `groups` replaces the run's reward shards (benchmarks, experiments)."""
         c = self.config
         set_threads(c.threads)
         self.world = _init_distributed()
         torch.manual_seed(c.seed)
-        self.groups, self.skipped = self._load_groups()
+        self.groups, self.skipped = (groups, Counter()) if groups is not None else self._load_groups()
         if not self.groups:
             raise LembError(f"{self.run / 'label'}: no query carries a training signal ({dict(self.skipped)})")
         for reason, n in self.skipped.items():
