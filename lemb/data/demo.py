@@ -222,14 +222,14 @@ _CONCEPTS = (
     ),
     _Concept(
         "sky.outlook",
-        "tells if rain or clear skies are expected over a town of {r}.",
+        "predicts the sky over a town of {r} for the next days: sun, clouds or rain.",
         ("Fetch tomorrow's weather forecast for {p}, {r}.", "Will it be sunny tomorrow in {p}, {r}?"),
         "weather.alerts",
-        "warns when the weather in a town of {r} will be dangerous tomorrow.",
+        "sends a warning when it will be too sunny or too stormy tomorrow in a town of {r}.",
     ),
     _Concept(
         "dine.reserve",
-        "reserves seats for a meal at an eatery of {r}.",
+        "reserves a table for a meal at an eatery of {r}.",
         ("Book me a table at a restaurant in {p}, {r}.", "Can you reserve a table for dinner at a restaurant in {p}, {r}?"),
         "restaurant.reviews",
         "shows what guests wrote about the food of a restaurant in {r}.",
@@ -246,7 +246,7 @@ _CONCEPTS = (
         "lists when the doors of an exhibition hall of {r} open and close.",
         ("What time does the museum in {p}, {r} open?", "When does the museum of {p} in {r} open today?"),
         "museum.tickets",
-        "sells entry tickets for a museum in {r} for a chosen time.",
+        "sells tickets for a museum in {r} for the time it opens today.",
     ),
     _Concept(
         "clinic.book",
@@ -278,7 +278,7 @@ _CONCEPTS = (
     ),
     _Concept(
         "lodging.vacancy",
-        "checks which inns of a town of {r} have a free bed tonight.",
+        "finds inns in a town of {r} with a free room for the night.",
         ("Is there a hotel room available in {p}, {r} tonight?", "Find me an available hotel room in {p}, {r} for tonight."),
         "hotel.prices",
         "compares the prices of the hotel rooms available in {r}.",
@@ -293,6 +293,9 @@ _CONCEPTS = (
 )
 
 
+TOOL_EXTRA_REALMS = 2  # realms beyond those the queries need: their tools are distractors too
+
+
 def _tool_name(stem: str, tool: str) -> str:
     """"zorb", "tide.forecast" -> "ZorbTideForecast" (the small LLM copies CamelCase names far more
     reliably than zorb_tide.forecast: 31 of 32 against 25 of 32 requests, SmolLM2-135M)."""
@@ -303,7 +306,7 @@ def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[l
     key_texts: list[str] = []
     splits: list[list[dict]] = []
     for n_queries in n:
-        n_realms = -(-n_queries // len(_CONCEPTS)) + 1
+        n_realms = -(-n_queries // len(_CONCEPTS)) + TOOL_EXTRA_REALMS
         realms = [_country(namer) for _ in range(n_realms)]
         pairs = [(r, c) for r in realms for c in _CONCEPTS]
         for (stem, realm), c in pairs:

@@ -42,9 +42,24 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-def embed_texts(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
+LENGTH_BUCKET = 16  # texts per forward pass when a batch is embedded in length order
+
+
+def _forward(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
     features = model.preprocess(texts) if hasattr(model, "preprocess") else model.tokenize(texts)
     return model(features)["sentence_embedding"]
+
+
+def embed_texts(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
+    """Embeddings in input order, computed in buckets of similar length so short texts are not padded to the longest."""
+    if len(texts) <= LENGTH_BUCKET:
+        return _forward(model, texts)
+    lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    parts = [_forward(model, [texts[i] for i in order[s : s + LENGTH_BUCKET]]) for s in range(0, len(order), LENGTH_BUCKET)]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse]
 
 
 def _embed_keys(model, keys: list[str], valid: list[bool], dim: int, dtype) -> torch.Tensor:

@@ -77,3 +77,13 @@ def test_two_gloo_workers_equal_one_process(reference, chunk):
         assert loss == pytest.approx(reference[0], abs=1e-5)
         for name, g in reference[1].items():
             torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_keep_input_order():
+    from lemb.trainer.step import LENGTH_BUCKET, _forward, embed_texts
+
+    model = load_embedder("all-minilm-l6-v2", 64)
+    model.eval()
+    texts = [("word " * (i * 7 % 23 + 1)).strip() + f" {i}" for i in range(LENGTH_BUCKET * 2 + 5)]
+    with torch.no_grad():
+        torch.testing.assert_close(embed_texts(model, texts), _forward(model, texts), atol=2e-5, rtol=1e-4)
