@@ -68,6 +68,10 @@ class RetrieveConfig(RunSettings):
     instructions: Any = "llm-embedder"  # preset name or {task: [query_instruction, key_instruction]}
     top_k: int = 8  # candidates per query
     add_positives: bool = True  # put known positives among the candidates (replacing the lowest-ranked)
+    index: str = "flat"  # flat (exact inner product) | ivf | hnsw, for corpora too large for exact search
+    nprobe: int = 16  # IVF lists searched per query
+    hnsw_m: int = 32  # HNSW links per node
+    ef_search: int = 128  # HNSW search breadth
     batch_size: int = 64  # texts per encoder forward pass
     max_length: int = 256  # tokens per query / key (reference setting of LLM-Embedder)
 
@@ -77,6 +81,8 @@ class RetrieveConfig(RunSettings):
             out.append("queries: a query file is required")
         if self.top_k < 1:
             out.append(f"top_k must be >= 1, got {self.top_k}")
+        if self.index not in ("flat", "ivf", "hnsw"):
+            out.append(f"index must be flat, ivf or hnsw, got {self.index!r}")
         return out
 
 

@@ -17,21 +17,13 @@ import pyarrow as pa
 from lemb.data import schemas
 from lemb.data.readers import read_keys, read_queries
 from lemb.data.tasks import instructions
-from lemb.errors import InputError, MissingDependency
+from lemb.errors import InputError
 from lemb.pipeline.config import RetrieveConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import Stage, run_stage
-from lemb.pipeline.shards import read_stage
 from lemb.stages.encoder import Encoder, resolve_embedder_path
+from lemb.stages.index import TaskIndex, indexes_from_shards
 
 log = logging.getLogger(__name__)
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError:
-        raise MissingDependency("faiss", "pip install faiss-cpu") from None
-    return faiss
 
 
 class EmbedKeys(Stage):
@@ -60,29 +52,10 @@ class EmbedKeys(Stage):
         return pa.table(out, schema=self.output_schema)
 
 
-class TaskIndex:
-    """Exact inner-product search over one task's keys (cosine similarity on normalised vectors)."""
-
-    def __init__(self, ids: list[str], vectors: np.ndarray) -> None:
-        self.ids = ids
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.position = {k: i for i, k in enumerate(ids)}
-        self.index = _faiss().IndexFlatIP(self.vectors.shape[1])
-        self.index.add(self.vectors)
-
-    def search(self, q: np.ndarray, k: int) -> tuple[list[str], list[float]]:
-        scores, found = self.index.search(q[None, :].astype(np.float32), min(k, len(self.ids)))
-        ids = [self.ids[i] for i in found[0] if i >= 0]
-        return ids, [float(x) for x in scores[0][: len(ids)]]
-
-    def score(self, q: np.ndarray, key_id: str) -> float:
-        return float(self.vectors[self.position[key_id]] @ q)
-
-
 def history_index(encoder: Encoder, query: dict[str, Any], key_instruction: str) -> TaskIndex:
     """A query's own history as its candidate pool (chat, lrlm)."""
     ids = [schemas.history_key_id(query["query_id"], i) for i in range(len(query["history"]))]
-    return TaskIndex(ids, encoder.encode(query["history"], key_instruction))
+    return TaskIndex.exact(ids, encoder.encode(query["history"], key_instruction))
 
 
 class SearchQueries(Stage):
@@ -100,11 +73,9 @@ class SearchQueries(Stage):
         self.indexes: dict[str, TaskIndex] = {}
         if self.keys_dir is None:
             return
-        keys = read_stage(Path(self.keys_dir)).to_pydict()
-        for task in sorted(set(keys["task"])):
-            idx = [i for i, t in enumerate(keys["task"]) if t == task]
-            vectors = np.asarray([keys["embedding"][i] for i in idx], dtype=np.float32)
-            self.indexes[task] = TaskIndex([keys["key_id"][i] for i in idx], vectors)
+        c = self.config
+        options = {"nprobe": c.nprobe, "hnsw_m": c.hnsw_m, "ef_search": c.ef_search}
+        self.indexes = indexes_from_shards(Path(self.keys_dir), c.index, **options)
 
     def _rank(self, q: np.ndarray, task: str, query: dict[str, Any]) -> tuple[list[str], list[float]]:
         if task in schemas.PER_QUERY_TASKS:

@@ -27,7 +27,8 @@ from lemb.data.tasks import build_prompt, instructions, task_spec
 from lemb.pipeline.config import EvalConfig
 from lemb.pipeline.executor import set_threads
 from lemb.stages.encoder import Encoder
-from lemb.stages.retrieve import TaskIndex, check_positives, history_index
+from lemb.stages.index import TaskIndex
+from lemb.stages.retrieve import check_positives, history_index
 
 log = logging.getLogger(__name__)
 RETRIEVAL_MEASURES = {"recall@1": "R@1", "recall@5": "R@5", "mrr@10": "RR@10", "ndcg@10": "nDCG@10"}
@@ -50,7 +51,7 @@ def rank_queries(
         for task in sorted(set(keys.column("task").to_pylist())):
             part = keys.filter(pa.compute.equal(keys.column("task"), task))
             vectors = encoder.encode(part.column("text").to_pylist(), instructions(preset, task)[1])
-            indexes[task] = TaskIndex(part.column("key_id").to_pylist(), vectors)
+            indexes[task] = TaskIndex.exact(part.column("key_id").to_pylist(), vectors)
     ranking = {}
     for task in sorted({q["task"] for q in queries}):
         part = [q for q in queries if q["task"] == task]
