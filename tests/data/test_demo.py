@@ -91,11 +91,12 @@ def test_gold_holds_the_target_and_the_query_does_not(demo):
     _, data = demo
     text = {k["key_id"]: k["text"] for k in data.keys}
     for q in _queries(data):
-        gold = q["history"][int(q["positive_ids"][0].rsplit("#h", 1)[1])] if q["task"] == "chat" else text[q["positive_ids"][0]]
+        (pos,) = q["positive_ids"]
+        gold = q["history"][int(pos.rsplit("#h", 1)[1])] if q["task"] == "chat" else text[pos]
         assert q["target"] in gold
         assert q["target"].lower() not in q["text"].lower()
         if q["task"] != "chat":  # the target is in no other key of the task, so only the gold can teach it
-            others = [k["text"] for k in data.keys if k["task"] == q["task"] and k["key_id"] != q["positive_ids"][0]]
+            others = [k["text"] for k in data.keys if k["task"] == q["task"] and k["key_id"] != pos]
             assert not any(re.search(rf"\b{re.escape(q['target'])}\b", t) for t in others)
 
 
@@ -128,4 +129,5 @@ def test_write_demo_writes_readable_jsonl(tmp_path):
         assert [json.loads(line) for line in lines] == records
     assert read_keys(paths["corpus"]).num_rows == len(data.keys)
     assert read_queries(paths["train"]).num_rows == len(data.train)
-    assert read_queries(paths["heldout"]).to_pylist() == pa.Table.from_pylist(data.heldout, schema=schemas.QUERY).to_pylist()
+    expected = pa.Table.from_pylist(data.heldout, schema=schemas.QUERY).to_pylist()
+    assert read_queries(paths["heldout"]).to_pylist() == expected
