@@ -37,8 +37,8 @@ from lemb.data.schemas import history_key_id
 
 # queries per task: (train, held-out)
 SIZES: dict[str, dict[str, tuple[int, int]]] = {
-    "tiny": {"qa": (10, 5), "tool": (10, 5), "chat": (10, 5)},
-    "small": {"qa": (50, 20), "tool": (50, 20), "chat": (50, 20)},
+    "tiny": {"qa": (8, 5), "tool": (8, 5), "chat": (8, 5)},
+    "small": {"qa": (40, 20), "tool": (40, 20), "chat": (40, 20)},
 }
 DEMO_TASKS = ("qa", "tool", "chat")
 

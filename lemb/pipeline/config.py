@@ -32,7 +32,7 @@ class RunSettings:
     run: str = "runs/default"  # run folder: <run>/<stage>/ holds each stage's output
     executor: str = "ray"  # ray | local (in-process, no Ray)
     address: str | None = None  # Ray cluster address; None starts a local cluster
-    workers: int = 1  # actors in the pool (one model copy each; one per GPU on a cluster)
+    workers: int = 0  # actors in the pool, one model copy each; 0: as many as the cluster's CPUs (or GPUs) allow
     num_gpus: float = 0.0  # GPUs per actor
     threads: int = 1  # torch threads per worker: 2 vCPUs here behave like one BLAS core, 1 is fastest
     shards: int = 4  # output files per stage; a shard is the unit of work and of resume
@@ -43,9 +43,11 @@ class RunSettings:
         out = []
         if self.executor not in ("ray", "local"):
             out.append(f"executor must be 'ray' or 'local', got {self.executor!r}")
-        for name in ("workers", "threads", "shards"):
+        for name in ("threads", "shards"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            out.append(f"workers must be >= 0 (0: fill the cluster), got {self.workers}")
         if self.max_retries < 0:
             out.append(f"max_retries must be >= 0, got {self.max_retries}")
         return out

@@ -187,6 +187,16 @@ def _run_local(factory, stage_dir, pending, empty, tables, plan, settings, progr
     return failures
 
 
+def _pool_size(ray: Any, settings: RunSettings) -> int:
+    """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold."""
+    if settings.workers:
+        return settings.workers
+    resources = ray.cluster_resources()
+    if settings.num_gpus:
+        return max(1, int(resources.get("GPU", 0) // settings.num_gpus))
+    return max(1, int(resources.get("CPU", 1) // settings.threads))
+
+
 def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progress, name) -> list[dict[str, Any]]:
     ray = init_ray(settings.address)
     from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
@@ -199,7 +209,7 @@ def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progres
     queue = list(pending)
     attempts: Counter[int] = Counter()
     failures: list[dict[str, Any]] = []
-    idle = [actor_cls.remote(factory, settings.threads) for _ in range(min(settings.workers, len(queue)))]
+    idle = [actor_cls.remote(factory, settings.threads) for _ in range(min(_pool_size(ray, settings), len(queue)))]
     running: dict[Any, tuple[int, Any]] = {}
     with _progress(len(pending), name, progress) as bar:
         while queue or running:

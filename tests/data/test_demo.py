@@ -40,10 +40,9 @@ def test_sizes(demo):
         assert sum(q["task"] == task for q in data.train) == n_train
         assert sum(q["task"] == task for q in data.heldout) == n_heldout
     assert {k["task"] for k in data.keys} == {"qa", "tool"}  # chat candidates are the queries' own history
-    if size == "tiny":
-        assert 25 <= len(data.train) <= 35 and 12 <= len(data.heldout) <= 18
-    else:
-        assert 140 <= len(data.train) <= 160 and 55 <= len(data.heldout) <= 65
+    # the labelling budget: tiny must run end to end in about 3 minutes, small in under 15, on 2 CPU cores
+    assert len(data.train) <= (30 if size == "tiny" else 150)
+    assert len(data.heldout) >= (15 if size == "tiny" else 60)
 
 
 def test_records_match_the_schemas(demo):
