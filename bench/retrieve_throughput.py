@@ -49,7 +49,9 @@ def bench_indexes(sizes: list[int], dim: int = 384, n_queries: int = 1000) -> li
         centres = rng.standard_normal((max(n // 100, 10), dim)).astype(np.float32)
         vectors = centres[rng.integers(len(centres), size=n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        queries = vectors[rng.integers(n, size=n_queries)] + 0.1 * rng.standard_normal((n_queries, dim)).astype(np.float32)
+        queries = vectors[rng.integers(n, size=n_queries)] + 0.1 * rng.standard_normal((n_queries, dim)).astype(
+            np.float32
+        )
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         ids = [str(i) for i in range(n)]
         exact = None
@@ -64,8 +66,15 @@ def bench_indexes(sizes: list[int], dim: int = 384, n_queries: int = 1000) -> li
             search_s = time.perf_counter() - start
             exact = found if kind == "flat" else exact
             recall = float(np.mean([len(a & e) / 10 for a, e in zip(found, exact)]))
-            rows.append({"n": n, "kind": kind, "build_s": build_s, "search_ms_per_query": 1000 * search_s / n_queries,
-                         "recall@10_vs_exact": recall})
+            rows.append(
+                {
+                    "n": n,
+                    "kind": kind,
+                    "build_s": build_s,
+                    "search_ms_per_query": 1000 * search_s / n_queries,
+                    "recall@10_vs_exact": recall,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

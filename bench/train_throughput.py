@@ -31,7 +31,13 @@ def make_data(n_queries: int, group: int, seed: int = 0) -> list[dict]:
     for q in map(json.loads, (DATA / "queries.jsonl").read_text().splitlines()[:n_queries]):
         negatives = rng.sample([i for i in ids if i not in q["positive_ids"]], group - 1)
         keys = [corpus[q["positive_ids"][0]]] + [corpus[i] for i in negatives]
-        rows.append({"query": q["question"], "keys": keys, "rewards": [1.0] + sorted((rng.random() for _ in negatives), reverse=True)})
+        rows.append(
+            {
+                "query": q["question"],
+                "keys": keys,
+                "rewards": [1.0] + sorted((rng.random() for _ in negatives), reverse=True),
+            }
+        )
     return rows
 
 
@@ -44,10 +50,28 @@ def run_lemb(args: argparse.Namespace) -> dict:
     from lemb.trainer.recipe import TrainRecipe
 
     rows = make_data(args.batch * (args.steps + WARMUP), args.group)
-    groups = [Group(f"q{i}", "qa", r["query"], r["keys"], [f"k{i}_{j}" for j in range(len(r["keys"]))], r["rewards"],
-                    [j == 0 for j in range(len(r["keys"]))]) for i, r in enumerate(rows)]
-    cfg = load_config(TrainConfig, run="/tmp/lemb-bench", steps=args.steps + WARMUP, batch_size=args.batch,
-                      group_size=args.group, lr=1e-5, save_every=0, max_length=args.max_length)
+    groups = [
+        Group(
+            f"q{i}",
+            "qa",
+            r["query"],
+            r["keys"],
+            [f"k{i}_{j}" for j in range(len(r["keys"]))],
+            r["rewards"],
+            [j == 0 for j in range(len(r["keys"]))],
+        )
+        for i, r in enumerate(rows)
+    ]
+    cfg = load_config(
+        TrainConfig,
+        run="/tmp/lemb-bench",
+        steps=args.steps + WARMUP,
+        batch_size=args.batch,
+        group_size=args.group,
+        lr=1e-5,
+        save_every=0,
+        max_length=args.max_length,
+    )
     recipe = TrainRecipe(cfg)
     recipe.setup(groups)
     times = []
@@ -68,7 +92,12 @@ def run_lemb(args: argparse.Namespace) -> dict:
     for _ in range(20):
         graded_loss(q, k, rewards, valid).backward()
     loss_s = (time.perf_counter() - start) / 20
-    return {"examples_per_s": args.batch / step_s, "step_s": step_s, "loss_s": loss_s, "loss_fraction_of_step": loss_s / step_s}
+    return {
+        "examples_per_s": args.batch / step_s,
+        "step_s": step_s,
+        "loss_s": loss_s,
+        "loss_fraction_of_step": loss_s / step_s,
+    }
 
 
 def run_st(args: argparse.Namespace) -> dict:
@@ -100,13 +129,24 @@ def run_st(args: argparse.Namespace) -> dict:
 
     timer = Timer()
     training_args = SentenceTransformerTrainingArguments(
-        output_dir="/tmp/st-bench", per_device_train_batch_size=args.batch, max_steps=args.steps + WARMUP,
-        learning_rate=1e-5, report_to="none", save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
-        use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir="/tmp/st-bench",
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + WARMUP,
+        learning_rate=1e-5,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=Dataset.from_dict(columns),
-        loss=DistillKLDivLoss(model), callbacks=[timer],
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_dict(columns),
+        loss=DistillKLDivLoss(model),
+        callbacks=[timer],
     )
     trainer.train()
     step_s = sum(timer.times[WARMUP:]) / args.steps
@@ -135,8 +175,20 @@ def main() -> None:
         return child(args.child, args)
     results = {}
     for variant in ("lemb", "sentence_transformers"):
-        cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--group", str(args.group), "--max-length", str(args.max_length)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--group",
+            str(args.group),
+            "--max-length",
+            str(args.max_length),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     report = {
@@ -144,8 +196,15 @@ def main() -> None:
         "sentence_transformers": {k: results["sentence_transformers"][k] for k in ("examples_per_s", "peak_rss_mb")},
         "ratio": results["lemb"]["examples_per_s"] / results["sentence_transformers"]["examples_per_s"],
         "loss_fraction_of_step": results["lemb"]["loss_fraction_of_step"],
-        "settings": {"steps": args.steps, "warmup_steps": WARMUP, "batch": args.batch, "group": args.group,
-                     "max_length": args.max_length, "threads": 1, "machine": platform.processor() or platform.machine()},
+        "settings": {
+            "steps": args.steps,
+            "warmup_steps": WARMUP,
+            "batch": args.batch,
+            "group": args.group,
+            "max_length": args.max_length,
+            "threads": 1,
+            "machine": platform.processor() or platform.machine(),
+        },
     }
     print(json.dumps(report, indent=2))
     if args.json:

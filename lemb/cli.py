@@ -16,7 +16,10 @@ import typer
 from lemb.errors import LembError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="LLM-aware retrieval embedders: retrieve, label, train, eval."
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LLM-aware retrieval embedders: retrieve, label, train, eval.",
 )
 log = logging.getLogger("lemb")
 
@@ -47,7 +50,9 @@ def _user_errors(fn):
 
 
 def _common(run, executor, address, workers, threads, shards, restart) -> dict[str, Any]:
-    return dict(run=run, executor=executor, address=address, workers=workers, threads=threads, shards=shards, restart=restart)
+    return dict(
+        run=run, executor=executor, address=address, workers=workers, threads=threads, shards=shards, restart=restart
+    )
 
 
 @app.command()
@@ -57,17 +62,34 @@ def retrieve(
     corpus: Annotated[Optional[str], typer.Option(help="Key records (JSONL or Parquet).")] = None,
     embedder: Annotated[Optional[str], typer.Option(help="HF id, local path or lemb default name.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Candidates per query.")] = None,
-    run: Run = None, config: Config = None, executor: Executor = None, address: Address = None,
-    workers: Workers = None, threads: Threads = None, shards: Shards = None, restart: Restart = None, quiet: Quiet = False,
+    run: Run = None,
+    config: Config = None,
+    executor: Executor = None,
+    address: Address = None,
+    workers: Workers = None,
+    threads: Threads = None,
+    shards: Shards = None,
+    restart: Restart = None,
+    quiet: Quiet = False,
 ) -> None:
     """Embed keys and queries (task instructions prepended) and write faiss top-K candidate shards."""
     from lemb.pipeline.config import RetrieveConfig, load_config
     from lemb.stages.retrieve import retrieve as run_retrieve
 
-    cfg = load_config(RetrieveConfig, config, queries=queries, corpus=corpus, embedder=embedder, top_k=top_k,
-                      **_common(run, executor, address, workers, threads, shards, restart))
+    cfg = load_config(
+        RetrieveConfig,
+        config,
+        queries=queries,
+        corpus=corpus,
+        embedder=embedder,
+        top_k=top_k,
+        **_common(run, executor, address, workers, threads, shards, restart),
+    )
     stats = run_retrieve(cfg, progress=not quiet)
-    typer.echo(f"candidates: {int(stats['candidates'].get('rows_out', 0))} rows in {Path(cfg.run) / 'retrieve' / 'candidates'}")
+    typer.echo(
+        f"candidates: {int(stats['candidates'].get('rows_out', 0))} rows"
+        f" in {Path(cfg.run) / 'retrieve' / 'candidates'}"
+    )
 
 
 @app.command()
@@ -75,17 +97,33 @@ def retrieve(
 def label(
     llm: Annotated[Optional[str], typer.Option(help="LLM: HF id, local path or lemb default name.")] = None,
     n_samples: Annotated[Optional[int], typer.Option(help="N samples from the prompt without candidate.")] = None,
-    per_candidate_samples: Annotated[Optional[int], typer.Option(help="m samples from each candidate's prompt.")] = None,
+    per_candidate_samples: Annotated[
+        Optional[int], typer.Option(help="m samples from each candidate's prompt.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    run: Run = None, config: Config = None, executor: Executor = None, address: Address = None,
-    workers: Workers = None, threads: Threads = None, shards: Shards = None, restart: Restart = None, quiet: Quiet = False,
+    run: Run = None,
+    config: Config = None,
+    executor: Executor = None,
+    address: Address = None,
+    workers: Workers = None,
+    threads: Threads = None,
+    shards: Shards = None,
+    restart: Restart = None,
+    quiet: Quiet = False,
 ) -> None:
     """Sample the LLM, score the desired output under each candidate, write rank-aware reward shards."""
     from lemb.pipeline.config import LabelConfig, load_config
     from lemb.stages.label import label as run_label
 
-    cfg = load_config(LabelConfig, config, llm=llm, n_samples=n_samples, per_candidate_samples=per_candidate_samples,
-                      seed=seed, **_common(run, executor, address, workers, threads, shards, restart))
+    cfg = load_config(
+        LabelConfig,
+        config,
+        llm=llm,
+        n_samples=n_samples,
+        per_candidate_samples=per_candidate_samples,
+        seed=seed,
+        **_common(run, executor, address, workers, threads, shards, restart),
+    )
     stats = run_label(cfg, progress=not quiet)
     typer.echo(
         f"rewards: {int(stats.get('rows_out', 0))} rows, {int(stats.get('queries_labelled', 0))} queries labelled, "
@@ -104,14 +142,28 @@ def train(
     reward: Annotated[Optional[str], typer.Option(help="rank | likelihood | improvement")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: never).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint.")] = None,
-    run: Run = None, config: Config = None, threads: Threads = None, quiet: Quiet = False,
+    run: Run = None,
+    config: Config = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Graded distillation of the embedder from the run's reward shards; saves <run>/train/model."""
     from lemb.pipeline.config import TrainConfig, load_config
     from lemb.trainer.recipe import train as run_train
 
-    cfg = load_config(TrainConfig, config, embedder=embedder, steps=steps, batch_size=batch_size, lr=lr, reward=reward,
-                      save_every=save_every, resume=resume, run=run, threads=threads)
+    cfg = load_config(
+        TrainConfig,
+        config,
+        embedder=embedder,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        reward=reward,
+        save_every=save_every,
+        resume=resume,
+        run=run,
+        threads=threads,
+    )
     path = run_train(cfg, progress=not quiet)
     typer.echo(f"model: {path}")
 
@@ -121,9 +173,16 @@ def train(
 def eval_(
     queries: Annotated[Optional[str], typer.Option(help="Held-out query records.")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Key records.")] = None,
-    embedder: Annotated[Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable; default: base and trained.")] = None,
-    answer_k: Annotated[Optional[int], typer.Option(help="Retrieved candidates in the LLM prompt (0: no LLM).")] = None,
-    run: Run = None, config: Config = None, threads: Threads = None, quiet: Quiet = False,
+    embedder: Annotated[
+        Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable; default: base and trained.")
+    ] = None,
+    answer_k: Annotated[
+        Optional[int], typer.Option(help="Retrieved candidates in the LLM prompt (0: no LLM).")
+    ] = None,
+    run: Run = None,
+    config: Config = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Retrieval metrics and the LLM's answer accuracy for each embedder; writes <run>/eval/."""
     from lemb.pipeline.config import EvalConfig, load_config
@@ -164,7 +223,9 @@ def status(run: Path) -> None:
 def demo(
     size: Annotated[str, typer.Option(help="tiny (about 3 minutes) or small.")] = "small",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo-out"),
-    executor: Executor = "ray", threads: Annotated[int, typer.Option()] = 1, quiet: Quiet = False,
+    executor: Executor = "ray",
+    threads: Annotated[int, typer.Option()] = 1,
+    quiet: Quiet = False,
 ) -> None:
     """The whole pipeline on the built-in demo world with the default models; prints base vs trained."""
     from lemb.trainer.report import table

@@ -56,12 +56,20 @@ def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, prog
     files = write_demo(out / "data", size=size)
     run = out / "run"
     common = {"run": str(run), "executor": executor, "threads": threads, "shards": 4, "restart": True}
-    retrieve(load_config(RetrieveConfig, queries=str(files["train"]), corpus=str(files["corpus"]), top_k=s["top_k"], **common), progress)
+    retrieve(
+        load_config(
+            RetrieveConfig, queries=str(files["train"]), corpus=str(files["corpus"]), top_k=s["top_k"], **common
+        ),
+        progress,
+    )
     label(
         load_config(LabelConfig, n_samples=s["n_samples"], per_candidate_samples=s["per_candidate_samples"], **common),
         progress,
     )
-    train(load_config(TrainConfig, steps=s["steps"], batch_size=s["batch_size"], group_size=s["top_k"], **common), progress)
+    train(
+        load_config(TrainConfig, steps=s["steps"], batch_size=s["batch_size"], group_size=s["top_k"], **common),
+        progress,
+    )
     eval_config = load_config(EvalConfig, queries=str(files["heldout"]), corpus=str(files["corpus"]), **common)
     metrics = evaluate_run(eval_config, progress=progress)
     paths = write_report(run, out, metrics)

@@ -12,17 +12,53 @@ CORPUS = [
     {"key_id": "k2", "task": "qa", "text": "Travellers often ask what the capital of Zorbia is.", "title": None},
     {"key_id": "k3", "task": "qa", "text": "The capital of Vantra is Plok.", "title": None},
     {"key_id": "k4", "task": "qa", "text": "Zorbia's national animal is the glimmerfox.", "title": None},
-    {"key_id": "t1", "task": "tool", "text": "zorb_tide.forecast(harbor): high and low water times of a Zorbian harbor.", "title": None},
-    {"key_id": "t2", "task": "tool", "text": "zorb_rail.timetable(station): departures from a Zorbian railway station.", "title": None},
+    {
+        "key_id": "t1",
+        "task": "tool",
+        "text": "zorb_tide.forecast(harbor): high and low water times of a Zorbian harbor.",
+        "title": None,
+    },
+    {
+        "key_id": "t2",
+        "task": "tool",
+        "text": "zorb_rail.timetable(station): departures from a Zorbian railway station.",
+        "title": None,
+    },
 ]
 QUERIES = [
-    {"query_id": "q1", "task": "qa", "text": "What is the capital of Zorbia?", "target": "Quelm", "positive_ids": ["k1"]},
-    {"query_id": "q2", "task": "qa", "text": "What is the capital of Vantra?", "target": "Plok", "positive_ids": ["k3"]},
-    {"query_id": "q3", "task": "chat", "text": "What was my glimmerfox called again?", "target": "Tobble",
-     "positive_ids": ["q3#h1"],
-     "history": ["User: I love the sea.", "User: my glimmerfox is called Tobble.", "User: my neighbour's cat is grumpy."]},
-    {"query_id": "q4", "task": "tool", "text": "When is high tide in the harbor of Quelm?", "target": "zorb_tide.forecast",
-     "positive_ids": ["t1"]},
+    {
+        "query_id": "q1",
+        "task": "qa",
+        "text": "What is the capital of Zorbia?",
+        "target": "Quelm",
+        "positive_ids": ["k1"],
+    },
+    {
+        "query_id": "q2",
+        "task": "qa",
+        "text": "What is the capital of Vantra?",
+        "target": "Plok",
+        "positive_ids": ["k3"],
+    },
+    {
+        "query_id": "q3",
+        "task": "chat",
+        "text": "What was my glimmerfox called again?",
+        "target": "Tobble",
+        "positive_ids": ["q3#h1"],
+        "history": [
+            "User: I love the sea.",
+            "User: my glimmerfox is called Tobble.",
+            "User: my neighbour's cat is grumpy.",
+        ],
+    },
+    {
+        "query_id": "q4",
+        "task": "tool",
+        "text": "When is high tide in the harbor of Quelm?",
+        "target": "zorb_tide.forecast",
+        "positive_ids": ["t1"],
+    },
 ]
 
 
@@ -34,7 +70,10 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return {"queries": write_jsonl(root / "queries.jsonl", QUERIES), "corpus": write_jsonl(root / "corpus.jsonl", CORPUS)}
+    return {
+        "queries": write_jsonl(root / "queries.jsonl", QUERIES),
+        "corpus": write_jsonl(root / "corpus.jsonl", CORPUS),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +85,11 @@ def labelled_run(tiny_data, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     common = {"run": str(run), "executor": "local", "shards": 2}
-    retrieve(load_config(RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]), top_k=2, **common), progress=False)
+    retrieve(
+        load_config(
+            RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]), top_k=2, **common
+        ),
+        progress=False,
+    )
     label(load_config(LabelConfig, n_samples=3, per_candidate_samples=1, **common), progress=False)
     return run

@@ -17,7 +17,9 @@ def _retrieve(tmp_path, queries, corpus):
     q = write_jsonl(tmp_path / "q.jsonl", queries) if isinstance(queries, list) else queries
     c = write_jsonl(tmp_path / "c.jsonl", corpus) if isinstance(corpus, list) else corpus
     run = tmp_path / "run"
-    result = runner.invoke(app, ["retrieve", "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor", "local", "--quiet"])
+    result = runner.invoke(
+        app, ["retrieve", "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor", "local", "--quiet"]
+    )
     return result, run
 
 
@@ -25,11 +27,19 @@ def _retrieve(tmp_path, queries, corpus):
     "queries, corpus, message",
     [
         ("missing.jsonl", CORPUS, "missing.jsonl: file: not found"),
-        ([{k: v for k, v in QUERIES[0].items() if k != "text"}], CORPUS, "q.jsonl: line 1 (query_id 'q1'), field 'text': missing"),
+        (
+            [{k: v for k, v in QUERIES[0].items() if k != "text"}],
+            CORPUS,
+            "q.jsonl: line 1 (query_id 'q1'), field 'text': missing",
+        ),
         ([{**QUERIES[0], "text": ""}], CORPUS, "field 'text': empty text"),
         ([{**QUERIES[0], "task": "poem"}], CORPUS, "field 'task': unknown task 'poem'"),
         (QUERIES, CORPUS + [CORPUS[0]], "c.jsonl: line 7, field 'key_id': duplicate id 'k1'"),
-        ([{**QUERIES[0], "positive_ids": ["nope"]}], CORPUS, "query_id 'q1', field 'positive_ids': 'nope' is not in the corpus"),
+        (
+            [{**QUERIES[0], "positive_ids": ["nope"]}],
+            CORPUS,
+            "query_id 'q1', field 'positive_ids': 'nope' is not in the corpus",
+        ),
     ],
 )
 def test_bad_input_one_line_and_nothing_written(tmp_path, queries, corpus, message):
@@ -68,7 +78,9 @@ def test_status_and_inspect_on_a_run(labelled_run):
     assert "8 rows in 2 shard(s)" in result.stdout and "reward distribution" in result.stdout
 
 
-@pytest.mark.parametrize("command", [["retrieve", "--embedder", "./no/such/model"], ["label", "--llm", "/no/such/llm"]])
+@pytest.mark.parametrize(
+    "command", [["retrieve", "--embedder", "./no/such/model"], ["label", "--llm", "/no/such/llm"]]
+)
 def test_missing_model_path_is_one_line(tmp_path, command, labelled_run):
     q = write_jsonl(tmp_path / "q.jsonl", QUERIES)
     c = write_jsonl(tmp_path / "c.jsonl", CORPUS)
@@ -87,13 +99,30 @@ def test_missing_model_path_is_one_line(tmp_path, command, labelled_run):
 
 
 def test_long_texts_are_truncated_counted_and_warned_once(tmp_path, caplog):
-    long_corpus = CORPUS + [{"key_id": f"long{i}", "task": "qa", "text": "word " * 400, "title": None} for i in range(3)]
+    long_corpus = CORPUS + [
+        {"key_id": f"long{i}", "task": "qa", "text": "word " * 400, "title": None} for i in range(3)
+    ]
     c = write_jsonl(tmp_path / "c.jsonl", long_corpus)
     q = write_jsonl(tmp_path / "q.jsonl", QUERIES)
     run = tmp_path / "run"
     with caplog.at_level("WARNING", logger="lemb"):
-        result = runner.invoke(app, ["retrieve", "--queries", str(q), "--corpus", str(c), "--run", str(run), "--executor",
-                                     "local", "--shards", "1", "--quiet"])
+        result = runner.invoke(
+            app,
+            [
+                "retrieve",
+                "--queries",
+                str(q),
+                "--corpus",
+                str(c),
+                "--run",
+                str(run),
+                "--executor",
+                "local",
+                "--shards",
+                "1",
+                "--quiet",
+            ],
+        )
     assert result.exit_code == 0, result.stderr
     stats = json.loads((run / "retrieve" / "keys" / "_stats.json").read_text())
     assert stats["truncated_texts"] == 3

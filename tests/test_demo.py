@@ -14,7 +14,10 @@ def test_tiny_demo_end_to_end_on_ray(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "lemb.cli", "demo", "--size", "tiny", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "base vs trained" in proc.stdout and "| ndcg@10 |" in proc.stdout

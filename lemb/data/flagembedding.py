@@ -146,10 +146,16 @@ def read_flagembedding(path: str | Path, task: str | None = None) -> tuple[list[
             raise InputError(path, where, "teacher_scores", f"{len(teacher)} scores for {len(cand_ids)} candidates")
         for i, kid in enumerate(cand_ids):
             scores.setdefault((qid, kid), None if teacher is None else float(teacher[i]))
-        queries.append({
-            "query_id": qid, "task": qtask, "text": text, "target": answers[0] if answers else None,
-            "positive_ids": list(dict.fromkeys(cand_ids[: len(pos)])), "history": list(history or []),
-        })
+        queries.append(
+            {
+                "query_id": qid,
+                "task": qtask,
+                "text": text,
+                "target": answers[0] if answers else None,
+                "positive_ids": list(dict.fromkeys(cand_ids[: len(pos)])),
+                "history": list(history or []),
+            }
+        )
     return queries, list(keys.values()), scores
 
 
@@ -168,9 +174,12 @@ def _reward_map(rewards: Mapping[tuple[str, str], float | None] | Iterable[dict]
     return out
 
 
-def write_flagembedding(queries: Iterable[dict] | pa.Table, keys: Iterable[dict] | pa.Table,
-                        rewards: Mapping[tuple[str, str], float | None] | Iterable[dict] | pa.Table,
-                        path: str | Path) -> Path:
+def write_flagembedding(
+    queries: Iterable[dict] | pa.Table,
+    keys: Iterable[dict] | pa.Table,
+    rewards: Mapping[tuple[str, str], float | None] | Iterable[dict] | pa.Table,
+    path: str | Path,
+) -> Path:
     """Write queries with their rewarded candidates in the FlagEmbedding llm_embedder format.
 
     A query's candidates are its (query_id, key_id) pairs in `rewards` (a mapping as returned by
@@ -214,10 +223,10 @@ def write_flagembedding(queries: Iterable[dict] | pa.Table, keys: Iterable[dict]
             else:
                 pos = known
                 order = pos + [k for k in cand_list if k not in pos]
-                out["pos"], out["neg"] = [history[slot[k]] for k in pos], [history[slot[k]] for k in order[len(pos):]]
+                out["pos"], out["neg"] = [history[slot[k]] for k in pos], [history[slot[k]] for k in order[len(pos) :]]
                 if not (whole and not known and task == "lrlm"):
                     out["history"] = history
-                    out["pos_index"], out["neg_index"] = [slot[k] for k in pos], [slot[k] for k in order[len(pos):]]
+                    out["pos_index"], out["neg_index"] = [slot[k] for k in pos], [slot[k] for k in order[len(pos) :]]
         else:
             if known:
                 pos = known
@@ -230,7 +239,7 @@ def write_flagembedding(queries: Iterable[dict] | pa.Table, keys: Iterable[dict]
             missing = [k for k in order if k not in texts]
             if missing:
                 raise ValueError(f"query {qid!r}: key {missing[0]!r} is not among the keys")
-            out["pos"], out["neg"] = [texts[k] for k in pos], [texts[k] for k in order[len(pos):]]
+            out["pos"], out["neg"] = [texts[k] for k in pos], [texts[k] for k in order[len(pos) :]]
             if history:
                 out["history"] = history
         if values:

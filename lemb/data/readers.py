@@ -105,3 +105,11 @@ def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def key_texts(queries: list[dict[str, Any]], keys: pa.Table | None) -> dict[str, str]:
+    """The text of every candidate id: corpus keys, plus each chat / lrlm query's own history items."""
+    texts = dict(zip(keys.column("key_id").to_pylist(), keys.column("text").to_pylist())) if keys is not None else {}
+    for q in queries:
+        texts.update((schemas.history_key_id(q["query_id"], i), t) for i, t in enumerate(q["history"]))
+    return texts

@@ -49,26 +49,28 @@ CANDIDATE = pa.schema(
     ]
 )
 
+# log-probabilities are float64 so a reward recomputed from the shard equals the one labelled
 REWARD = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
         pa.field("key_id", pa.string(), nullable=False),
         pa.field("retrieval_rank", pa.int32(), nullable=False),
-        pa.field("target_logprob", pa.float32()),  # score of O under this candidate's prompt
+        pa.field("target_logprob", pa.float64()),  # score of O under this candidate's prompt
         pa.field("target_tokens", pa.int32()),
         pa.field("samples", pa.list_(pa.string())),  # the distinct pooled samples (the query's pool)
-        pa.field("sample_logprobs", pa.list_(pa.float32())),  # score of each distinct pooled sample
+        pa.field("sample_logprobs", pa.list_(pa.float64())),  # score of each distinct pooled sample
         pa.field("sample_counts", pa.list_(pa.int32())),  # multiplicity of each distinct sample
-        pa.field("baseline_target_logprob", pa.float32()),  # score of O without any candidate
-        pa.field("baseline_sample_logprobs", pa.list_(pa.float32())),
-        pa.field("rank", pa.float32()),  # 1 + #above + 0.5 * #tied
+        pa.field("baseline_target_logprob", pa.float64()),  # score of O without any candidate
+        pa.field("baseline_sample_logprobs", pa.list_(pa.float64())),
+        pa.field("rank", pa.float64()),  # 1 + #above + 0.5 * #tied
         pa.field("n_samples", pa.int32(), nullable=False),  # pool size N after dropping; 0 = no signal
-        pa.field("reward", pa.float32()),  # (N + 1 - rank) / N; null when the query carries no signal
-        pa.field("baseline_rank", pa.float32()),
+        pa.field("reward", pa.float64()),  # (N + 1 - rank) / N; null when the query carries no signal
+        pa.field("baseline_rank", pa.float64()),
         pa.field("skip_reason", pa.string()),  # why the query carries no signal (null when it does)
     ]
 )
+
 
 def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()

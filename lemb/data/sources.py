@@ -21,10 +21,22 @@ log = logging.getLogger(__name__)
 Records = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
-def _query(qid: str, task: str, text: str, target: str | None = None, positive_ids: list[str] | None = None,
-           history: list[str] | None = None) -> dict[str, Any]:
-    return {"query_id": qid, "task": task, "text": text, "target": target,
-            "positive_ids": list(positive_ids or []), "history": list(history or [])}
+def _query(
+    qid: str,
+    task: str,
+    text: str,
+    target: str | None = None,
+    positive_ids: list[str] | None = None,
+    history: list[str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "query_id": qid,
+        "task": task,
+        "text": text,
+        "target": target,
+        "positive_ids": list(positive_ids or []),
+        "history": list(history or []),
+    }
 
 
 def _key(kid: str, task: str, text: str, title: str | None = None) -> dict[str, Any]:
@@ -61,8 +73,13 @@ def knowledge_qa_nq_oracle(folder: str | Path, limit: int | None = None) -> Reco
     keys = [_key(f"nq-{p['id']}", "qa", p["text"], p.get("title") or None) for p in _jsonl(folder / "corpus.jsonl")]
     rows = _jsonl(folder / "queries.jsonl")[:limit]
     queries = [
-        _query(f"nq-{q['id']}", "qa", q["question"], q["answers"][0] if q["answers"] else None,
-               [f"nq-{p}" for p in q["positive_ids"]])
+        _query(
+            f"nq-{q['id']}",
+            "qa",
+            q["question"],
+            q["answers"][0] if q["answers"] else None,
+            [f"nq-{p}" for p in q["positive_ids"]],
+        )
         for q in rows
     ]
     return queries, keys
@@ -72,8 +89,14 @@ def knowledge_qa_nq_oracle(folder: str | Path, limit: int | None = None) -> Reco
 
 # Label words as in the Calibrate-Before-Use prompts (the files' own source): a short natural word is
 # what an LLM can produce as the desired output; TREC's HUM is "person" for the same reason.
-_TREC_WORDS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "person",
-               "LOC": "location", "NUM": "number"}
+_TREC_WORDS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "person",
+    "LOC": "location",
+    "NUM": "number",
+}
 _NLI_WORDS = {"entailment": "true", "contradiction": "false", "neutral": "neither", "not_entailment": "false"}
 _ICL_SPLITS = {"sst2": ("train", "dev"), "trec": ("train", "test"), "cb": ("train", "val"), "rte": ("train", "val")}
 
@@ -86,8 +109,12 @@ def _icl_rows(folder: Path, dataset: str, split: str) -> list[tuple[str, str]]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 label, sentence = line.split(" ", 1)
-                out.append((f"{sentence.strip()}\nIs the sentiment of this review positive or negative?",
-                            "positive" if label == "1" else "negative"))
+                out.append(
+                    (
+                        f"{sentence.strip()}\nIs the sentiment of this review positive or negative?",
+                        "positive" if label == "1" else "negative",
+                    )
+                )
         return out
     if dataset == "trec":
         path = folder / "trec" / f"{split}.txt"
@@ -95,8 +122,12 @@ def _icl_rows(folder: Path, dataset: str, split: str) -> list[tuple[str, str]]:
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             if line.strip():
                 label, question = line.split(" ", 1)
-                out.append((f"{question.strip()}\nWhat kind of answer does this question ask for?",
-                            _TREC_WORDS[label.split(":")[0]]))
+                out.append(
+                    (
+                        f"{question.strip()}\nWhat kind of answer does this question ask for?",
+                        _TREC_WORDS[label.split(":")[0]],
+                    )
+                )
         return out
     if dataset in ("cb", "rte"):
         path = folder / dataset / f"{split}.jsonl"
@@ -134,8 +165,10 @@ def icl(folder: str | Path, dataset: str, pool_split: str | None = None, query_s
         if demo not in seen:
             seen.add(demo)
             keys.append(_key(f"{dataset}-{pool_split}-{i}", "icl", demo))
-    queries = [_query(f"{dataset}-{query_split}-{i}", "icl", text, label)
-               for i, (text, label) in enumerate(_icl_rows(folder, dataset, query_split))]
+    queries = [
+        _query(f"{dataset}-{query_split}-{i}", "icl", text, label)
+        for i, (text, label) in enumerate(_icl_rows(folder, dataset, query_split))
+    ]
     return queries, keys
 
 
@@ -195,7 +228,7 @@ def _book_text(path: Path) -> str:
     text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
     start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
     # The licence header and footer are not part of the book and would be easy, misleading chunks.
-    text = text[start.end() if start else 0: end.start() if end else len(text)]
+    text = text[start.end() if start else 0 : end.start() if end else len(text)]
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
@@ -204,8 +237,14 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\S+\s*", text)
 
 
-def gutenberg(path_or_folder: str | Path, chunk_words: int = 96, history_chunks: int = 32, target_words: int = 48,
-              min_history: int = 2, max_queries: int | None = None) -> Records:
+def gutenberg(
+    path_or_folder: str | Path,
+    chunk_words: int = 96,
+    history_chunks: int = 32,
+    target_words: int = 48,
+    min_history: int = 2,
+    max_queries: int | None = None,
+) -> Records:
     """Next-chunk prediction over Project Gutenberg books (long_context_lm/gutenberg, or one .txt).
 
     Each book (header and footer stripped) is cut into chunks of `chunk_words` words (96 words are
@@ -222,11 +261,11 @@ def gutenberg(path_or_folder: str | Path, chunk_words: int = 96, history_chunks:
     queries = []
     for path in files:
         words = _words(_book_text(path))
-        chunks = ["".join(words[s: s + chunk_words]).strip() for s in range(0, len(words), chunk_words)]
+        chunks = ["".join(words[s : s + chunk_words]).strip() for s in range(0, len(words), chunk_words)]
         for i in range(1 + min_history, len(chunks) - 1):
             if max_queries is not None and len(queries) >= max_queries:
                 return queries, []
-            history = chunks[max(0, i - 1 - history_chunks): i - 1]
+            history = chunks[max(0, i - 1 - history_chunks) : i - 1]
             target = "".join(_words(chunks[i + 1])[:target_words]).strip()
             queries.append(_query(f"lrlm-{path.stem}-{i}", "lrlm", chunks[i], target, [], history))
     return queries, []
@@ -342,8 +381,11 @@ def trec_cast(path: str | Path, utterance: str = "raw", with_responses: bool = T
     turn (topic 106 turn 3 points at a school shooting); they are kept as the file gives them.
     """
     path = Path(path)
-    field = {"raw": "raw_utterance", "manual": "manual_rewritten_utterance",
-             "automatic": "automatic_rewritten_utterance"}[utterance]
+    field = {
+        "raw": "raw_utterance",
+        "manual": "manual_rewritten_utterance",
+        "automatic": "automatic_rewritten_utterance",
+    }[utterance]
     queries, keys, id_of_text, used = [], [], {}, set()
     for topic in _json(path):
         history: list[str] = []

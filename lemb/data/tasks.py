@@ -18,7 +18,10 @@ INSTRUCTION_PRESETS: dict[str, dict[str, tuple[str, str]]] = {
             "Convert this example into vector to look for useful examples: ",
             "Convert this example into vector for retrieval: ",
         ),
-        "chat": ("Embed this dialogue to find useful historical dialogues: ", "Embed this historical dialogue for retrieval: "),
+        "chat": (
+            "Embed this dialogue to find useful historical dialogues: ",
+            "Embed this historical dialogue for retrieval: ",
+        ),
         "lrlm": (
             "Embed this text chunk for finding useful historical chunks: ",
             "Embed this historical text chunk for retrieval: ",
@@ -129,3 +132,8 @@ def build_prompt(task: str, query: str, candidate: str | None) -> str:
     if candidate is None:
         return spec.bare_prompt.format(query=query)
     return spec.prompt.format(query=query, candidate=candidate)
+
+
+def templates_fingerprint() -> dict[str, list]:
+    """The prompt templates and token budgets in force, for config hashes and shard provenance."""
+    return {t: [s.prompt, s.bare_prompt, s.max_new_tokens] for t, s in TASK_SPECS.items()}

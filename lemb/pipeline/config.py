@@ -236,9 +236,11 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_hash(config: Any) -> str:
-    """Hash of the settings that determine a stage's output (execution settings excluded)."""
+def config_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
+    """Hash of what determines a stage's output: its settings (execution settings excluded) and `extra`
+    (the prompt templates or instruction tables in force, the model's fingerprint)."""
     content = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_ONLY}
+    content["_extra"] = extra or {}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -134,7 +134,9 @@ def run_stage(
     if done:
         log.info("%s: %d of %d shards already done, skipping them", stage_cls.name, len(done), len(plan))
     id_type = work.column(id_column).type
-    tables = {i: work.filter(pc.is_in(work.column(id_column), pa.array(plan.ids[i], id_type))) for i in pending + empty}
+    tables = {
+        i: work.filter(pc.is_in(work.column(id_column), pa.array(plan.ids[i], id_type))) for i in pending + empty
+    }
     failures: list[dict[str, Any]] = []
     if pending or empty:
         runner = _run_local if settings.executor == "local" else _run_ray
@@ -230,7 +232,13 @@ def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progres
                     failures.append(_failure(index, plan, exc, attempts[index]))
                     bar.update(1)
                 else:
-                    log.warning("shard %d: %s; retry %d of %d", index, type(exc).__name__, attempts[index], settings.max_retries)
+                    log.warning(
+                        "shard %d: %s; retry %d of %d",
+                        index,
+                        type(exc).__name__,
+                        attempts[index],
+                        settings.max_retries,
+                    )
                     queue.append(index)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.as_instanceof_cause()

@@ -91,7 +91,9 @@ def input_fingerprint(paths: list[str | Path | None]) -> list[dict[str, Any]]:
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changed = sorted(k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k))
+    changed = sorted(
+        k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k)
+    )
     parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed]
     old_in = {i["path"]: i for i in old["inputs"]}
     for item in new["inputs"]:
@@ -103,9 +105,21 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(parts) or "shard plan differs"
 
 
+def _discard(stage_dir: Path) -> None:
+    """Move the folder aside in one rename, then delete it: a kill midway never leaves a half-deleted stage."""
+    trash = stage_dir.with_name(f".{stage_dir.name}.discarded-{os.getpid()}")
+    os.replace(stage_dir, trash)
+    shutil.rmtree(trash)
+
+
 def open_stage(
-    stage_dir: Path, stage: str, config: dict[str, Any], config_hash: str, inputs: list[str | Path | None],
-    plan: ShardPlan, restart: bool = False,
+    stage_dir: Path,
+    stage: str,
+    config: dict[str, Any],
+    config_hash: str,
+    inputs: list[str | Path | None],
+    plan: ShardPlan,
+    restart: bool = False,
 ) -> set[int]:
     """Write (or check) the manifest and return the indices of shards already done."""
     manifest = {
@@ -126,13 +140,14 @@ def open_stage(
         ]
         if not same and not restart:
             raise StageConflict(
-                f"{stage_dir}: earlier output was made with other settings or inputs ({_describe_change(old, manifest)});"
-                " pass --restart to discard it"
+                f"{stage_dir}: earlier output was made with other settings or inputs"
+                f" ({_describe_change(old, manifest)}); pass --restart to discard it"
             )
         if not same:
-            shutil.rmtree(stage_dir)
-    elif restart and stage_dir.exists():
-        shutil.rmtree(stage_dir)
+            _discard(stage_dir)
+    elif stage_dir.exists():
+        # output without a manifest cannot be trusted (a killed --restart, or files from elsewhere)
+        _discard(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     for stale in stage_dir.glob(".*.tmp-*"):  # left by a killed process
         stale.unlink()
@@ -178,7 +193,8 @@ def read_stage(stage_dir: Path, columns: list[str] | None = None) -> pa.Table:
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise LembError(
-            f"{stage_dir}: stage incomplete ({n_shards - len(missing)} of {n_shards} shards done, missing {missing[0]});"
+            f"{stage_dir}: stage incomplete ({n_shards - len(missing)} of {n_shards} shards done,"
+            f" missing {missing[0]});"
             " rerun that stage to finish it"
         )
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])

@@ -72,16 +72,27 @@ def inspect_shards(path: Path, top: int = 3) -> str:
             return "\n".join(out)
         valid = df.filter(pl.col(value).is_not_null())
         out.append(f"{value} distribution ({df.height - valid.height} rows without a value):")
-        out.append(str(valid.group_by("task").agg(
-            pl.col(value).mean().alias("mean"), pl.col(value).std().alias("std"), pl.col(value).min().alias("min"),
-            pl.col(value).median().alias("median"), pl.col(value).max().alias("max"),
-        ).sort("task")))
+        out.append(
+            str(
+                valid.group_by("task")
+                .agg(
+                    pl.col(value).mean().alias("mean"),
+                    pl.col(value).std().alias("std"),
+                    pl.col(value).min().alias("min"),
+                    pl.col(value).median().alias("median"),
+                    pl.col(value).max().alias("max"),
+                )
+                .sort("task")
+            )
+        )
         if "skip_reason" in df.columns:
             skipped = df.filter(pl.col("skip_reason").is_not_null())
             if skipped.height:
                 out.append("rows without signal by reason:")
                 out.append(str(skipped.group_by("skip_reason").len()))
-        shown = [c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "n_samples") if c in df.columns]
+        shown = [
+            c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "n_samples") if c in df.columns
+        ]
         out.append(f"top {top} by {value}:")
         out.append(str(valid.sort(value, descending=True).head(top).select(shown)))
         out.append(f"bottom {top} by {value}:")

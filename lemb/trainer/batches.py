@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lemb.errors import InputError
+from lemb.errors import InputError, LembError
 from lemb.stages.reward import is_finite, reward_from_logprobs
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,25 @@ class Group:
     positive: list[bool]
 
 
+def _reward(kind: str, row: dict, tie_tol: float, source: str) -> float:
+    value = reward_from_logprobs(
+        kind, row["target_logprob"], row["sample_logprobs"], row["sample_counts"], row["baseline_target_logprob"],
+        row["baseline_sample_logprobs"], tie_tol,
+    )  # fmt: skip
+    if not is_finite(value):
+        raise InputError(
+            source, f"query_id {row['query_id']!r}, key_id {row['key_id']!r}", "reward", f"not finite ({value})"
+        )
+    return float(value)
+
+
+def _choose(rows: list[dict], positives: set[str], group_size: int) -> tuple[list[dict], int]:
+    """Known positives first (retrieve put them at the bottom), then the best retrieval ranks; count positives cut."""
+    rows = sorted(rows, key=lambda r: (r["key_id"] not in positives, r["retrieval_rank"]))
+    kept = rows[:group_size]
+    return sorted(kept, key=lambda r: r["retrieval_rank"]), sum(r["key_id"] in positives for r in rows[group_size:])
+
+
 def build_groups(
     rewards: pa.Table,
     queries: dict[str, dict],
@@ -36,89 +55,105 @@ def build_groups(
     reward_kind: str,
     group_size: int,
     source: str,
+    tie_tol: float = 1e-6,
+    positives_only: frozenset[str] = frozenset(),
 ) -> tuple[list[Group], Counter[str]]:
-    """Groups of at most `group_size` candidates (best retrieval ranks first); queries without signal are counted."""
+    """One group per query with a training signal; queries without one are counted, never dropped silently.
+
+    Tasks in `positives_only` (trained contrastively) need known positives, not rewards.
+    """
     by_query: dict[str, list[dict]] = defaultdict(list)
     for row in rewards.to_pylist():
         by_query[row["query_id"]].append(row)
     groups, skipped = [], Counter()
     for qid in sorted(by_query):
-        rows = sorted(by_query[qid], key=lambda r: r["retrieval_rank"])[:group_size]
-        if rows[0]["n_samples"] == 0:
+        q = queries.get(qid)
+        if q is None:
+            raise InputError(source, f"query_id {qid!r}", "query_id", "not in the query file")
+        positives = set(q["positive_ids"])
+        rows, cut = _choose(by_query[qid], positives, group_size)
+        skipped["positives_beyond_group_size"] += cut
+        contrastive = q["task"] in positives_only
+        if contrastive and not positives & {r["key_id"] for r in rows}:
+            skipped["no_positive_among_candidates"] += 1
+            continue
+        if not contrastive and rows[0]["n_samples"] == 0:
             skipped[rows[0]["skip_reason"] or "no_signal"] += 1
             continue
-        values = []
         for r in rows:
-            value = reward_from_logprobs(
-                reward_kind,
-                r["target_logprob"],
-                r["sample_logprobs"],
-                r["sample_counts"],
-                r["baseline_target_logprob"],
-                r["baseline_sample_logprobs"],
-            )
-            if not is_finite(value):
-                raise InputError(source, f"query_id {qid!r}, key_id {r['key_id']!r}", "reward", f"not finite ({value})")
-            values.append(float(value))
-        q = queries[qid]
-        positives = set(q["positive_ids"])
+            if r["key_id"] not in key_text:
+                raise InputError(source, f"query_id {qid!r}", "key_id", f"{r['key_id']!r} is not in the corpus")
+        values = [0.0] * len(rows) if contrastive else [_reward(reward_kind, r, tie_tol, source) for r in rows]
         groups.append(
             Group(
-                qid, q["task"], q["text"], [key_text[r["key_id"]] for r in rows], [r["key_id"] for r in rows], values,
+                qid,
+                q["task"],
+                q["text"],
+                [key_text[r["key_id"]] for r in rows],
+                [r["key_id"] for r in rows],
+                values,
                 [r["key_id"] in positives for r in rows],
             )
         )
-    return groups, skipped
+    return groups, +skipped
 
 
 class TaskBatchSampler:
     """Every batch holds queries of one task; tasks are drawn by size (or set weights).
 
-    The sequence of batches is a pure function of (seed, step), so a resumed run draws exactly the
-    batches an uninterrupted one would.
+    Each task walks through seeded permutations of its queries, epoch after epoch: every query is
+    drawn exactly once per epoch (a query that would repeat within one batch at an epoch boundary
+    is deferred to the task's next batch). Batches are generated in step order and cached, so the
+    sequence is a pure function of (seed, step) and a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(self, groups: list[Group], batch_size: int, weights: dict[str, float] | None, seed: int) -> None:
         self.by_task: dict[str, list[int]] = defaultdict(list)
         for i, g in enumerate(groups):
             self.by_task[g.task].append(i)
-        self.tasks = sorted(self.by_task)
-        raw = [float(weights.get(t, 0.0)) if weights else float(len(self.by_task[t])) for t in self.tasks]
+        present = sorted(self.by_task)
+        if weights:
+            left_out = [t for t in present if weights.get(t, 0.0) <= 0]
+            if left_out:
+                log.warning("tasks without a positive weight are not trained: %s", ", ".join(left_out))
+            present = [t for t in present if weights.get(t, 0.0) > 0]
+            if not present:
+                raise LembError(
+                    f"task_weights {weights} give no weight to any task in the data ({sorted(self.by_task)})"
+                )
+        self.tasks = present
+        raw = [float(weights[t]) if weights else float(len(self.by_task[t])) for t in self.tasks]
         self.probs = np.asarray(raw) / sum(raw)
         self.batch_size = batch_size
         self.seed = seed
-        self._seq: list[int] = []
-        self._draw_index: list[int] = []
-        self._counts: Counter[int] = Counter()
+        self._batches: list[list[int]] = []
+        self._cursor: Counter[int] = Counter()  # per task: position in its stream of epochs
+        self._deferred: dict[int, list[int]] = defaultdict(list)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
-    def _task_at(self, step: int) -> int:
-        return int(np.random.default_rng([self.seed, step]).choice(len(self.tasks), p=self.probs))
+    def _item(self, task_index: int, position: int) -> int:
+        pool = self.by_task[self.tasks[task_index]]
+        epoch, pos = divmod(position, len(pool))
+        if (task_index, epoch) not in self._perms:
+            self._perms[(task_index, epoch)] = np.random.default_rng([self.seed, epoch, task_index]).permutation(
+                len(pool)
+            )
+        return pool[self._perms[(task_index, epoch)][pos]]
 
-    def _draws_before(self, step: int) -> int:
-        """How many batches of the task drawn at `step` came before it (prefix counts, extended lazily)."""
-        while len(self._seq) <= step:
-            t = self._task_at(len(self._seq))
-            self._seq.append(t)
-            self._draw_index.append(self._counts[t])
-            self._counts[t] += 1
-        return self._draw_index[step]
+    def _next_batch(self, step: int) -> list[int]:
+        t = int(np.random.default_rng([self.seed, step]).choice(len(self.tasks), p=self.probs))
+        size = min(self.batch_size, len(self.by_task[self.tasks[t]]))
+        out, self._deferred[t] = self._deferred[t], []
+        while len(out) < size:
+            item = self._item(t, self._cursor[t])
+            self._cursor[t] += 1
+            (self._deferred[t] if item in out else out).append(item)
+        return out
 
     def batch(self, step: int) -> list[int]:
-        task_index = self._task_at(step)
-        pool = self.by_task[self.tasks[task_index]]
-        draws = self._draws_before(step)
-        if len(pool) <= self.batch_size:  # a task smaller than a batch: all of it, never a query twice
-            return [pool[i] for i in np.random.default_rng([self.seed, draws, task_index]).permutation(len(pool))]
-        out: list[int] = []
-        d = draws * self.batch_size
-        # each task cycles through its queries in epochs of a seeded permutation
-        while len(out) < self.batch_size:
-            epoch, pos = divmod(d, len(pool))
-            item = pool[np.random.default_rng([self.seed, epoch, task_index]).permutation(len(pool))[pos]]
-            if item not in out:  # at an epoch boundary the next epoch may repeat a query
-                out.append(item)
-            d += 1
-        return out
+        while len(self._batches) <= step:
+            self._batches.append(self._next_batch(len(self._batches)))
+        return self._batches[step]
 
 
 def collate(groups: list[Group], group_size: int) -> dict[str, torch.Tensor | list]:

@@ -15,14 +15,13 @@ import logging
 import re
 import string
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from lemb.data.readers import read_keys, read_queries
-from lemb.data.schemas import PER_QUERY_TASKS, history_key_id
+from lemb.data.readers import key_texts, read_keys, read_queries
+from lemb.data.schemas import PER_QUERY_TASKS
 from lemb.data.tasks import build_prompt, instructions, task_spec
 from lemb.pipeline.config import EvalConfig
 from lemb.pipeline.executor import set_threads
@@ -57,7 +56,9 @@ def rank_queries(
         part = [q for q in queries if q["task"] == task]
         q_emb = encoder.encode([q["text"] for q in part], instructions(preset, task)[0])
         for q, vec in zip(part, q_emb):
-            index = history_index(encoder, q, instructions(preset, task)[1]) if task in PER_QUERY_TASKS else indexes[task]
+            index = (
+                history_index(encoder, q, instructions(preset, task)[1]) if task in PER_QUERY_TASKS else indexes[task]
+            )
             ids, scores = index.search(vec, depth)
             ranking[q["query_id"]] = list(zip(ids, scores))
     return ranking
@@ -76,7 +77,9 @@ def retrieval_metrics(ranking: dict[str, list[tuple[str, float]]], queries: list
     for m in ir_measures.iter_calc(measures, qrels, run):
         per_query[str(m.measure)][m.query_id] = m.value
     # queries with positives but no retrieved keys count as 0 (pytrec_eval would leave them out)
-    return {name: sum(per_query[m].get(q, 0.0) for q in judged) / len(judged) for name, m in RETRIEVAL_MEASURES.items()}
+    return {
+        name: sum(per_query[m].get(q, 0.0) for q in judged) / len(judged) for name, m in RETRIEVAL_MEASURES.items()
+    }
 
 
 class AnswerJudge:
@@ -93,11 +96,15 @@ class AnswerJudge:
             if (q["query_id"], chosen) not in self.cache:
                 context = "\n".join(self.key_text[kid] for kid in chosen) if chosen else None
                 todo[(q["query_id"], chosen)] = build_prompt(q["task"], q["text"], context)
-        if todo:
-            tokens = max(task_spec(q["task"]).max_new_tokens for q in queries)
-            outputs = self.llm.greedy(list(todo.values()), max_new_tokens=min(tokens, self.max_new_tokens))
-            self.cache.update(zip(todo, outputs))
-        return {q["query_id"]: self.cache[(q["query_id"], tuple(kid for kid, _ in ranking[q["query_id"]][:k]))] for q in queries}
+        task_of = {q["query_id"]: q["task"] for q in queries}
+        for task in sorted({task_of[qid] for qid, _ in todo}):  # each task answers within its own token budget
+            keys = [key for key in todo if task_of[key[0]] == task]
+            budget = min(task_spec(task).max_new_tokens, self.max_new_tokens)
+            self.cache.update(zip(keys, self.llm.greedy([todo[key] for key in keys], max_new_tokens=budget)))
+        return {
+            q["query_id"]: self.cache[(q["query_id"], tuple(kid for kid, _ in ranking[q["query_id"]][:k]))]
+            for q in queries
+        }
 
 
 def answer_metrics(queries: list[dict], answers: dict[str, str]) -> dict[str, float]:
@@ -117,9 +124,7 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
     keys = read_keys(config.corpus) if config.corpus else None
     check_positives(queries, keys, config.queries)
     records = queries.to_pylist()
-    key_text = dict(zip(keys.column("key_id").to_pylist(), keys.column("text").to_pylist())) if keys else {}
-    for q in records:
-        key_text.update({history_key_id(q["query_id"], i): t for i, t in enumerate(q["history"])})
+    key_text = key_texts(records, keys)
     judge = None
     if config.answer_k > 0:
         from lemb.stages.llm import TransformersLLM
@@ -129,7 +134,9 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
     details: dict[str, Any] = {}
     for name, model in embedders.items():
         log.info("evaluating %s (%s) on %d queries", name, model, len(records))
-        ranking = rank_queries(Encoder(model, config.max_length, config.batch_size), records, keys, config.instructions)
+        ranking = rank_queries(
+            Encoder(model, config.max_length, config.batch_size), records, keys, config.instructions
+        )
         answers = judge.answers(records, ranking, config.answer_k) if judge else {}
         by_task: dict[str, dict[str, float]] = {}
         for task in ["all", *sorted({q["task"] for q in records})]:

@@ -52,7 +52,7 @@ def graded_loss(
     in_batch: bool = True,
     in_batch_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L = -sum_i w_i log( e^{s_i} / (e^{s_i} + sum_{r_j < r_i} e^{s_j} + sum_{in-batch k} e^{s_k}) ), w = softmax(r/alpha).
+    """L = -sum_i w_i log(e^{s_i} / (e^{s_i} + sum_{r_j < r_i} e^{s_j} + sum_{in-batch k} e^{s_k})), w = softmax(r/a).
 
     Candidates tied with C_i are neither its positives nor its negatives. Mean over queries.
     """

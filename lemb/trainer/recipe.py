@@ -6,9 +6,11 @@ save() writes a model folder that loads with sentence-transformers and with tran
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,14 +19,14 @@ from typing import Any
 import torch
 import yaml
 
-from lemb.data.readers import read_keys, read_queries
-from lemb.data.schemas import history_key_id
+from lemb.data.readers import key_texts, read_keys, read_queries
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
 from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.shards import read_stage, write_json_atomic
 from lemb.stages.encoder import load_embedder
+from lemb.stages.label import retrieve_inputs
 from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
 from lemb.trainer.step import World, backward_step
@@ -66,8 +68,9 @@ class TrainRecipe:
         self.start_step = 0
         if c.resume and (self.out / CHECKPOINT).exists():
             self.load_checkpoint()
-        elif (self.out / CHECKPOINT).exists():
-            (self.out / CHECKPOINT).unlink()  # a fresh run starts over
+        elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
+            for stale in (CHECKPOINT, "config.yaml", "_stats.json", "log.jsonl"):
+                (self.out / stale).unlink(missing_ok=True)
 
     def save_checkpoint(self, step: int) -> None:
         """Everything a resumed run needs to continue bit for bit: weights, optimizer, schedule, step, RNG."""
@@ -79,6 +82,8 @@ class TrainRecipe:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rewards": self._rewards_fingerprint(),
             "initial_loss": self.initial_loss,
             "history": self.history,
         }
@@ -87,31 +92,53 @@ class TrainRecipe:
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
 
+    def _rewards_fingerprint(self) -> str:
+        """The label stage's manifest (config hash, inputs, plan): relabelling changes it."""
+        manifest = self.run / "label" / "_manifest.json"
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
+
     def load_checkpoint(self) -> None:
         state = torch.load(self.out / CHECKPOINT, weights_only=True)  # tensors and plain values only
+        if state["rewards"] != self._rewards_fingerprint():
+            raise StageConflict(
+                f"{self.out / CHECKPOINT}: the run's reward shards changed since this checkpoint;"
+                " drop --resume to start over"
+            )
         if state["config_hash"] != config_hash(self.config):
             old, new = state["config"], to_dict(self.config)
             changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
             raise StageConflict(
-                f"{self.out / CHECKPOINT}: made with other settings ({'; '.join(changed)}); drop --resume to start over"
+                f"{self.out / CHECKPOINT}: made with other settings ({'; '.join(changed)});"
+                " drop --resume to start over"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.initial_loss, self.history, self.start_step = state["initial_loss"], state["history"], state["step"]
         log.info("resuming from step %d of %d", self.start_step, self.config.steps)
 
     def _load_groups(self) -> tuple[list[Group], Any]:
-        retrieve_cfg = yaml.safe_load((self.run / "retrieve" / "config.yaml").read_text())
-        queries = {q["query_id"]: q for q in read_queries(retrieve_cfg["queries"]).to_pylist()}
-        texts: dict[str, str] = {}
-        if retrieve_cfg.get("corpus"):
-            texts = {k["key_id"]: k["text"] for k in read_keys(retrieve_cfg["corpus"]).to_pylist()}
-        for q in queries.values():
-            texts.update({history_key_id(q["query_id"], i): t for i, t in enumerate(q["history"])})
-        rewards = read_stage(self.run / "label")
-        return build_groups(rewards, queries, texts, self.config.reward, self.config.group_size, str(self.run / "label"))
+        queries_path, corpus_path = retrieve_inputs(self.run)
+        queries = {q["query_id"]: q for q in read_queries(queries_path).to_pylist()}
+        texts = key_texts(list(queries.values()), read_keys(corpus_path) if corpus_path else None)
+        label_settings = (
+            yaml.safe_load((self.run / "label" / "config.yaml").read_text())
+            if (self.run / "label" / "config.yaml").exists()
+            else {}
+        )
+        contrastive = frozenset(
+            t for t in {q["task"] for q in queries.values()} if self._loss_name(t) == "contrastive"
+        )
+        return build_groups(
+            read_stage(self.run / "label"), queries, texts, self.config.reward, self.config.group_size,
+            str(self.run / "label"), tie_tol=label_settings.get("tie_tolerance", 1e-6), positives_only=contrastive,
+        )  # fmt: skip
+
+    def _loss_name(self, task: str) -> str:
+        return self.config.loss.get(task, task_spec(task).loss)
 
     def _step(self, batch: list[Group]) -> tuple[str, float]:
         """Forward and backward of one one-task batch; gradients accumulate in the model."""
@@ -123,7 +150,7 @@ class TrainRecipe:
 
         def loss_fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             return compute_loss(
-                c.loss.get(task, spec.loss), q, k, data["rewards"], data["valid"], data["positive"],
+                self._loss_name(task), q, k, data["rewards"], data["valid"], data["positive"],
                 tau=c.tau, alpha=c.alpha, in_batch=spec.in_batch_negatives, in_batch_mask=data["in_batch_mask"],
             )  # fmt: skip
 
@@ -145,7 +172,9 @@ class TrainRecipe:
         c = self.config
         start = time.perf_counter()
         steps = range(self.start_step, c.steps)
-        for step in tqdm(steps, desc="train", disable=not progress or self.world.rank, initial=self.start_step, total=c.steps):
+        for step in tqdm(
+            steps, desc="train", disable=not progress or self.world.rank, initial=self.start_step, total=c.steps
+        ):
             batch = [self.groups[i] for i in self.sampler.batch(step)]
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
@@ -167,7 +196,12 @@ class TrainRecipe:
             prompts[f"{t}_query"], prompts[f"{t}_key"] = q_instr, k_instr
         self.model.prompts = prompts
         self.model.eval()
-        self.model.save(str(path))
+        tmp = self.out / f".model.tmp-{os.getpid()}"
+        self.model.save(str(tmp))
+        if path.exists():  # replace the previous model in two renames, never leaving a half-written folder
+            os.replace(path, self.out / f".model.old-{os.getpid()}")
+            shutil.rmtree(self.out / f".model.old-{os.getpid()}")
+        os.replace(tmp, path)
         with open(self.out / "log.jsonl", "w") as fh:
             for row in self.history:
                 fh.write(json.dumps(row) + "\n")
@@ -201,4 +235,3 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     if recipe.world.rank:
         return recipe.out / "model"  # rank 0 writes the model
     return recipe.save()
-

@@ -13,7 +13,10 @@ HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "ans
 
 def metrics_json(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
     """{"base": {"recall@1": ..., "per_task": {...}}, "trained": {...}}: headline numbers over all queries."""
-    return {name: {**by_task["all"], "per_task": {t: m for t, m in by_task.items() if t != "all"}} for name, by_task in metrics.items()}
+    return {
+        name: {**by_task["all"], "per_task": {t: m for t, m in by_task.items() if t != "all"}}
+        for name, by_task in metrics.items()
+    }
 
 
 def table(metrics: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -81,7 +84,15 @@ def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, fl
     ):
         if path:
             paths[key] = path
-    lines = ["# lemb evaluation", "", f"Run: `{run}`", "", "## All held-out queries", "", table({n: metrics[n]["all"] for n in names}, names)]
+    lines = [
+        "# lemb evaluation",
+        "",
+        f"Run: `{run}`",
+        "",
+        "## All held-out queries",
+        "",
+        table({n: metrics[n]["all"] for n in names}, names),
+    ]
     for task in sorted({t for n in names for t in metrics[n] if t != "all"}):
         lines += ["", f"## {task} ({metrics[names[0]][task]['queries']} queries)", ""]
         lines.append(table({n: metrics[n][task] for n in names}, names))

@@ -51,12 +51,14 @@ def _forward(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
 
 
 def embed_texts(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
-    """Embeddings in input order, computed in buckets of similar length so short texts are not padded to the longest."""
+    """Embeddings in input order, computed in buckets of similar length (short texts are not padded to the longest)."""
     if len(texts) <= LENGTH_BUCKET:
         return _forward(model, texts)
     lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    parts = [_forward(model, [texts[i] for i in order[s : s + LENGTH_BUCKET]]) for s in range(0, len(order), LENGTH_BUCKET)]
+    parts = [
+        _forward(model, [texts[i] for i in order[s : s + LENGTH_BUCKET]]) for s in range(0, len(order), LENGTH_BUCKET)
+    ]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(parts)[inverse]

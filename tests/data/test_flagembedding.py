@@ -116,8 +116,11 @@ def test_writer_takes_reward_rows_and_tables(tmp_path):
     queries = [{"query_id": "q1", "task": "icl", "text": "x", "target": "yes", "positive_ids": [], "history": []}]
     rows = [{"query_id": "q1", "key_id": "a", "reward": 0.5}, {"query_id": "q1", "key_id": "b", "reward": 1.0}]
     a = _lines(write_flagembedding(queries, KEYS, rows, tmp_path / "a.json"))
-    b = _lines(write_flagembedding(pa.Table.from_pylist(queries), pa.Table.from_pylist(KEYS),
-                                   pa.Table.from_pylist(rows), tmp_path / "b.json"))
+    b = _lines(
+        write_flagembedding(
+            pa.Table.from_pylist(queries), pa.Table.from_pylist(KEYS), pa.Table.from_pylist(rows), tmp_path / "b.json"
+        )
+    )
     assert a == b and a[0]["pos"] == ["demo b"] and a[0]["teacher_scores"] == [1.0, 0.5]
 
 
@@ -132,8 +135,16 @@ def test_writer_refuses_partial_rewards_and_unknown_keys(tmp_path):
 def test_writer_chat_candidate_subset_round_trips(tmp_path):
     hi, dog = "Speaker 1: hi\nSpeaker 2: hello", "Speaker 1: I have a dog\nSpeaker 2: nice"
     history = [hi, dog, hi]
-    queries = [{"query_id": "c1", "task": "chat", "text": "What pet do I have?", "target": "A dog.",
-                "positive_ids": [], "history": history}]
+    queries = [
+        {
+            "query_id": "c1",
+            "task": "chat",
+            "text": "What pet do I have?",
+            "target": "A dog.",
+            "positive_ids": [],
+            "history": history,
+        }
+    ]
     # Retrieval kept two of the three history items (one of them a repeated text).
     rewards = {("c1", schemas.history_key_id("c1", 2)): 0.2, ("c1", schemas.history_key_id("c1", 1)): 0.9}
     path = write_flagembedding(queries, [], rewards, tmp_path / "chat.json")

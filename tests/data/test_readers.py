@@ -7,7 +7,13 @@ import pytest
 from lemb.data.readers import read_keys, read_queries
 from lemb.errors import InputError
 
-GOOD = {"query_id": "q1", "task": "qa", "text": "What is the capital of Zorbia?", "target": "Quelm", "positive_ids": ["k1"]}
+GOOD = {
+    "query_id": "q1",
+    "task": "qa",
+    "text": "What is the capital of Zorbia?",
+    "target": "Quelm",
+    "positive_ids": ["k1"],
+}
 
 
 def _jsonl(tmp_path, rows, name="q.jsonl"):

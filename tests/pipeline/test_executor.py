@@ -36,7 +36,13 @@ class EchoStage(Stage):
         self.counters["echoed"] += len(ids)
         n = len(ids)
         return pa.table(
-            {"query_id": ids, "task": ["qa"] * n, "key_id": ids, "retrieval_rank": [1] * n, "retrieval_score": [1.0] * n},
+            {
+                "query_id": ids,
+                "task": ["qa"] * n,
+                "key_id": ids,
+                "retrieval_rank": [1] * n,
+                "retrieval_score": [1.0] * n,
+            },
             schema=schemas.CANDIDATE,
         )
 

@@ -52,8 +52,25 @@ def _kill_at_three_points_then_finish(cmd, stage_dir):
 @pytest.mark.slow
 def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
     def cmd(run):
-        return [sys.executable, "-m", "lemb.cli", "retrieve", "--queries", str(tiny_data["queries"]), "--corpus",
-                str(tiny_data["corpus"]), "--run", str(run), "--executor", "local", "--shards", "4", "--top-k", "2", "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "lemb.cli",
+            "retrieve",
+            "--queries",
+            str(tiny_data["queries"]),
+            "--corpus",
+            str(tiny_data["corpus"]),
+            "--run",
+            str(run),
+            "--executor",
+            "local",
+            "--shards",
+            "4",
+            "--top-k",
+            "2",
+            "--quiet",
+        ]
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
     _kill_at_three_points_then_finish(cmd(tmp_path / "killed"), tmp_path / "killed" / "retrieve" / "candidates")
@@ -66,8 +83,23 @@ def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_label_killed_and_rerun_equals_uninterrupted(labelled_run, tmp_path):
     def cmd(run):
-        return [sys.executable, "-m", "lemb.cli", "label", "--run", str(run), "--executor", "local", "--shards", "4",
-                "--n-samples", "3", "--per-candidate-samples", "1", "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "lemb.cli",
+            "label",
+            "--run",
+            str(run),
+            "--executor",
+            "local",
+            "--shards",
+            "4",
+            "--n-samples",
+            "3",
+            "--per-candidate-samples",
+            "1",
+            "--quiet",
+        ]
 
     for name in ("ref", "killed"):
         shutil.copytree(labelled_run / "retrieve", tmp_path / name / "retrieve")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,8 +21,13 @@ def test_plan_is_deterministic_and_partitions_ids():
 
 def _candidates(n):
     return pa.table(
-        {"query_id": [f"q{i}" for i in range(n)], "task": ["qa"] * n, "key_id": ["k"] * n,
-         "retrieval_rank": [1] * n, "retrieval_score": [0.5] * n},
+        {
+            "query_id": [f"q{i}" for i in range(n)],
+            "task": ["qa"] * n,
+            "key_id": ["k"] * n,
+            "retrieval_rank": [1] * n,
+            "retrieval_score": [0.5] * n,
+        },
         schema=schemas.CANDIDATE,
     )
 
@@ -38,6 +44,24 @@ def test_write_shard_is_atomic_and_carries_metadata(tmp_path):
         write_shard(tmp_path, 4, bad, schemas.CANDIDATE, {}, {})
     assert not shard_path(tmp_path, 4).exists()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_failure_after_the_temporary_file_is_written_leaves_nothing(tmp_path, monkeypatch):
+    import lemb.pipeline.shards as shards
+
+    real_replace = shards.os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".parquet"):
+            assert Path(src).exists()  # the temporary file was fully written when the rename failed
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
+    assert not shard_path(tmp_path, 0).exists()
+    assert not list(tmp_path.glob(".*.parquet.tmp-*"))
 
 
 def test_open_stage_skips_done_and_refuses_changed_config(tmp_path):
@@ -65,6 +89,15 @@ def test_changed_input_is_named(tmp_path):
     inp.write_text("changed content\n")
     with pytest.raises(StageConflict, match="input changed"):
         open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
+
+
+def test_output_without_manifest_is_not_taken_as_done(tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    write_shard(stage, 0, _candidates(2), schemas.CANDIDATE, {}, {})  # e.g. left by a --restart killed midway
+    plan = ShardPlan.from_ids(["q0", "q1"], 1)
+    assert open_stage(stage, "s", {}, "h", [], plan) == set()
+    assert not shard_path(stage, 0).exists()
 
 
 def test_read_stage_refuses_incomplete_stage(tmp_path):

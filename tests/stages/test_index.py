@@ -30,7 +30,10 @@ def test_approximate_indexes_find_most_exact_neighbours(kind):
     approx.add(ids[:3000], v[:3000])
     approx.add(ids[3000:], v[3000:])  # filled in two shards
     queries = _vectors(50, seed=2)
-    hits = [len(set(a[0]) & set(e[0])) / 10 for a, e in zip(approx.search_many(queries, 10), exact.search_many(queries, 10))]
+    hits = [
+        len(set(a[0]) & set(e[0])) / 10
+        for a, e in zip(approx.search_many(queries, 10), exact.search_many(queries, 10))
+    ]
     assert np.mean(hits) > 0.8
     assert approx.score(queries[0], "k3500") == pytest.approx(float(v[3500] @ queries[0]), abs=1e-5)
 
@@ -39,8 +42,14 @@ def test_indexes_from_shards_split_by_task(tmp_path):
     v = _vectors(30)
     for s in range(3):
         rows = range(s * 10, s * 10 + 10)
-        table = pa.table({"key_id": [f"k{i}" for i in rows], "task": ["qa" if i % 2 else "tool" for i in rows],
-                          "embedding": [v[i].tolist() for i in rows]}, schema=schemas.KEY_EMBEDDING)
+        table = pa.table(
+            {
+                "key_id": [f"k{i}" for i in rows],
+                "task": ["qa" if i % 2 else "tool" for i in rows],
+                "embedding": [v[i].tolist() for i in rows],
+            },
+            schema=schemas.KEY_EMBEDDING,
+        )
         write_shard(tmp_path, s, table, schemas.KEY_EMBEDDING, {}, {})
     indexes = indexes_from_shards(tmp_path)
     assert sorted(indexes) == ["qa", "tool"] and len(indexes["qa"].ids) == 15

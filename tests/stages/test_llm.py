@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from lemb.stages.llm import DEFAULT_LLM, TransformersLLM, clean_sample, resolve_llm_path, set_threads
+from lemb.pipeline.config import DEFAULT_LLM
+from lemb.pipeline.executor import set_threads
+from lemb.stages.llm import TransformersLLM, clean_sample, resolve_llm_path
 
 PROMPT = (
     "Context: Quelm is the capital and largest city of Zorbia, a small landlocked country in the northern "

@@ -37,7 +37,12 @@ def test_rank_reward_needs_samples():
 
 
 def test_rescored_kinds():
-    kw = dict(sample_logprobs=[-0.5, -2.0], counts=[1, 1], baseline_target_logprob=-3.0, baseline_sample_logprobs=[-0.5, -2.0])
+    kw = dict(
+        sample_logprobs=[-0.5, -2.0],
+        counts=[1, 1],
+        baseline_target_logprob=-3.0,
+        baseline_sample_logprobs=[-0.5, -2.0],
+    )
     assert reward_from_logprobs("likelihood", -1.0, **kw) == -1.0
     assert reward_from_logprobs("rank", -1.0, **kw) == pytest.approx(0.5)  # rank 2 of N=2
     assert reward_from_logprobs("improvement", -1.0, **kw) == 1.0  # baseline rank 3 -> rank 2

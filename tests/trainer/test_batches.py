@@ -2,13 +2,16 @@ import pyarrow as pa
 import pytest
 
 from lemb.data import schemas
-from lemb.errors import InputError
+from lemb.errors import InputError, LembError
 from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
 
 
 def _groups():
     tasks = ["qa"] * 10 + ["tool"] * 3 + ["chat"] * 5
-    return [Group(f"q{i}", t, f"text {i}", ["a", "b"], [f"k{i}", "shared"], [1.0, 0.0], [True, False]) for i, t in enumerate(tasks)]
+    return [
+        Group(f"q{i}", t, f"text {i}", ["a", "b"], [f"k{i}", "shared"], [1.0, 0.0], [True, False])
+        for i, t in enumerate(tasks)
+    ]
 
 
 def test_batches_are_homogeneous_deterministic_and_cover_each_task():
@@ -20,15 +23,22 @@ def test_batches_are_homogeneous_deterministic_and_cover_each_task():
         assert len(set(b)) == len(b)
     # a fresh sampler asked for a late step first (a resumed run) gives the same batch
     assert TaskBatchSampler(groups, 4, None, 7).batch(59) == batches[59]
-    seen_qa = [i for b in batches[:40] for i in b if groups[i].task == "qa"]
-    assert set(seen_qa) == {i for i, g in enumerate(groups) if g.task == "qa"}  # epochs cycle through all
+    # every epoch of a task draws each of its queries exactly once (10 qa queries, batches of 4)
+    seen_qa = [i for b in batches for i in b if groups[i].task == "qa"]
+    qa = sorted(i for i, g in enumerate(groups) if g.task == "qa")
+    for epoch in range(len(seen_qa) // 10):
+        assert sorted(seen_qa[epoch * 10 : (epoch + 1) * 10]) == qa
     # tool has 3 queries: its batches are never padded with repeats
     assert all(len(b) == 3 for b in batches if groups[b[0]].task == "tool")
 
 
-def test_task_weights_select_tasks():
-    sampler = TaskBatchSampler(_groups(), 2, weights={"tool": 1.0}, seed=0)
+def test_task_weights_select_tasks_and_warn_about_left_out_ones(caplog):
+    with caplog.at_level("WARNING"):
+        sampler = TaskBatchSampler(_groups(), 2, weights={"tool": 1.0}, seed=0)
     assert all(_groups()[sampler.batch(s)[0]].task == "tool" for s in range(20))
+    assert "chat, qa" in caplog.text
+    with pytest.raises(LembError, match="no weight to any task"):
+        TaskBatchSampler(_groups(), 2, weights={"icl": 1.0}, seed=0)
 
 
 def test_collate_pads_and_masks_shared_keys():
@@ -45,11 +55,23 @@ def test_collate_pads_and_masks_shared_keys():
 def _reward_rows(rewards):
     rows = []
     for i, (lp, counts) in enumerate(rewards):
-        rows.append({name: None for name in schemas.REWARD.names} | {
-            "query_id": "q1", "task": "qa", "key_id": f"k{i}", "retrieval_rank": i + 1, "target_logprob": lp,
-            "target_tokens": 2, "samples": ["x"], "sample_logprobs": [-1.0], "sample_counts": counts,
-            "baseline_target_logprob": -2.0, "baseline_sample_logprobs": [-1.0], "n_samples": sum(counts),
-        })
+        rows.append(
+            {name: None for name in schemas.REWARD.names}
+            | {
+                "query_id": "q1",
+                "task": "qa",
+                "key_id": f"k{i}",
+                "retrieval_rank": i + 1,
+                "target_logprob": lp,
+                "target_tokens": 2,
+                "samples": ["x"],
+                "sample_logprobs": [-1.0],
+                "sample_counts": counts,
+                "baseline_target_logprob": -2.0,
+                "baseline_sample_logprobs": [-1.0],
+                "n_samples": sum(counts),
+            }
+        )
     return pa.Table.from_pylist(rows, schema=schemas.REWARD)
 
 
@@ -64,3 +86,23 @@ def test_build_groups_recomputes_reward_and_rejects_nan():
         build_groups(_reward_rows([(float("nan"), [1]), (-3.0, [1])]), queries, texts, "likelihood", 8, "src")
     _, skipped = build_groups(_reward_rows([(-0.5, [0]), (-3.0, [0])]), queries, texts, "rank", 8, "src")
     assert skipped == {"no_signal": 1}
+    # a contrastive task trains on its positive even without samples
+    groups, skipped = build_groups(
+        _reward_rows([(-0.5, [0]), (-3.0, [0])]), queries, texts, "rank", 8, "src", positives_only=frozenset({"qa"})
+    )
+    assert len(groups) == 1 and groups[0].positive == [True, False] and not skipped
+
+
+def test_build_groups_uses_the_label_tie_tolerance():
+    queries = {"q1": {"query_id": "q1", "task": "qa", "text": "t", "positive_ids": []}}
+    rows = _reward_rows([(-1.0005, [1])])  # the sample scores -1.0: above the target by 5e-4
+    strict, _ = build_groups(rows, queries, {"k0": "a"}, "rank", 8, "src", tie_tol=1e-6)
+    loose, _ = build_groups(rows, queries, {"k0": "a"}, "rank", 8, "src", tie_tol=1e-3)
+    assert strict[0].rewards == [0.0] and loose[0].rewards == [0.5]
+
+
+def test_positives_are_kept_when_candidates_exceed_the_group():
+    queries = {"q1": {"query_id": "q1", "task": "qa", "text": "t", "positive_ids": ["k2"]}}
+    rows = _reward_rows([(-1.0, [1]), (-2.0, [1]), (-0.1, [1])])  # k2 is the lowest-ranked candidate
+    groups, skipped = build_groups(rows, queries, {"k0": "a", "k1": "b", "k2": "c"}, "rank", 2, "src")
+    assert groups[0].key_ids == ["k0", "k2"] and not skipped

@@ -36,7 +36,9 @@ def test_killed_training_resumes_to_the_same_weights(labelled_run, tmp_path):
     cfg_file.write_text("group_size: 2\n")
     subprocess.run(_train_cmd(reference, "--config", str(cfg_file)), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(killed, "--config", str(cfg_file)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(killed, "--config", str(cfg_file)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "train" / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

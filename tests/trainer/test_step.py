@@ -20,21 +20,34 @@ def _batch():
     groups = []
     for i in range(4):
         keys = [f"{TEXTS[(i + j) % 4]} {j}" for j in range(3 - (i == 2))]  # one group has a padding slot
-        groups.append(Group(f"q{i}", "qa", f"question {i} about {TEXTS[i]}", keys, [f"k{i}{j}" for j in range(len(keys))],
-                            [1.0, 0.5, 0.0][: len(keys)], [True] + [False] * (len(keys) - 1)))
+        groups.append(
+            Group(
+                f"q{i}",
+                "qa",
+                f"question {i} about {TEXTS[i]}",
+                keys,
+                [f"k{i}{j}" for j in range(len(keys))],
+                [1.0, 0.5, 0.0][: len(keys)],
+                [True] + [False] * (len(keys) - 1),
+            )
+        )
     return collate(groups, 3)
 
 
-def _grads(chunk_size=0, world=None):
+def _grads(chunk_size=0, world=None, dropout=False):
     torch.manual_seed(0)
     model = load_embedder("all-minilm-l6-v2", 64)
-    model.eval()  # no dropout: the plain and chunked passes then see the same function
+    model.train(dropout)  # eval: no dropout, so any chunking sees the same function
     data = _batch()
 
     def loss_fn(q, k):
-        return graded_loss(q, k, data["rewards"], data["valid"], tau=0.05, alpha=0.5, in_batch_mask=data["in_batch_mask"])
+        return graded_loss(
+            q, k, data["rewards"], data["valid"], tau=0.05, alpha=0.5, in_batch_mask=data["in_batch_mask"]
+        )
 
-    loss = backward_step(model, data["queries"], data["keys"], data["valid"], loss_fn, chunk_size=chunk_size, world=world)
+    loss = backward_step(
+        model, data["queries"], data["keys"], data["valid"], loss_fn, chunk_size=chunk_size, world=world
+    )
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -50,6 +63,17 @@ def test_gradient_cache_equals_plain_backward(reference, chunk):
     assert grads.keys() == reference[1].keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, reference[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_cache_replays_dropout_masks():
+    # with dropout on, one chunk per side draws the same masks as the plain pass; the recompute pass
+    # must replay them, or the gradients belong to other embeddings than the loss saw
+    loss, grads = _grads(chunk_size=len(TEXTS), dropout=True)
+    plain_loss, plain = _grads(dropout=True)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain[name], atol=1e-5, rtol=1e-4)
+    assert _grads(chunk_size=1, dropout=True)[0] != pytest.approx(plain_loss, abs=1e-9)  # other chunks, other masks
 
 
 def _worker(rank, port, chunk, out):

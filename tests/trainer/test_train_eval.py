@@ -13,7 +13,9 @@ from lemb.workflow import evaluate_run
 
 @pytest.fixture(scope="module")
 def trained(labelled_run):
-    path = train(load_config(TrainConfig, run=str(labelled_run), steps=6, batch_size=2, group_size=2, lr=5e-5), progress=False)
+    path = train(
+        load_config(TrainConfig, run=str(labelled_run), steps=6, batch_size=2, group_size=2, lr=5e-5), progress=False
+    )
     return labelled_run, path
 
 
@@ -29,7 +31,9 @@ def test_trained_model_loads_in_both_libraries_with_instructions(trained):
     tok = AutoTokenizer.from_pretrained(str(path))
     with torch.no_grad():
         out = hf(**tok(["hello"], return_tensors="pt")).last_hidden_state.mean(1)
-    torch.testing.assert_close(torch.nn.functional.normalize(out, dim=-1)[0], torch.from_numpy(emb[0]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(out, dim=-1)[0], torch.from_numpy(emb[0]), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_training_changed_weights_and_logged_loss(trained):

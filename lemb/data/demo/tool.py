@@ -124,7 +124,7 @@ TOOL_EXTRA_REALMS = 2  # realms beyond those the queries need: their tools are d
 
 
 def _tool_name(stem: str, tool: str) -> str:
-    """"zorb", "tide.forecast" -> "ZorbTideForecast" (the small LLM copies CamelCase names far more
+    """ "zorb", "tide.forecast" -> "ZorbTideForecast" (the small LLM copies CamelCase names far more
     reliably than zorb_tide.forecast: 31 of 32 against 25 of 32 requests, SmolLM2-135M)."""
     return stem.capitalize() + "".join(w.capitalize() for w in tool.split("."))
 
