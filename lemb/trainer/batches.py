@@ -12,6 +12,7 @@ import torch
 
 from lemb.errors import InputError, LembError
 from lemb.stages.reward import is_finite, reward_from_logprobs
+from lemb.trainer.losses import other_queries_mask
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,7 @@ def collate(groups: list[Group], group_size: int) -> dict[str, torch.Tensor | li
         positive[i, :n] = torch.tensor(g.positive)
         keys += g.keys + [""] * (group_size - n)
         ids += g.key_ids + [None] * (group_size - n)
-    owner = torch.arange(b).repeat_interleave(group_size)
-    in_batch = (owner[None, :] != torch.arange(b)[:, None]) & valid.reshape(1, -1)
+    in_batch = other_queries_mask(b, group_size, valid, True).clone()
     for i, g in enumerate(groups):
         own = set(g.key_ids)
         for col, key_id in enumerate(ids):

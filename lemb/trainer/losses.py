@@ -31,7 +31,12 @@ def similarities(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     return q @ keys.T / tau
 
 
-def _other_queries_mask(
+def own_scores(scores: torch.Tensor, batch: int, group: int) -> torch.Tensor:
+    """(B, M): each query's scores with its own candidates, out of the (B, B*M) matrix."""
+    return scores.reshape(batch, batch, group)[torch.arange(batch), torch.arange(batch)]
+
+
+def other_queries_mask(
     batch: int, group: int, valid: torch.Tensor, in_batch: bool, in_batch_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, B*M) True where column is a valid key of another query and in-batch keys are on."""
@@ -58,13 +63,13 @@ def graded_loss(
     """
     batch, group = rewards.shape
     scores = similarities(q, k, tau)  # (B, B*M)
-    own = scores.reshape(batch, batch, group)[torch.arange(batch), torch.arange(batch)]  # (B, M)
+    own = own_scores(scores, batch, group)
     # denominator members for candidate (i, m): own candidates with strictly lower reward, plus other queries' keys
     lower = (rewards[:, None, :] < rewards[:, :, None]) & valid[:, None, :]  # (B, M, M)
     self_term = torch.eye(group, dtype=torch.bool, device=q.device)[None].expand(batch, -1, -1)
     own_mask = lower | self_term
     own_logits = own[:, None, :].expand(-1, group, -1).masked_fill(~own_mask, NEG_INF)
-    other_mask = _other_queries_mask(batch, group, valid, in_batch, in_batch_mask)  # (B, B*M)
+    other_mask = other_queries_mask(batch, group, valid, in_batch, in_batch_mask)  # (B, B*M)
     other_logits = scores.masked_fill(~other_mask, NEG_INF)[:, None, :].expand(-1, group, -1)
     log_denominator = torch.logsumexp(torch.cat([own_logits, other_logits], dim=-1), dim=-1)  # (B, M)
     log_prob = own - log_denominator
@@ -78,7 +83,7 @@ def kl_loss(
 ) -> torch.Tensor:
     """KL(softmax(r/alpha) || softmax(s)) over each query's own candidates (REPLUG-style distillation)."""
     batch, group = rewards.shape
-    own = similarities(q, k, tau).reshape(batch, batch, group)[torch.arange(batch), torch.arange(batch)]
+    own = own_scores(similarities(q, k, tau), batch, group)
     teacher = torch.log_softmax((rewards / alpha).masked_fill(~valid, NEG_INF), dim=-1)
     student = torch.log_softmax(own.masked_fill(~valid, NEG_INF), dim=-1)
     terms = teacher.exp() * (teacher - student)
@@ -101,10 +106,10 @@ def contrastive_loss(
     batch, group = positive.shape
     positive = positive.bool() & valid
     scores = similarities(q, k, tau)
-    own = scores.reshape(batch, batch, group)[torch.arange(batch), torch.arange(batch)]
+    own = own_scores(scores, batch, group)
     negatives = valid & ~positive
     neg_own = own.masked_fill(~negatives, NEG_INF)  # (B, M)
-    other = scores.masked_fill(~_other_queries_mask(batch, group, valid, in_batch, in_batch_mask), NEG_INF)
+    other = scores.masked_fill(~other_queries_mask(batch, group, valid, in_batch, in_batch_mask), NEG_INF)
     log_neg = torch.logsumexp(torch.cat([neg_own, other], dim=-1), dim=-1)  # (B,)
     log_prob = own - torch.logaddexp(own, log_neg[:, None])
     n_pos = positive.sum(-1)
