@@ -56,7 +56,7 @@ __all__ = [
 # queries per task: (train, held-out)
 SIZES: dict[str, dict[str, tuple[int, int]]] = {
     "tiny": {"qa": (8, 5), "tool": (8, 5), "chat": (8, 5)},
-    "small": {"qa": (40, 20), "tool": (40, 20), "chat": (40, 20)},
+    "small": {"qa": (32, 20), "tool": (32, 20), "chat": (32, 20)},
 }
 DEMO_TASKS = ("qa", "tool", "chat")
 
