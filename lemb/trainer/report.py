@@ -27,49 +27,51 @@ def table(metrics: dict[str, dict[str, float]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_rewards(label_dir: Path, out: Path) -> Path | None:
+def _save_plot(out: Path, xlabel: str, ylabel: str, draw) -> Path:
+    """One 6x3.5-inch PNG; `draw(ax)` adds the series, each labelled by task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_rewards(label_dir: Path, out: Path) -> Path | None:
     import polars as pl
 
     files = sorted(label_dir.glob("part-*.parquet"))
     if not files:
         return None
     df = pl.read_parquet(files).filter(pl.col("reward").is_not_null())
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for task in sorted(df["task"].unique().to_list()):
-        ax.hist(df.filter(pl.col("task") == task)["reward"].to_numpy(), bins=20, range=(0, 1), alpha=0.6, label=task)
-    ax.set_xlabel("rank-aware reward")
-    ax.set_ylabel("(query, candidate) pairs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+
+    def draw(ax) -> None:
+        for task in sorted(df["task"].unique().to_list()):
+            values = df.filter(pl.col("task") == task)["reward"].to_numpy()
+            ax.hist(values, bins=20, range=(0, 1), alpha=0.6, label=task)
+
+    return _save_plot(out, "rank-aware reward", "(query, candidate) pairs", draw)
 
 
 def plot_loss(log_path: Path, out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not log_path.exists():
         return None
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for task in sorted({r["task"] for r in rows}):
-        pts = [(r["step"], r["loss"]) for r in rows if r["task"] == task]
-        ax.plot(*zip(*pts), marker=".", linestyle="-", label=task)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+
+    def draw(ax) -> None:
+        for task in sorted({r["task"] for r in rows}):
+            pts = [(r["step"], r["loss"]) for r in rows if r["task"] == task]
+            ax.plot(*zip(*pts), marker=".", linestyle="-", label=task)
+
+    return _save_plot(out, "step", "training loss", draw)
 
 
 def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Path]:
