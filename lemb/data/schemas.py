@@ -72,10 +72,6 @@ REWARD = pa.schema(
 )
 
 
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
-
-
 def history_key_id(query_id: str, index: int) -> str:
     """Key id of the `index`-th history item of a query (chat / lrlm candidates are the query's own history)."""
     return f"{query_id}#h{index}"

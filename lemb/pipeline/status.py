@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lemb.errors import LembError
-from lemb.pipeline.shards import FAILURES, MANIFEST, STATS, shard_path
+from lemb.pipeline.shards import FAILURES, MANIFEST, shard_path
 
 
 def stage_status(stage_dir: Path) -> dict:
@@ -34,7 +34,6 @@ def stage_status(stage_dir: Path) -> dict:
         "tokens": int(tokens),
         "seconds": round(seconds, 1),
         "config_hash": manifest["config_hash"],
-        "finished": (stage_dir / STATS).exists() and len(done) == n,
     }
 
 

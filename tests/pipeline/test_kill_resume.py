@@ -49,28 +49,17 @@ def _kill_at_three_points_then_finish(cmd, stage_dir):
     assert not list(stage_dir.glob(".*tmp*"))
 
 
+def _lemb(command, run, *args):
+    """`lemb COMMAND --run RUN ARGS`, in-process executor, 4 shards, no progress bars."""
+    return [sys.executable, "-m", "lemb.cli", command, "--run", str(run), "--executor", "local", "--shards", "4",
+            "--quiet", *args]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
     def cmd(run):
-        return [
-            sys.executable,
-            "-m",
-            "lemb.cli",
-            "retrieve",
-            "--queries",
-            str(tiny_data["queries"]),
-            "--corpus",
-            str(tiny_data["corpus"]),
-            "--run",
-            str(run),
-            "--executor",
-            "local",
-            "--shards",
-            "4",
-            "--top-k",
-            "2",
-            "--quiet",
-        ]
+        return _lemb("retrieve", run, "--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
+                     "--top-k", "2")  # fmt: skip
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
     _kill_at_three_points_then_finish(cmd(tmp_path / "killed"), tmp_path / "killed" / "retrieve" / "candidates")
@@ -83,23 +72,7 @@ def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_label_killed_and_rerun_equals_uninterrupted(labelled_run, tmp_path):
     def cmd(run):
-        return [
-            sys.executable,
-            "-m",
-            "lemb.cli",
-            "label",
-            "--run",
-            str(run),
-            "--executor",
-            "local",
-            "--shards",
-            "4",
-            "--n-samples",
-            "3",
-            "--per-candidate-samples",
-            "1",
-            "--quiet",
-        ]
+        return _lemb("label", run, "--n-samples", "3", "--per-candidate-samples", "1")
 
     for name in ("ref", "killed"):
         shutil.copytree(labelled_run / "retrieve", tmp_path / name / "retrieve")
