@@ -202,6 +202,33 @@ def eval_(
 
 @app.command()
 @_user_errors
+def convert(
+    source: Annotated[
+        list[str],
+        typer.Argument(
+            help="NAME or NAME:SPLIT, several mixed into one set: nq_oracle, sst2, trec, cb, rte, msc, gutenberg,"
+            " gorilla, toolalpaca, trec_cast, flagembedding (splits: lemb/data/convert.py SOURCES)."
+        ),
+    ],
+    data: Annotated[Path, typer.Option(help="Data root laid out like ../shared/data, or the source's own folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: queries.jsonl + corpus.jsonl, or <task>.json files.")],
+    limit: Annotated[Optional[int], typer.Option(help="First N queries of each source.")] = None,
+    max_keys: Annotated[
+        Optional[int], typer.Option(help="At most N keys per source; the kept queries' positives always stay.")
+    ] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split for sources named without one.")] = None,
+    format: Annotated[str, typer.Option("--format", help="lemb or flagembedding (llm_embedder JSONL).")] = "lemb",
+) -> None:
+    """Real data of the six task kinds, or FlagEmbedding llm_embedder files, as lemb records."""
+    from lemb.data.convert import convert as run_convert
+
+    result = run_convert(source, data, out, limit=limit, max_keys=max_keys, split=split, fmt=format)
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(result["per_task"].items()))
+    typer.echo(f"{result['queries']} queries ({tasks}), {result['keys']} keys in {out}")
+
+
+@app.command()
+@_user_errors
 def inspect(path: Path, top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3) -> None:
     """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
     from lemb.pipeline.status import inspect_shards

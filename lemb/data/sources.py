@@ -43,17 +43,35 @@ def _key(kid: str, task: str, text: str, title: str | None = None) -> dict[str, 
     return {"key_id": kid, "task": task, "text": text, "title": title}
 
 
+class _Record(dict):
+    """A JSON object that knows where it was read: a missing field names the file, the line and the field."""
+
+    def __init__(self, items: Any, path: Path, where: str) -> None:
+        super().__init__(items)
+        self.path, self.where = path, where
+
+    def __missing__(self, field: str) -> Any:
+        raise InputError(self.path, self.where, field, "missing")
+
+
+def _loads(text: str, path: Path, where: str) -> Any:
+    try:
+        return json.loads(text, object_hook=lambda obj: _Record(obj, path, where))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, where, None, f"not valid JSON ({exc.msg})") from None
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise InputError(path, "file", None, "not found")
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return [_loads(line, path, f"line {n}") for n, line in enumerate(fh, start=1) if line.strip()]
 
 
 def _json(path: Path) -> Any:
     if not path.exists():
         raise InputError(path, "file", None, "not found")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _loads(path.read_text(encoding="utf-8"), path, "file")
 
 
 # ---------------------------------------------------------------- 1. knowledge QA
@@ -101,34 +119,29 @@ _NLI_WORDS = {"entailment": "true", "contradiction": "false", "neutral": "neithe
 _ICL_SPLITS = {"sst2": ("train", "dev"), "trec": ("train", "test"), "cb": ("train", "val"), "rte": ("train", "val")}
 
 
+def _labelled_lines(path: Path, word: dict[str, str], coarse: bool = False) -> list[tuple[str, str]]:
+    """(text, label word) of each "LABEL text" line (`coarse`: the label's part before ":" is looked up)."""
+    if not path.exists():
+        raise InputError(path, "file", None, "not found")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if line.strip():
+            label, _, text = line.partition(" ")
+            label = label.split(":")[0] if coarse else label
+            if label not in word or not text.strip():
+                raise InputError(path, f"line {n}", "label", f"expected 'LABEL text' with LABEL in {sorted(word)}")
+            out.append((text.strip(), word[label]))
+    return out
+
+
 def _icl_rows(folder: Path, dataset: str, split: str) -> list[tuple[str, str]]:
     """(input, label word) pairs of one split; the input carries the task's question, as the toy icl.json does."""
     if dataset == "sst2":
-        path = folder / "sst2" / f"stsa.binary.{split}"
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                label, sentence = line.split(" ", 1)
-                out.append(
-                    (
-                        f"{sentence.strip()}\nIs the sentiment of this review positive or negative?",
-                        "positive" if label == "1" else "negative",
-                    )
-                )
-        return out
+        rows = _labelled_lines(folder / "sst2" / f"stsa.binary.{split}", {"1": "positive", "0": "negative"})
+        return [(f"{text}\nIs the sentiment of this review positive or negative?", label) for text, label in rows]
     if dataset == "trec":
-        path = folder / "trec" / f"{split}.txt"
-        out = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.strip():
-                label, question = line.split(" ", 1)
-                out.append(
-                    (
-                        f"{question.strip()}\nWhat kind of answer does this question ask for?",
-                        _TREC_WORDS[label.split(":")[0]],
-                    )
-                )
-        return out
+        rows = _labelled_lines(folder / "trec" / f"{split}.txt", _TREC_WORDS, coarse=True)
+        return [(f"{text}\nWhat kind of answer does this question ask for?", label) for text, label in rows]
     if dataset in ("cb", "rte"):
         path = folder / dataset / f"{split}.jsonl"
         choices = "True, false, or neither?" if dataset == "cb" else "True or false?"
@@ -138,6 +151,8 @@ def _icl_rows(folder: Path, dataset: str, split: str) -> list[tuple[str, str]]:
             if r.get("label") is None:
                 # SuperGLUE/GLUE test splits are unlabelled: no desired output, no demonstration.
                 raise InputError(path, f"line {n}", "label", "unlabelled split; use train as pool, val as queries")
+            if r["label"] not in _NLI_WORDS:
+                raise InputError(path, f"line {n}", "label", f"unknown label {r['label']!r}")
             out.append((f"{r['premise']}\nQuestion: {r['hypothesis']}\n{choices}", _NLI_WORDS[r["label"]]))
         return out
     raise ValueError(f"unknown icl dataset {dataset!r}; known: {', '.join(_ICL_SPLITS)}")
