@@ -388,7 +388,9 @@ def trec_cast(path: str | Path, utterance: str = "raw", with_responses: bool = T
 
     Query text is the turn's utterance (`raw`, or the `manual` / `automatic` rewrite); history the
     topic's earlier utterances, each followed by its canonical passage when `with_responses`
-    (CAsT 2021 shows the user the previous canonical response). Keys are the canonical passages
+    (CAsT 2021 shows the user the previous canonical response). A raw utterance is followed in the
+    text by the history, latest first, since the embedder sees only the text (the reference
+    llm_embedder convsearch queries likewise hold the context); rewrites stand alone. Keys are the canonical passages
     deduplicated by text (235 for 239 turns); the positive is the turn's own. The key id is
     `canonical_result_id` + `passage_id`; a repeated pair with another text (one in the manual
     file) gets a suffix. No desired output exists: `target` is None, so the reward needs a target
@@ -418,6 +420,11 @@ def trec_cast(path: str | Path, utterance: str = "raw", with_responses: bool = T
             qid = f"cast-{topic['number']}_{turn['number']}"
             if field not in turn:
                 raise InputError(path, f"topic {topic['number']} turn {turn['number']}", field, "missing")
-            queries.append(_query(qid, "convsearch", turn[field], None, [id_of_text[passage]], history))
+            text = turn[field]
+            if utterance == "raw" and history:
+                # A raw utterance leans on the conversation ("What are the most common types?"): the query is the
+                # utterance, then the earlier turns, the latest first, so truncation cuts the oldest context.
+                text = "\n".join([text, *reversed(history)])
+            queries.append(_query(qid, "convsearch", text, None, [id_of_text[passage]], history))
             history = history + [turn["raw_utterance"]] + ([passage] if with_responses else [])
     return queries, keys

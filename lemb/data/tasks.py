@@ -45,6 +45,7 @@ class TaskSpec:
 
     `prompt` holds `{candidate}` and `{query}` (and `{history}` where used); `bare_prompt` is the
     same request without any candidate, used for the no-candidate samples and the baseline rank.
+    `metrics` names are those of METRICS; retrieval ones are reported only for queries with known positives.
     """
 
     name: str
@@ -53,11 +54,23 @@ class TaskSpec:
     max_new_tokens: int  # sampling budget for the LLM's own outputs (tokens)
     loss: str  # graded | kl | contrastive (reference defaults of DESIGN.md)
     in_batch_negatives: bool  # off where candidates belong to one query only
+    metrics: tuple[str, ...]  # what `lemb eval` reports for the task, the paper's measure first (see METRICS)
 
     @property
     def per_query(self) -> bool:
         return self.name in PER_QUERY_TASKS
 
+
+# Evaluation measures by name, as the paper evaluates each task kind (LLM ones use the top-`answer_k` retrieved
+# candidates in the task's prompt, the same prompt the rewards were labelled with).
+METRICS = {
+    "recall@k": "known positives among the top k (ir-measures R@k)",
+    "mrr@k": "reciprocal rank of the first positive within the top k (RR@k)",
+    "ndcg@k": "nDCG of the top k against the known positives (nDCG@k); the paper's tool and convsearch measure",
+    "answer_accuracy": "the LLM's greedy answer holds the normalised target as a whole-word span (icl: label match)",
+    "answer_em": "the LLM's greedy answer is the normalised target",
+    "perplexity": "exp(- mean log-probability of the target's tokens), pooled over all target tokens; lower is better",
+}
 
 TASK_SPECS: dict[str, TaskSpec] = {
     "qa": TaskSpec(
@@ -67,6 +80,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=16,
         loss="graded",
         in_batch_negatives=True,
+        metrics=("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em"),
     ),
     "icl": TaskSpec(
         "icl",
@@ -75,6 +89,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=8,
         loss="graded",
         in_batch_negatives=True,
+        metrics=("answer_accuracy", "answer_em"),
     ),
     "chat": TaskSpec(
         "chat",
@@ -83,6 +98,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=24,
         loss="graded",
         in_batch_negatives=False,
+        metrics=("perplexity", "recall@1", "ndcg@10"),
     ),
     "lrlm": TaskSpec(
         "lrlm",
@@ -91,6 +107,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=48,
         loss="graded",
         in_batch_negatives=False,
+        metrics=("perplexity", "recall@1", "ndcg@10"),
     ),
     "tool": TaskSpec(
         "tool",
@@ -99,6 +116,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=16,
         loss="graded",
         in_batch_negatives=True,
+        metrics=("ndcg@5", "recall@1", "recall@5"),
     ),
     "convsearch": TaskSpec(
         "convsearch",
@@ -107,6 +125,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=32,
         loss="contrastive",
         in_batch_negatives=True,
+        metrics=("ndcg@3", "recall@1", "recall@5"),
     ),
 }
 

@@ -1,17 +1,25 @@
-"""`lemb eval`: retrieval metrics and the LLM's answer accuracy, for each embedder, on held-out queries.
+"""`lemb eval`: each task's metrics, as the paper evaluates it, for each embedder on held-out queries.
 
-Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives: R@1, R@5,
-RR@10 (MRR@10) and nDCG@10. The LLM answers greedily with the top-`answer_k` retrieved candidates
-in its prompt; both answer and target are normalised SQuAD-style. `answer_em` is strict exact match;
-`answer_accuracy` counts an answer correct when the normalised target is the answer or a whole-word
-span of it, the accuracy of Lost in the Middle (Liu et al., TACL 2024) and PopQA (Mallen et al.,
-ACL 2023): small chat models answer in sentences ("The capital of Zorbia is Quelm."), which strict
-exact match scores as wrong.
+Which metrics a task reports is its `TaskSpec.metrics` (lemb/data/tasks.py; the names are
+explained in `tasks.METRICS`): qa Recall@k / nDCG@10 and the LLM's answer accuracy; icl the
+LLM's accuracy with the retrieved demonstrations (label match); chat and lrlm the LLM's
+perplexity of the next response / next chunk with the retrieved history in its prompt; tool
+nDCG@5; convsearch nDCG@3. The "all" row holds R@1, R@5, MRR@10 and nDCG@10 over every query
+with known positives, and the answer metrics over every query of a task that reports them.
+
+Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives. The LLM sees the
+top-`answer_k` retrieved candidates in the task's prompt (the one the rewards were labelled with):
+it answers greedily, or scores the target. Answers and targets are normalised SQuAD-style;
+`answer_em` is strict exact match; `answer_accuracy` counts an answer correct when the normalised
+target is the answer or a whole-word span of it, the accuracy of Lost in the Middle (Liu et al.,
+TACL 2024) and PopQA (Mallen et al., ACL 2023): small chat models answer in sentences ("The
+capital of Zorbia is Quelm."), which strict exact match scores as wrong.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import string
 from collections import defaultdict
@@ -21,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from lemb.data.readers import key_texts, read_keys, read_queries
-from lemb.data.schemas import PER_QUERY_TASKS
+from lemb.data.schemas import KEY, PER_QUERY_TASKS
 from lemb.data.tasks import build_prompt, instructions, task_spec
 from lemb.pipeline.config import EvalConfig
 from lemb.pipeline.executor import set_threads
@@ -30,8 +38,9 @@ from lemb.stages.index import TaskIndex
 from lemb.stages.retrieve import check_positives, history_index
 
 log = logging.getLogger(__name__)
-RETRIEVAL_MEASURES = {"recall@1": "R@1", "recall@5": "R@5", "mrr@10": "RR@10", "ndcg@10": "nDCG@10"}
-DEPTH = 10
+RETRIEVAL_METRICS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")  # the "all" row, over every task's queries
+IR_NAMES = {"recall": "R", "ndcg": "nDCG", "mrr": "RR"}
+DEPTH = 10  # ranking depth: the deepest metric of any task
 
 
 def normalize_answer(text: str) -> str:
@@ -64,57 +73,155 @@ def rank_queries(
     return ranking
 
 
-def retrieval_metrics(ranking: dict[str, list[tuple[str, float]]], queries: list[dict]) -> dict[str, float]:
+def _ir_measure(name: str) -> str:
+    """ "recall@5" -> "R@5", "ndcg@3" -> "nDCG@3", "mrr@10" -> "RR@10" (ir-measures names)."""
+    kind, _, depth = name.partition("@")
+    return f"{IR_NAMES[kind]}@{depth}"
+
+
+def retrieval_metrics(
+    ranking: dict[str, list[tuple[str, float]]], queries: list[dict], names: tuple[str, ...] = RETRIEVAL_METRICS
+) -> dict[str, float]:
+    """Mean of each retrieval metric in `names` (others are ignored) over the queries with known positives."""
     import ir_measures
 
+    names = tuple(n for n in names if n.partition("@")[0] in IR_NAMES)
     qrels = [ir_measures.Qrel(q["query_id"], p, 1) for q in queries for p in q["positive_ids"]]
-    if not qrels:
+    if not qrels or not names:
         return {}
-    run = [ir_measures.ScoredDoc(qid, kid, s) for qid, found in ranking.items() for kid, s in found]
-    measures = [ir_measures.parse_measure(m) for m in RETRIEVAL_MEASURES.values()]
     judged = {q["query_id"] for q in queries if q["positive_ids"]}
+    run = [ir_measures.ScoredDoc(qid, kid, s) for qid, found in ranking.items() if qid in judged for kid, s in found]
+    measures = {name: ir_measures.parse_measure(_ir_measure(name)) for name in names}
     per_query: dict[str, dict[str, float]] = defaultdict(dict)
-    for m in ir_measures.iter_calc(measures, qrels, run):
+    for m in ir_measures.iter_calc(list(measures.values()), qrels, run):
         per_query[str(m.measure)][m.query_id] = m.value
     # queries with positives but no retrieved keys count as 0 (pytrec_eval would leave them out)
-    return {
-        name: sum(per_query[m].get(q, 0.0) for q in judged) / len(judged) for name, m in RETRIEVAL_MEASURES.items()
-    }
+    return {name: sum(per_query[str(m)].get(q, 0.0) for q in judged) / len(judged) for name, m in measures.items()}
 
 
-class AnswerJudge:
-    """Greedy answers of the LLM, cached by (query, candidates in the prompt) across embedders."""
+class LLMJudge:
+    """The LLM's greedy answers and target log-probabilities, cached by (query, candidates in the prompt).
 
-    def __init__(self, llm: Any, key_text: dict[str, str], max_new_tokens: int) -> None:
+    Embedders that put the same candidates in a query's prompt share one LLM call.
+    """
+
+    def __init__(self, llm: Any, key_text: dict[str, str], max_new_tokens: int = 24) -> None:
         self.llm, self.key_text, self.max_new_tokens = llm, key_text, max_new_tokens
-        self.cache: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.answer_cache: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.score_cache: dict[tuple[str, tuple[str, ...]], tuple[float, int]] = {}
+
+    def _prompt(self, q: dict, chosen: tuple[str, ...]) -> str:
+        context = "\n".join(self.key_text[kid] for kid in chosen) if chosen else None
+        return build_prompt(q["task"], q["text"], context)
 
     def answers(self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int) -> dict[str, str]:
-        todo = {}
-        for q in queries:
-            chosen = tuple(kid for kid, _ in ranking[q["query_id"]][:k])
-            if (q["query_id"], chosen) not in self.cache:
-                context = "\n".join(self.key_text[kid] for kid in chosen) if chosen else None
-                todo[(q["query_id"], chosen)] = build_prompt(q["task"], q["text"], context)
-        task_of = {q["query_id"]: q["task"] for q in queries}
-        for task in sorted({task_of[qid] for qid, _ in todo}):  # each task answers within its own token budget
-            keys = [key for key in todo if task_of[key[0]] == task]
+        """Greedy answer of each query with its top-k candidates in the prompt."""
+        chosen = {q["query_id"]: _top(ranking, q, k) for q in queries}
+        todo = [q for q in queries if (q["query_id"], chosen[q["query_id"]]) not in self.answer_cache]
+        for task in sorted({q["task"] for q in todo}):  # each task answers within its own token budget
+            part = [q for q in todo if q["task"] == task]
             budget = min(task_spec(task).max_new_tokens, self.max_new_tokens)
-            self.cache.update(zip(keys, self.llm.greedy([todo[key] for key in keys], max_new_tokens=budget)))
-        return {
-            q["query_id"]: self.cache[(q["query_id"], tuple(kid for kid, _ in ranking[q["query_id"]][:k]))]
-            for q in queries
-        }
+            texts = self.llm.greedy([self._prompt(q, chosen[q["query_id"]]) for q in part], max_new_tokens=budget)
+            self.answer_cache.update(((q["query_id"], chosen[q["query_id"]]), t) for q, t in zip(part, texts))
+        return {qid: self.answer_cache[(qid, c)] for qid, c in chosen.items()}
+
+    def target_logprobs(
+        self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int
+    ) -> dict[str, tuple[float, int]]:
+        """(summed log-probability, token count) of each query's target with its top-k candidates in the prompt."""
+        out = {}
+        for q in queries:
+            if not (q["target"] or "").strip():
+                continue
+            key = (q["query_id"], _top(ranking, q, k))
+            if key not in self.score_cache:
+                self.score_cache[key] = self.llm.score(self._prompt(q, key[1]), [q["target"]], reduce="sum")[0]
+            out[q["query_id"]] = self.score_cache[key]
+        return out
+
+
+def _top(ranking: dict[str, list[tuple[str, float]]], q: dict, k: int) -> tuple[str, ...]:
+    return tuple(kid for kid, _ in ranking[q["query_id"]][:k])
 
 
 def answer_metrics(queries: list[dict], answers: dict[str, str]) -> dict[str, float]:
-    judged = [q for q in queries if q["target"]]
+    judged = [q for q in queries if q["target"] and q["query_id"] in answers]
     if not judged:
         return {}
     pairs = [(normalize_answer(answers[q["query_id"]]), normalize_answer(q["target"])) for q in judged]
     exact = [answer == target for answer, target in pairs]
     contains = [f" {target} " in f" {answer} " for answer, target in pairs]
     return {"answer_accuracy": float(np.mean(contains)), "answer_em": float(np.mean(exact))}
+
+
+def perplexity(scored: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Perplexity pooled over every target token: exp(- sum of log-probabilities / number of tokens)."""
+    tokens = sum(n for _, n in scored.values())
+    if not tokens:
+        return {}
+    return {"perplexity": math.exp(-sum(lp for lp, _ in scored.values()) / tokens)}
+
+
+def _needs(task: str, kind: str) -> bool:
+    names = task_spec(task).metrics
+    return {"answer": "answer_accuracy" in names or "answer_em" in names, "perplexity": "perplexity" in names}[kind]
+
+
+class TaskEvaluator:
+    """Each task's metrics (its `TaskSpec.metrics`) for any number of embedders on one query set.
+
+    `queries` are query records (dicts of `schemas.QUERY`), `keys` the corpus (records or a table;
+    None when every query is chat / lrlm), `llm` a `TransformersLLM` (None: retrieval metrics only),
+    `k` the retrieved candidates in the LLM's prompt. LLM outputs are cached across embedders.
+    """
+
+    def __init__(
+        self,
+        queries: list[dict],
+        keys: pa.Table | list[dict] | None,
+        llm: Any = None,
+        k: int = 1,
+        instructions: Any = "llm-embedder",
+        max_new_tokens: int = 24,
+        max_length: int = 256,
+        batch_size: int = 64,
+    ) -> None:
+        self.queries = queries
+        self.keys = pa.Table.from_pylist(keys, schema=KEY) if isinstance(keys, list) else keys
+        self.k, self.instructions = k, instructions
+        self.max_length, self.batch_size = max_length, batch_size
+        self.judge = LLMJudge(llm, key_texts(queries, self.keys), max_new_tokens) if llm is not None else None
+
+    def run(self, embedder: Encoder | str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """({"all": metrics, "<task>": metrics}, per-query details: ranking, answers, target log-probs)."""
+        if isinstance(embedder, str):
+            embedder = Encoder(embedder, self.max_length, self.batch_size)
+        ranking = rank_queries(embedder, self.queries, self.keys, self.instructions)
+        answers, scored = {}, {}
+        if self.judge is not None and self.k > 0:
+            answers = self.judge.answers([q for q in self.queries if _needs(q["task"], "answer")], ranking, self.k)
+            scored = self.judge.target_logprobs(
+                [q for q in self.queries if _needs(q["task"], "perplexity")], ranking, self.k
+            )
+        by_task = {"all": retrieval_metrics(ranking, self.queries)}
+        by_task["all"].update(answer_metrics(self.queries, answers))
+        by_task["all"]["queries"] = len(self.queries)
+        for task in sorted({q["task"] for q in self.queries}):
+            part = [q for q in self.queries if q["task"] == task]
+            ids = {q["query_id"] for q in part}
+            found = retrieval_metrics(ranking, part, task_spec(task).metrics)
+            found.update(answer_metrics(part, answers))
+            found.update(perplexity({qid: s for qid, s in scored.items() if qid in ids}))
+            by_task[task] = {m: found[m] for m in task_spec(task).metrics if m in found} | {"queries": len(part)}
+        return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored}
+
+
+def evaluate_embedder(
+    queries: list[dict], keys: pa.Table | list[dict] | None, embedder: Encoder | str, llm: Any = None, k: int = 1,
+    instructions: Any = "llm-embedder",
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """One embedder's metrics, {"all": ..., "<task>": ...}; use `TaskEvaluator` to compare several."""
+    return TaskEvaluator(queries, keys, llm, k, instructions).run(embedder)[0]
 
 
 def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = True) -> dict[str, Any]:
@@ -124,27 +231,18 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
     keys = read_keys(config.corpus) if config.corpus else None
     check_positives(queries, keys, config.queries)
     records = queries.to_pylist()
-    key_text = key_texts(records, keys)
-    judge = None
-    if config.answer_k > 0:
+    llm = None
+    if config.answer_k > 0 and any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in records):
         from lemb.stages.llm import TransformersLLM
 
-        judge = AnswerJudge(TransformersLLM(config.llm), key_text, config.max_new_tokens)
+        llm = TransformersLLM(config.llm)
+    evaluator = TaskEvaluator(
+        records, keys, llm, config.answer_k, config.instructions, config.max_new_tokens, config.max_length,
+        config.batch_size,
+    )  # fmt: skip
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for name, model in embedders.items():
         log.info("evaluating %s (%s) on %d queries", name, model, len(records))
-        ranking = rank_queries(
-            Encoder(model, config.max_length, config.batch_size), records, keys, config.instructions
-        )
-        answers = judge.answers(records, ranking, config.answer_k) if judge else {}
-        by_task: dict[str, dict[str, float]] = {}
-        for task in ["all", *sorted({q["task"] for q in records})]:
-            part = records if task == "all" else [q for q in records if q["task"] == task]
-            metrics = retrieval_metrics(ranking, part)
-            metrics.update(answer_metrics(part, answers) if answers else {})
-            metrics["queries"] = len(part)
-            by_task[task] = metrics
-        results[name] = by_task
-        details[name] = {"ranking": ranking, "answers": answers}
+        results[name], details[name] = evaluator.run(model)
     return {"metrics": results, "details": details}

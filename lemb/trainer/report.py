@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lemb.data.tasks import task_spec
 from lemb.pipeline.shards import write_json_atomic
 
 HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em")
@@ -19,12 +20,26 @@ def metrics_json(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, A
     }
 
 
-def table(metrics: dict[str, dict[str, float]], names: list[str]) -> str:
-    cols = [m for m in HEADLINE if any(m in metrics[n] for n in names)]
+def table(metrics: dict[str, dict[str, float]], names: list[str], rows: tuple[str, ...] = HEADLINE) -> str:
+    """One row per metric in `rows` that some embedder has, one column per embedder."""
+    cols = [m for m in rows if any(m in metrics[n] for n in names)]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for m in cols:
         lines.append(f"| {m} | " + " | ".join(f"{metrics[n].get(m, float('nan')):.3f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+def task_tables(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Markdown lines: a heading and a table per task, with the task's own metrics (`TaskSpec.metrics`)."""
+    names = list(metrics)
+    lines: list[str] = []
+    for task in sorted({t for n in names for t in metrics[n] if t != "all"}):
+        rows = task_spec(task).metrics
+        lines += ["", f"## {task} ({metrics[names[0]][task]['queries']} queries)", ""]
+        lines.append(table({n: metrics[n][task] for n in names}, names, rows))
+        if "perplexity" in rows:
+            lines += ["", "perplexity: lower is better."]
+    return lines
 
 
 def _save_plot(out: Path, xlabel: str, ylabel: str, draw) -> Path:
@@ -95,9 +110,7 @@ def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, fl
         "",
         table({n: metrics[n]["all"] for n in names}, names),
     ]
-    for task in sorted({t for n in names for t in metrics[n] if t != "all"}):
-        lines += ["", f"## {task} ({metrics[names[0]][task]['queries']} queries)", ""]
-        lines.append(table({n: metrics[n][task] for n in names}, names))
+    lines += task_tables(metrics)
     for key, title in (("rewards_plot", "Reward distribution"), ("loss_plot", "Training loss")):
         if key in paths:
             lines += ["", f"## {title}", "", f"![{title}]({paths[key].name})"]

@@ -135,6 +135,8 @@ def test_trec_cast(data, tmp_path):
     assert len(queries) == 239 and len(keys) == 235  # SOURCES.md: 239 turns; 235 distinct passages
     assert all(len(q["positive_ids"]) == 1 and q["target"] is None for q in queries)
     assert queries[0]["history"] == [] and len(queries[1]["history"]) == 2  # utterance + canonical passage
+    # the raw utterance comes first in the text, then its context, latest first
+    assert queries[1]["text"].split("\n") == [queries[1]["text"].split("\n")[0], *reversed(queries[1]["history"])]
     rewritten, _ = sources.trec_cast(path, utterance="manual", with_responses=False)
     assert rewritten[2]["text"] == "How deadly is lobular carcinoma in situ?" and len(rewritten[2]["history"]) == 2
     check(queries, keys, tmp_path, "convsearch")
