@@ -1,0 +1,635 @@
+"""The LLM-Embedder comparison at small scale (issue 3), built from lemb's stages.
+
+Part 1 (`--part qa`), NQ oracle (2,600 passages, 1,615 questions):
+  one `retrieve` + one `label` run on the training questions, shared by every trained variant
+  (each variant's run folder links to the shared `retrieve/` and `label/`), then
+    base          the embedder as shipped
+    contrastive   InfoNCE on the gold passages
+    likelihood_kl likelihood reward (mean token log-prob of the answer) + KL distillation (arXiv / REPLUG)
+    rank_graded   rank-aware reward + graded distillation (ACL 2024)
+  with the same candidates, steps, batch and seed. Dev: Recall@1/5, nDCG@10, the LLM's answers
+  with the top-1 and top-3 passages, and from the label shards, how often each reward puts the
+  gold passage first.
+
+Part 2 (`--part multitask`): all six task kinds; one model trained on the mixture vs one model per
+  kind (the same run's labels, `task_weights` restricted to that kind), per-task dev metrics.
+
+Train/dev split: a question is dev when the first 8 hex digits of sha256("<split seed>:<query_id>"),
+read as a fraction of 2**32, fall below `--dev-fraction`; each side is ordered by that hash, so
+`--queries N` takes the first N training questions of a fixed pseudo-random order and a larger N
+only adds questions. The split does not depend on `--seed` (which seeds sampling and training).
+
+    python experiments/replicate.py --part all --out runs/replicate --queries 160
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("replicate")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # replaced by --data
+SPLIT_SEED = "lemb-replicate"
+QA_VARIANTS = {  # name -> (reward, loss)
+    "contrastive": ("rank", "contrastive"),
+    "likelihood_kl": ("likelihood", "kl"),
+    "rank_graded": ("rank", "graded"),
+}
+REWARD_KINDS = ("rank", "likelihood", "improvement")
+
+
+# ---------------------------------------------------------------- pure helpers (tested)
+
+
+def hash_fraction(item_id: str, salt: str = SPLIT_SEED) -> float:
+    """A stable number in [0, 1) for an id: the first 32 bits of sha256("<salt>:<id>")."""
+    return int(hashlib.sha256(f"{salt}:{item_id}".encode()).hexdigest()[:8], 16) / 2**32
+
+
+def split_by_hash(ids: Iterable[str], dev_fraction: float, salt: str = SPLIT_SEED) -> tuple[list[str], list[str]]:
+    """(train ids, dev ids), each ordered by hash: an id is dev when hash_fraction(id) < dev_fraction."""
+    ordered = sorted(ids, key=lambda i: (hash_fraction(i, salt), i))
+    dev = [i for i in ordered if hash_fraction(i, salt) < dev_fraction]
+    dev_set = set(dev)
+    return [i for i in ordered if i not in dev_set], dev
+
+
+def tie_rank(value: float, others: Iterable[float], tol: float = 1e-9) -> float:
+    """1 + #others above `value` + 0.5 * #others tied with it (lemb's rank convention)."""
+    others = list(others)
+    return 1.0 + sum(o > value + tol for o in others) + 0.5 * sum(abs(o - value) <= tol for o in others)
+
+
+def gold_agreement(scores: dict[str, float], gold: set[str], tol: float = 1e-9) -> tuple[float, float] | None:
+    """(gold first, reciprocal rank of gold) for one query's candidate scores (higher = better).
+
+    Ties are split: k candidates sharing the top score with one gold among them count 1/k towards
+    "gold first"; the gold's rank is 1 + #above + 0.5 * #tied. With several gold candidates the best
+    one counts. None when no gold is among the candidates.
+    """
+    present = [g for g in gold if g in scores]
+    if not present:
+        return None
+    best = max(scores.values())
+    top = [k for k, v in scores.items() if v >= best - tol]
+    first = sum(k in gold for k in top) / len(top)
+    rank = min(tie_rank(scores[g], [v for k, v in scores.items() if k != g], tol) for g in present)
+    return first, 1.0 / rank
+
+
+def alias_answer_scores(answer: str, aliases: list[str]) -> tuple[float, float]:
+    """(exact match, accuracy) of one answer against every acceptable answer (NQ-open convention).
+
+    Exact match: the normalised answer equals a normalised alias; accuracy: a normalised alias is
+    the answer or a whole-word span of it (lemb eval's answer_accuracy).
+    """
+    from lemb.trainer.evaluate import normalize_answer
+
+    got = normalize_answer(answer)
+    wanted = [normalize_answer(a) for a in aliases if normalize_answer(a)]
+    return float(any(got == a for a in wanted)), float(any(f" {a} " in f" {got} " for a in wanted))
+
+
+def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over paired per-query values with a 95% percentile bootstrap interval."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if diff.size == 0:
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n": int(diff.size)}
+
+
+# ---------------------------------------------------------------- running lemb's stages
+
+
+class Clock:
+    """Wall seconds of each named step, written into the results."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        log.info("start %s", name)
+        out = fn()
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        log.info("done %s in %.1f s", name, self.seconds[name])
+        return out
+
+
+def run_settings(args: argparse.Namespace, run: Path) -> dict[str, Any]:
+    return {"run": str(run), "executor": args.executor, "threads": args.threads, "shards": args.shards}
+
+
+def retrieve_and_label(args: argparse.Namespace, run: Path, queries: Path, corpus: Path, clock: Clock, tag: str):
+    """The expensive part, once per part: lemb retrieve + lemb label (resumes if already done)."""
+    from lemb.pipeline.config import LabelConfig, RetrieveConfig, load_config
+    from lemb.stages.label import label
+    from lemb.stages.retrieve import retrieve
+
+    common = run_settings(args, run)
+    clock(
+        f"{tag}/retrieve",
+        lambda: retrieve(
+            load_config(RetrieveConfig, queries=str(queries), corpus=str(corpus), top_k=args.top_k, **common),
+            progress=False,
+        ),
+    )
+    label_cfg = load_config(
+        LabelConfig,
+        n_samples=args.n_samples,
+        per_candidate_samples=args.per_candidate_samples,
+        seed=args.seed,
+        workers=args.workers,
+        **common,
+    )
+    return clock(f"{tag}/label", lambda: label(label_cfg, progress=False))
+
+
+def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Clock, tag: str, **settings: Any) -> str:
+    """lemb train in `run`, whose retrieve/ and label/ are links to the shared run's."""
+    from lemb.pipeline.config import TrainConfig, load_config
+    from lemb.trainer.recipe import train
+
+    run.mkdir(parents=True, exist_ok=True)
+    for stage in ("retrieve", "label"):
+        link = run / stage
+        if not link.is_symlink():
+            link.symlink_to(Path(os.path.relpath(shared / stage, run)), target_is_directory=True)
+    config = load_config(
+        TrainConfig,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        group_size=args.top_k,
+        seed=args.seed,
+        save_every=0,
+        **run_settings(args, run),
+        **settings,
+    )
+    return str(clock(tag, lambda: train(config, progress=False)))
+
+
+def rank_dev(model: str, records: list[dict], keys: Any, args: argparse.Namespace) -> dict:
+    from lemb.stages.encoder import Encoder
+    from lemb.trainer.evaluate import rank_queries
+
+    return rank_queries(Encoder(model, 256, args.eval_batch_size), records, keys, "llm-embedder")
+
+
+def per_query_retrieval(ranking: dict, records: list[dict]) -> dict[str, dict[str, float]]:
+    """{metric: {query_id: value}} with lemb eval's measures, one query at a time."""
+    from lemb.trainer.evaluate import retrieval_metrics
+
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for q in records:
+        if q["positive_ids"]:
+            for name, value in retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q]).items():
+                out[name][q["query_id"]] = value
+    return out
+
+
+def answers_in_chunks(judge: Any, records: list[dict], ranking: dict, k: int, chunk: int = 16) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for start in range(0, len(records), chunk):
+        out.update(judge.answers(records[start : start + chunk], ranking, k))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+# ---------------------------------------------------------------- part 1: knowledge QA
+
+
+def prepare_qa(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    from lemb.data.convert import cut
+    from lemb.data.readers import write_jsonl
+    from lemb.data.sources import knowledge_qa_nq_oracle
+
+    queries, keys = knowledge_qa_nq_oracle(args.data / "knowledge_qa" / "nq_oracle")
+    by_id = {q["query_id"]: q for q in queries}
+    train_ids, dev_ids = split_by_hash(by_id, args.dev_fraction)
+    train = [by_id[i] for i in train_ids[: args.queries]]
+    dev = [by_id[i] for i in dev_ids[: args.dev]]
+    if args.qa_corpus:  # the gold passages of the kept questions, then others in hash order, up to the cap
+        keys = cut(train + dev, sorted(keys, key=lambda k: hash_fraction(k["key_id"])), None, args.qa_corpus)[1]
+    aliases = {
+        f"nq-{row['id']}": row["answers"]
+        for row in map(
+            json.loads, (args.data / "knowledge_qa" / "nq_oracle" / "queries.jsonl").read_text().splitlines()
+        )
+    }
+    paths = {
+        "train": write_jsonl(train, folder / "train.jsonl"),
+        "dev": write_jsonl(dev, folder / "dev.jsonl"),
+        "corpus": write_jsonl(keys, folder / "corpus.jsonl"),
+    }
+    split = {
+        "train_available": len(train_ids),
+        "dev_available": len(dev_ids),
+        "train": len(train),
+        "dev": len(dev),
+        "corpus": len(keys),
+    }
+    return {"paths": paths, "dev": dev, "aliases": aliases, "split": split}
+
+
+def reward_gold_agreement(label_dir: Path, queries: dict[str, dict], tie_tol: float) -> dict[str, dict[str, float]]:
+    """For each reward (and the base retrieval order): how often the gold passage comes first, and its MRR.
+
+    Over the labelled training queries that carry a signal and have a gold passage among their candidates.
+    """
+    from lemb.pipeline.shards import read_stage
+    from lemb.stages.reward import reward_from_logprobs
+
+    by_query: dict[str, list[dict]] = defaultdict(list)
+    for row in read_stage(label_dir).to_pylist():
+        by_query[row["query_id"]].append(row)
+    values: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for qid, rows in by_query.items():
+        if rows[0]["n_samples"] == 0:
+            continue
+        gold = set(queries[qid]["positive_ids"])
+        orders = {"base_retrieval": {r["key_id"]: -float(r["retrieval_rank"]) for r in rows}}
+        for kind in REWARD_KINDS:
+            orders[kind] = {
+                r["key_id"]: reward_from_logprobs(
+                    kind,
+                    r["target_logprob"],
+                    r["sample_logprobs"],
+                    r["sample_counts"],
+                    r["baseline_target_logprob"],
+                    r["baseline_sample_logprobs"],
+                    tie_tol,
+                )  # fmt: skip
+                for r in rows
+            }
+        for name, scores in orders.items():
+            agreement = gold_agreement(scores, gold, tol=tie_tol if name == "rank" else 1e-9)
+            if agreement is not None:
+                values[name].append(agreement)
+    return {
+        name: {
+            "gold_first": float(np.mean([a for a, _ in pairs])),
+            "gold_mrr": float(np.mean([b for _, b in pairs])),
+            "queries": len(pairs),
+        }
+        for name, pairs in values.items()
+    }
+
+
+def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
+    from lemb.data.readers import read_keys
+    from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
+    from lemb.stages.llm import TransformersLLM
+    from lemb.trainer.evaluate import LLMJudge, answer_metrics
+
+    data = prepare_qa(args, out / "qa" / "data")
+    shared = out / "qa" / "shared"
+    label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock, "qa")
+    train_queries = {q["query_id"]: q for q in map(json.loads, data["paths"]["train"].read_text().splitlines())}
+    agreement = reward_gold_agreement(shared / "label", train_queries, 1e-6)
+
+    models = {"base": DEFAULT_EMBEDDER}
+    for name, (reward, loss) in QA_VARIANTS.items():
+        models[name] = train_variant(
+            args, shared, out / "qa" / name, clock, f"qa/train/{name}", reward=reward, loss={"qa": loss}
+        )
+
+    keys = read_keys(data["paths"]["corpus"])
+    dev = data["dev"]
+    llm_dev = dev[: args.dev_llm]
+    key_text = dict(zip(keys.column("key_id").to_pylist(), keys.column("text").to_pylist()))
+    judge = LLMJudge(TransformersLLM(DEFAULT_LLM), key_text, 24)
+    metrics: dict[str, dict[str, float]] = {}
+    per_query: dict[str, dict[str, dict[str, float]]] = {}
+    for name, model in models.items():
+
+        def evaluate_one(model: str = model) -> tuple[dict, dict]:
+            ranking = rank_dev(model, dev, keys, args)
+            scores = per_query_retrieval(ranking, dev)
+            result = {m: float(np.mean(list(v.values()))) for m, v in scores.items()}
+            for k in (1, 3):
+                answers = answers_in_chunks(judge, llm_dev, ranking, k)
+                result.update({f"{m}_top{k}": v for m, v in answer_metrics(llm_dev, answers).items()})
+                pairs = [alias_answer_scores(answers[q["query_id"]], data["aliases"][q["query_id"]]) for q in llm_dev]
+                scores[f"em_any_answer_top{k}"] = {q["query_id"]: p[0] for q, p in zip(llm_dev, pairs)}
+                scores[f"accuracy_any_answer_top{k}"] = {q["query_id"]: p[1] for q, p in zip(llm_dev, pairs)}
+                result[f"em_any_answer_top{k}"] = float(np.mean([p[0] for p in pairs]))
+                result[f"accuracy_any_answer_top{k}"] = float(np.mean([p[1] for p in pairs]))
+            return result, scores
+
+        metrics[name], per_query[name] = clock(f"qa/eval/{name}", evaluate_one)
+
+    intervals = {}
+    for metric in ("ndcg@10", "recall@1", "accuracy_any_answer_top1", "accuracy_any_answer_top3"):
+        ref = per_query["rank_graded"][metric]
+        for other in models:
+            if other != "rank_graded":
+                ids = sorted(ref)
+                intervals[f"{metric}: rank_graded - {other}"] = paired_bootstrap(
+                    [ref[i] for i in ids], [per_query[other][metric][i] for i in ids], seed=args.seed
+                )
+    return {
+        "split": data["split"],
+        "dev_llm_queries": len(llm_dev),
+        "label_stats": {k: v for k, v in label_stats.items() if not isinstance(v, (list, dict))},
+        "reward_gold_agreement": agreement,
+        "metrics": metrics,
+        "paired_bootstrap_95": intervals,
+        "models": models,
+    }
+
+
+# ---------------------------------------------------------------- part 2: six task kinds
+
+# (lemb convert source, split) per task kind; several sources of one kind share its key pool
+MT_SOURCES = {
+    "qa": [("nq_oracle", None)],
+    "icl": [("sst2", "dev"), ("trec", "test"), ("cb", "val"), ("rte", "val")],
+    "chat": [("msc", "session_3_test")],
+    "lrlm": [("gutenberg", None)],
+    "tool": [("gorilla", "torchhub"), ("toolalpaca", None)],
+    "convsearch": [("trec_cast", "manual")],
+}
+MT_KINDS = tuple(MT_SOURCES)
+
+
+def prepare_multitask(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Train and dev queries per kind (split by id hash, first N of each side), and the union of key pools."""
+    from lemb.data.convert import cut, read_source
+    from lemb.data.readers import write_jsonl
+
+    train, dev, keys, counts = [], [], [], {}
+    for kind, specs in MT_SOURCES.items():
+        queries, pool = [], []
+        for name, split in specs:
+            q, k = read_source(name, args.data, split)
+            if kind == "icl":  # a fixed hash-ordered sample of each dataset's demonstration pool
+                k = sorted(k, key=lambda key: hash_fraction(key["key_id"]))[: args.mt_pool]
+            queries += q
+            pool += k
+        by_id = {q["query_id"]: q for q in queries}
+        train_ids, dev_ids = split_by_hash(by_id, args.dev_fraction)
+        kind_train = [by_id[i] for i in train_ids[: args.mt_queries]]
+        kind_dev = [by_id[i] for i in dev_ids[: args.mt_dev]]
+        if kind == "qa":  # the gold passages of the kept questions, then others, up to the cap
+            pool = cut(kind_train + kind_dev, sorted(pool, key=lambda key: hash_fraction(key["key_id"])), None,
+                       args.mt_qa_corpus)[1]  # fmt: skip
+        train += kind_train
+        dev += kind_dev
+        keys += pool
+        counts[kind] = {"train": len(kind_train), "dev": len(kind_dev), "keys": len(pool)}
+    paths = {
+        "train": write_jsonl(train, folder / "train.jsonl"),
+        "dev": write_jsonl(dev, folder / "dev.jsonl"),
+        "corpus": write_jsonl(keys, folder / "corpus.jsonl"),
+    }
+    return {"paths": paths, "dev": dev, "counts": counts}
+
+
+MT_MAIN_METRIC = {
+    "qa": "ndcg@10",
+    "icl": "answer_accuracy",
+    "chat": "perplexity",
+    "lrlm": "perplexity",
+    "tool": "ndcg@5",
+    "convsearch": "ndcg@3",
+}
+
+
+def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lemb.data.readers import read_keys
+    from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
+    from lemb.stages.llm import TransformersLLM
+    from lemb.trainer.evaluate import TaskEvaluator
+
+    data = prepare_multitask(args, out / "multitask" / "data")
+    shared = out / "multitask" / "shared"
+    label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock, "multitask")
+    models = {"base": DEFAULT_EMBEDDER}
+    models["multitask"] = train_variant(args, shared, out / "multitask" / "all", clock, "multitask/train/all")
+    for kind in MT_KINDS:
+        models[f"only_{kind}"] = train_variant(
+            args, shared, out / "multitask" / f"only_{kind}", clock, f"multitask/train/{kind}",
+            task_weights={kind: 1.0},
+        )  # fmt: skip
+
+    keys = read_keys(data["paths"]["corpus"])
+    llm = TransformersLLM(DEFAULT_LLM)
+    metrics: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    evaluators: dict[str, TaskEvaluator] = {}  # one per set of kinds, so LLM outputs are cached across models
+    for name, model in models.items():
+        kinds = [name.removeprefix("only_")] if name.startswith("only_") else list(MT_KINDS)
+        if tuple(kinds) not in evaluators:
+            part_keys = keys.filter(pc.is_in(keys.column("task"), pa.array(kinds, pa.string())))
+            records = [q for q in data["dev"] if q["task"] in kinds]
+            evaluators[tuple(kinds)] = TaskEvaluator(records, part_keys, llm, k=1, batch_size=args.eval_batch_size)
+        evaluator = evaluators[tuple(kinds)]
+        by_task, _ = clock(f"multitask/eval/{name}", lambda model=model, evaluator=evaluator: evaluator.run(model))
+        for kind in kinds:
+            metrics[kind][name] = by_task.get(kind, {})
+    label_by_task = label_summary(shared / "label")
+    return {
+        "counts": data["counts"],
+        "label_by_task": label_by_task,
+        "label_stats": {k: v for k, v in label_stats.items() if not isinstance(v, (list, dict))},
+        "metrics": dict(metrics),
+        "models": models,
+    }
+
+
+def label_summary(label_dir: Path) -> dict[str, dict[str, float]]:
+    """Per task: labelled queries, queries without a signal, mean rank-aware reward."""
+    from lemb.pipeline.shards import read_stage
+
+    rows = read_stage(label_dir, ["query_id", "task", "n_samples", "reward"]).to_pylist()
+    out: dict[str, dict[str, float]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        part = [r for r in rows if r["task"] == task]
+        signal = {r["query_id"] for r in part if r["n_samples"]}
+        rewards = [r["reward"] for r in part if r["reward"] is not None]
+        out[task] = {
+            "queries": len({r["query_id"] for r in part}),
+            "with_signal": len(signal),
+            "mean_reward": float(np.mean(rewards)) if rewards else float("nan"),
+        }
+    return out
+
+
+def multitask_markdown(mt: dict[str, Any]) -> str:
+    rows = []
+    for kind in MT_KINDS:
+        m = mt["metrics"].get(kind, {})
+        metric = MT_MAIN_METRIC[kind]
+        counts = mt["counts"][kind]
+        rows.append(
+            [kind, metric, counts["train"], counts["dev"]]
+            + [m.get(name, {}).get(metric) for name in ("base", "multitask", f"only_{kind}")]
+        )
+    lines = [
+        "Main metric per task (perplexity: lower is better; the rest: higher is better).",
+        "",
+        md_table(["task", "metric", "train q", "dev q", "base", "one multi-task model", "one model per task"], rows),
+        "",
+        "All metrics:",
+        "",
+    ]
+    for kind in MT_KINDS:
+        m = mt["metrics"].get(kind, {})
+        names = [n for n in ("base", "multitask", f"only_{kind}") if n in m]
+        cols = sorted({c for n in names for c in m[n]})
+        lines += [
+            f"**{kind}**",
+            "",
+            md_table(["model", *cols], [[n, *[m[n].get(c) for c in cols]] for n in names]),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def qa_markdown(qa: dict[str, Any]) -> str:
+    cols = [
+        "recall@1", "recall@5", "ndcg@10",
+        "em_any_answer_top1", "accuracy_any_answer_top1", "em_any_answer_top3", "accuracy_any_answer_top3",
+    ]  # fmt: skip
+    rows = [[name, *[m.get(c, float("nan")) for c in cols]] for name, m in qa["metrics"].items()]
+    out = [
+        f"Dev: {qa['split']['dev']} questions for retrieval, the first {qa['dev_llm_queries']} of them for the"
+        f" LLM's answers; trained on {qa['split']['train']} labelled questions.",
+        "",
+        md_table(["variant", *cols], rows),
+        "",
+        "Reward vs gold passage on the labelled training questions (candidates of the base retrieval):",
+        "",
+        md_table(
+            ["ordering", "gold first", "MRR of gold", "queries"],
+            [[k, v["gold_first"], v["gold_mrr"], v["queries"]] for k, v in qa["reward_gold_agreement"].items()],
+        ),
+        "",
+        "Paired bootstrap (2,000 resamples of dev questions), 95% interval of the difference:",
+        "",
+        md_table(
+            ["comparison", "diff", "lo", "hi", "n"],
+            [[k, v["diff"], v["lo"], v["hi"], v["n"]] for k, v in qa["paired_bootstrap_95"].items()],
+        ),
+    ]
+    return "\n".join(out)
+
+
+def timings_markdown(seconds: dict[str, float]) -> str:
+    return md_table(["step", "seconds"], [[k, v] for k, v in seconds.items()])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--part", choices=("qa", "multitask", "all"), default="all")
+    p.add_argument("--out", type=Path, default=Path("runs/replicate"))
+    p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    p.add_argument("--queries", type=int, default=160, help="labelled training questions (qa)")
+    p.add_argument("--dev", type=int, default=320, help="dev questions for retrieval metrics (qa)")
+    p.add_argument("--dev-llm", type=int, default=100, help="first dev questions also answered by the LLM")
+    p.add_argument("--dev-fraction", type=float, default=0.2, help="share of questions in the dev split")
+    p.add_argument("--mt-queries", type=int, default=24, help="training queries per task kind (multitask)")
+    p.add_argument("--mt-dev", type=int, default=40, help="dev queries per task kind (multitask)")
+    p.add_argument("--mt-pool", type=int, default=250, help="demonstrations kept per ICL dataset (multitask)")
+    p.add_argument("--mt-qa-corpus", type=int, default=600, help="NQ passages kept in part 2 (golds first)")
+    p.add_argument("--qa-corpus", type=int, default=0, help="NQ passages kept in part 1, golds first (0: all)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=5, help="candidates per query (also the training group size)")
+    p.add_argument("--n-samples", type=int, default=6)
+    p.add_argument("--per-candidate-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--executor", choices=("ray", "local"), default="ray")
+    p.add_argument("--workers", type=int, default=0, help="label actors (0: fill the cluster)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    from lemb.pipeline.executor import quiet_libraries, set_threads
+
+    quiet_libraries()
+    set_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
+    results: dict[str, Any] = {"command": command, "args": vars(args) | {"out": str(args.out), "data": str(args.data)}}
+    results["machine"] = machine()
+    start = time.perf_counter()
+    sections: list[str] = []
+
+    def write() -> None:  # after each part, so a failure later keeps what is done
+        results["seconds"] = clock.seconds
+        results["total_seconds"] = round(time.perf_counter() - start, 1)
+        text = "\n".join([*sections, "## Wall time of each step", "", timings_markdown(clock.seconds), ""])
+        (args.out / f"results-{args.part}.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / f"results-{args.part}.md").write_text(text)
+
+    if args.part in ("qa", "all"):
+        results["qa"] = part_qa(args, args.out, clock)
+        sections += ["## Part 1: knowledge QA (NQ oracle)", "", qa_markdown(results["qa"]), ""]
+        write()
+    if args.part in ("multitask", "all"):
+        results["multitask"] = part_multitask(args, args.out, clock)
+        sections += ["## Part 2: one multi-task model vs one model per task", ""]
+        sections += [multitask_markdown(results["multitask"]), ""]
+        write()
+    print((args.out / f"results-{args.part}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
