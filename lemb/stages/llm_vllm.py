@@ -80,9 +80,13 @@ class VLLMBackend(LLMBackend):
         except OSError:
             eos = None
         self._init_codec(tokenizer, eos)
+        self.prefilled_tokens = 0
 
     def _run(self, prompts: list[list[int]], params: Any | list[Any]) -> list[Any]:
-        return self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        # prompt tokens the engine computed (cache hits excluded), for benchmarks and cost reports
+        self.prefilled_tokens += sum(len(p) - (o.num_cached_tokens or 0) for p, o in zip(prompts, outs))
+        return outs
 
     def _complete(self, prompts: list[list[int]], params: list[Any], max_new_tokens: int) -> list[list[list[int]]]:
         """Generated token ids per prompt and sample. vLLM's stop string "\\n" also stops at a newline before any

@@ -1,0 +1,229 @@
+"""Reward-labelling throughput: naive transformers scoring vs lemb's transformers and vLLM backends.
+
+The workload (the label stage's scoring): NQ questions from ../shared/data/knowledge_qa/nq_oracle (or --data), each
+with its gold passage and 3 other passages as candidates in the knowledge-QA prompt; the desired output (the first
+answer) and a pool of N = 8 samples of the bare prompt, all scored under every candidate's prompt. The pool is drawn
+once (transformers sampler, fixed seed) so every variant scores the same continuations. Variants, in one process,
+one after another, one thread:
+
+  naive         every prompt + continuation its own sequence, batched (TransformersLLM.score_naive)
+  transformers  lemb's transformers backend: the prompt's KV cache shared by its continuations
+  vllm          lemb's vLLM backend: all of a query's requests in one engine call, prompts read from the prefix cache
+
+Reported per variant: (query, candidate) pairs scored per second; LLM tokens processed per second (naive: prompt +
+continuation per sequence; transformers: the prompt once + continuations; vLLM: the tokens the engine computed, cache
+hits excluded); peak RSS while it ran; speedup over naive; flops_fraction: the workload's necessary FLOPs (the
+transformer body over each prompt once and every continuation token, the vocabulary projection for continuation
+tokens) per second, as a fraction of a dense float32 matmul measured in the same run on the same threads.
+max_abs_logprob_diff: the largest difference of a sequence's summed log-probability between any two variants.
+
+    python bench/label_throughput.py [--quick] [--json OUT]
+    python bench/label_throughput.py --llm Qwen/Qwen2.5-1.5B-Instruct --dtype bfloat16 --queries 64   # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "knowledge_qa" / "nq_oracle"
+
+
+def make_workload(data: Path, n_queries: int, n_candidates: int, seed: int = 0) -> list[dict[str, Any]]:
+    from lemb.data.tasks import build_prompt
+
+    corpus = {r["id"]: r["text"] for r in map(json.loads, (data / "corpus.jsonl").read_text().splitlines())}
+    ids = sorted(corpus)
+    rng = random.Random(seed)
+    queries = [q for q in map(json.loads, (data / "queries.jsonl").read_text().splitlines()) if q["answers"]]
+    work = []
+    for q in queries[:n_queries]:
+        others = rng.sample([i for i in ids if i not in q["positive_ids"]], n_candidates - 1)
+        passages = [corpus[q["positive_ids"][0]]] + [corpus[i] for i in others]
+        work.append({
+            "bare": build_prompt("qa", q["question"], None),
+            "prompts": [build_prompt("qa", q["question"], p) for p in passages],
+            "target": q["answers"][0],
+        })  # fmt: skip
+    return work
+
+
+class PeakRSS:
+    """Highest resident set size of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def matmul_flops(device: str, dtype: str, seconds: float = 3.0) -> float:
+    """FLOP/s of a dense square matmul: the machine's practical limit for this precision."""
+    import torch
+
+    n = 1024 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    (a @ b).sum().item()  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        (a @ b).sum().item()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def model_shape(path: str) -> tuple[int, int]:
+    """(transformer body parameters, vocabulary x hidden) of a model folder or hub id."""
+    from transformers import AutoConfig
+
+    from lemb.stages.label_plan import param_count
+
+    config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "text_config", config)
+    head = config.vocab_size * config.hidden_size
+    total = param_count(path)
+    if total is None:  # not a local safetensors folder: the architecture's count
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            total = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    tied = getattr(config, "tie_word_embeddings", False)
+    return total - (head if tied else 2 * head), head
+
+
+def naive_scores(llm: Any, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, int]]]:
+    return [llm.score_naive(message, continuations) for message, continuations in items]
+
+
+def run_variant(name: str, score: Any, work: list[dict[str, Any]], pools: list[list[str]]) -> dict[str, Any]:
+    """Score every query's continuations under each candidate prompt with `score(items) -> per-item scores`."""
+    scores = []
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for w, pool in zip(work, pools):
+            scores += score([(p, [w["target"], *pool]) for p in w["prompts"]])
+        seconds = time.perf_counter() - start
+    pairs = sum(len(w["prompts"]) for w in work)
+    print(f"{name}: {pairs} pairs in {seconds:.1f} s", flush=True)
+    return {"seconds": seconds, "pairs": pairs, "peak_rss_mb": rss.peak / 2**20, "scores": scores}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 queries instead of 16 (under 5 minutes here)")
+    parser.add_argument("--queries", type=int, default=None)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--llm", default=None, help="default: lemb's default LLM")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default="naive,transformers,vllm")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from lemb.data.tasks import task_spec
+    from lemb.pipeline.config import DEFAULT_LLM
+    from lemb.pipeline.executor import set_threads
+    from lemb.stages.llm import TransformersLLM, resolve_llm_path
+
+    set_threads(args.threads)
+    llm_name = args.llm or DEFAULT_LLM
+    n_queries = args.queries or (4 if args.quick else 16)
+    work = make_workload(args.data, n_queries, args.candidates)
+    variants = args.variants.split(",")
+    tf = TransformersLLM(llm_name, dtype=args.dtype)
+    device = tf.device.type
+    peak = matmul_flops(device, args.dtype)
+    budget = task_spec("qa").max_new_tokens
+    pools = [
+        sorted({s for s in tf.sample(w["bare"], args.samples, budget, 1.0, seed=i) if s} - {w["target"]})
+        for i, w in enumerate(work)
+    ]
+    body, head = model_shape(resolve_llm_path(llm_name))
+    prompt_tokens = [[len(tf._encode_prompt(p)) for p in w["prompts"]] for w in work]
+    cont_tokens = [[len(c) for c in tf._encode_continuations([w["target"], *pool])] for w, pool in zip(work, pools)]
+    # necessary FLOPs: body over each prompt once and every continuation token; vocabulary only where predicted
+    useful = sum(
+        2 * body * (p + sum(cs)) + 2 * head * sum(cs) for ps, cs in zip(prompt_tokens, cont_tokens) for p in ps
+    )
+    processed = {
+        "naive": sum(p * len(cs) + sum(cs) for ps, cs in zip(prompt_tokens, cont_tokens) for p in ps),
+        "transformers": sum(p + sum(cs) for ps, cs in zip(prompt_tokens, cont_tokens) for p in ps),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    if "naive" in variants:
+        results["naive"] = run_variant("naive", functools.partial(naive_scores, tf), work, pools)
+    if "transformers" in variants:
+        results["transformers"] = run_variant("transformers", tf.score_many, work, pools)
+    del tf  # the vLLM engine gets the memory (and, on a GPU, the device) to itself
+    gc.collect()
+    if "vllm" in variants:
+        from lemb.stages.llm_vllm import VLLMBackend
+
+        start = time.perf_counter()
+        engine = VLLMBackend(llm_name, dtype=args.dtype)
+        engine.score_many([(work[0]["bare"], [work[0]["target"]])])  # first-call warm-up, not timed
+        started = time.perf_counter() - start
+        engine.prefilled_tokens = 0
+        results["vllm"] = run_variant("vllm", engine.score_many, work, pools)
+        results["vllm"]["engine_start_s"] = started
+        processed["vllm"] = engine.prefilled_tokens
+    base = results.get("naive", {}).get("seconds")
+    out: dict[str, Any] = {"variants": {}}
+    for name, r in results.items():
+        out["variants"][name] = {
+            "pairs_per_s": r["pairs"] / r["seconds"],
+            "tokens_per_s": processed[name] / r["seconds"],
+            "peak_rss_mb": round(r["peak_rss_mb"], 1),
+            "speedup_vs_naive": base / r["seconds"] if base else None,
+            "flops_fraction": useful / r["seconds"] / peak,
+            "seconds": r["seconds"],
+            **({"engine_start_s": r["engine_start_s"]} if "engine_start_s" in r else {}),
+        }
+    # per-sequence summed log-probabilities (the scorers return the mean and the token count)
+    sums = {name: [s * n for per_item in r["scores"] for s, n in per_item] for name, r in results.items()}
+    names = list(sums)
+    out["max_abs_logprob_diff"] = max(
+        (abs(a - b) for i, x in enumerate(names) for y in names[i + 1 :] for a, b in zip(sums[x], sums[y])),
+        default=None,
+    )
+    out["workload"] = {
+        "llm": llm_name, "dtype": args.dtype, "device": device, "queries": n_queries,
+        "candidates": args.candidates, "pairs": n_queries * args.candidates, "samples": args.samples,
+        "distinct_pool_mean": sum(map(len, pools)) / len(pools),
+        "continuations_scored": sum(len(c) for c in cont_tokens) * args.candidates,
+        "prompt_tokens_mean": sum(map(sum, prompt_tokens)) / sum(map(len, prompt_tokens)),
+        "useful_flops": useful, "matmul_flops_per_s": peak, "threads": args.threads, "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }  # fmt: skip
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
