@@ -197,7 +197,7 @@ def eval_(
 ) -> None:
     """Retrieval metrics and the LLM's answer accuracy for each embedder; writes <run>/eval/."""
     from lemb.pipeline.config import EvalConfig, load_config
-    from lemb.trainer.report import table
+    from lemb.trainer.report import table, task_tables
     from lemb.workflow import evaluate_run
 
     named = {}
@@ -209,6 +209,7 @@ def eval_(
     cfg = load_config(EvalConfig, config, queries=queries, corpus=corpus, answer_k=answer_k, run=run, threads=threads)
     metrics = evaluate_run(cfg, named or None, progress=not quiet)
     typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
+    typer.echo("\n".join(task_tables(metrics)))
 
 
 @app.command()

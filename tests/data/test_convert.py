@@ -1,0 +1,130 @@
+"""`lemb convert`: shared data of each kind to stage-ready files, cut with positives kept; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lemb.cli import app
+from lemb.data.convert import SOURCES, cut
+from lemb.data.flagembedding import read_flagembedding
+from lemb.data.readers import read_keys, read_queries
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+def convert(*args: str):
+    return runner.invoke(app, ["convert", *args])
+
+
+def test_every_source_folder_exists(data):
+    for name, source in SOURCES.items():
+        assert (data / source.folder).exists(), name
+
+
+def test_six_kinds_into_one_set(data, tmp_path):
+    out = tmp_path / "mix"
+    sources = ["nq_oracle", "sst2", "msc", "gutenberg", "gorilla:huggingface", "trec_cast:automatic"]
+    result = convert(*sources, "--data", str(data), "--out", str(out), "--limit", "3", "--max-keys", "5")
+    assert result.exit_code == 0, result.stderr
+    assert "18 queries (chat 3, convsearch 3, icl 3, lrlm 3, qa 3, tool 3)" in result.stdout
+    queries, keys = read_queries(out / "queries.jsonl").to_pylist(), read_keys(out / "corpus.jsonl").to_pylist()
+    by_task = {t: [k for k in keys if k["task"] == t] for t in ("qa", "icl", "tool", "convsearch")}
+    assert all(len(part) == 5 for part in by_task.values())  # chat and lrlm candidates are the queries' own history
+    key_ids = {k["key_id"] for k in keys}
+    assert all(set(q["positive_ids"]) <= key_ids for q in queries if q["task"] not in ("chat", "lrlm"))
+    assert any(q["query_id"].startswith("gorilla-huggingface-") for q in queries)
+
+
+def test_cut_keeps_positives_first():
+    queries = [{"query_id": "q", "positive_ids": ["k9"]}, {"query_id": "r", "positive_ids": ["k8"]}]
+    keys = [{"key_id": f"k{i}"} for i in range(10)]
+    kept_q, kept_k = cut(queries, keys, limit=1, max_keys=3)
+    assert [q["query_id"] for q in kept_q] == ["q"]
+    assert [k["key_id"] for k in kept_k] == ["k0", "k1", "k9"]  # source order kept, the positive never dropped
+
+
+def test_flagembedding_in_and_out(data, tmp_path):
+    result = convert("flagembedding", "--data", str(data / "llm_embedder_toy"), "--out", str(tmp_path / "toy"))
+    assert result.exit_code == 0, result.stderr
+    assert "48 queries" in result.stdout and len(read_queries(tmp_path / "toy" / "queries.jsonl")) == 48
+    out = tmp_path / "fe"
+    result = convert(
+        "nq_oracle", "msc", "--data", str(data), "--out", str(out), "--limit", "2", "--format", "flagembedding"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["chat.json", "qa.json"]
+    queries, keys, _ = read_flagembedding(out / "qa.json")
+    first = json.loads((out / "qa.json").read_text().splitlines()[0])
+    assert first["query_id"] == "nq-q16e1d23474" and len(first["pos"]) == 1 and first["answers"]
+    assert queries[0]["positive_ids"] == [keys[0]["key_id"]]
+    chat, _, _ = read_flagembedding(out / "chat.json")
+    assert len(chat) == 2 and len(chat[0]["history"]) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["poem"], "unknown source 'poem'; known: nq_oracle"),
+        (["gorilla:pypi"], "source gorilla: unknown split 'pypi'; its splits: torchhub, tensorflowhub, huggingface"),
+        (["nq_oracle", "--limit", "0"], "--limit must be >= 1"),
+        (["nq_oracle", "nq_oracle"], "comes from both nq_oracle and nq_oracle"),
+        (["nq_oracle", "--format", "csv"], "--format must be one of lemb, flagembedding"),
+    ],
+)
+def test_bad_arguments_one_line(data, tmp_path, args, message):
+    result = convert(*args, "--data", str(data), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "source, path, content, message",
+    [
+        (
+            "msc",
+            "conv_memory/msc/session_3_test.jsonl",
+            '{"dialog": []}\n',
+            "line 1, field 'previous_dialogs': missing",
+        ),
+        (
+            "nq_oracle",
+            "knowledge_qa/nq_oracle/corpus.jsonl",
+            '{"id": "p1", "text": "x"}\n{oops\n',
+            "line 2: not valid JSON",
+        ),
+        ("sst2", "icl/sst2/stsa.binary.dev", "1 fine\n5 bad label\n", "line 2, field 'label'"),
+        ("toolalpaca", "tool_retrieval/toolalpaca/eval_real.json", "[3]", "not in the layout of source toolalpaca"),
+    ],
+)
+def test_bad_data_names_file_line_and_field(data, tmp_path, source, path, content, message):
+    root = tmp_path / "data"
+    for name in {
+        "msc": [],
+        "nq_oracle": ["queries.jsonl"],
+        "sst2": ["stsa.binary.train"],
+        "toolalpaca": ["eval_simulated.json"],
+    }[source]:
+        target = root / Path(path).parent / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((data / Path(path).parent / name).read_bytes())
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(content)
+    result = convert(source, "--data", str(root), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert str(root / Path(path).parent) in lines[0]  # the file, or for a layout problem its folder
+    assert not (tmp_path / "out").exists()
