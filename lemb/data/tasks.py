@@ -137,12 +137,22 @@ def task_spec(task: str) -> TaskSpec:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
 
 
+DEFAULT_PRESET = "llm-embedder"
+
+
 def instructions(preset: str | dict[str, tuple[str, str]], task: str) -> tuple[str, str]:
-    """(query instruction, key instruction) of `task` under a preset name or a user table."""
-    table = INSTRUCTION_PRESETS.get(preset) if isinstance(preset, str) else preset
-    if table is None:
-        raise ValueError(f"unknown instruction preset {preset!r}; known: {', '.join(INSTRUCTION_PRESETS)}")
-    return table.get(task, ("", ""))
+    """(query instruction, key instruction) of `task` under a preset name or a user table.
+
+    A user table `{task: [query_instruction, key_instruction]}` overrides the tasks it names; the
+    others keep the `llm-embedder` preset (write `["", ""]` for no instruction).
+    """
+    if isinstance(preset, str):
+        table = INSTRUCTION_PRESETS.get(preset)
+        if table is None:
+            raise ValueError(f"unknown instruction preset {preset!r}; known: {', '.join(INSTRUCTION_PRESETS)}")
+        return table.get(task, ("", ""))
+    query, key = preset.get(task) or INSTRUCTION_PRESETS[DEFAULT_PRESET].get(task, ("", ""))
+    return query, key
 
 
 def build_prompt(task: str, query: str, candidate: str | None) -> str:

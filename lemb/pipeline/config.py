@@ -58,8 +58,13 @@ def _check_instructions(value: Any) -> list[str]:
     if isinstance(value, str):
         return [] if value in INSTRUCTION_PRESETS else [f"unknown instruction preset {value!r}"]
     if isinstance(value, dict):
-        bad = [t for t in value if t not in TASKS]
-        return [f"instructions: unknown task {t!r}" for t in bad]
+        out = []
+        for task, pair in value.items():
+            if task not in TASKS:
+                out.append(f"instructions: unknown task {task!r}")
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+                out.append(f"instructions[{task}] must be [query_instruction, key_instruction], got {pair!r}")
+        return out
     return ["instructions must be a preset name or a table {task: [query_instruction, key_instruction]}"]
 
 
