@@ -195,7 +195,7 @@ def eval_(
     threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
-    """Retrieval metrics and the LLM's answer accuracy for each embedder; writes <run>/eval/."""
+    """Each task's metrics (TaskSpec.metrics) for each embedder, base vs trained; writes <run>/eval/."""
     from lemb.pipeline.config import EvalConfig, load_config
     from lemb.trainer.report import table, task_tables
     from lemb.workflow import evaluate_run
