@@ -16,6 +16,8 @@ hits excluded); peak RSS while it ran; speedup over naive; flops_fraction: the w
 transformer body over each prompt once and every continuation token, the vocabulary projection for continuation
 tokens) per second, as a fraction of a dense float32 matmul measured in the same run on the same threads.
 max_abs_logprob_diff: the largest difference of a sequence's summed log-probability between any two variants.
+vllm_forced_decode_lower_bound: what scoring by forced-token generation would cost at least (see the function);
+with --vllm-no-cache, vllm_prompt_logprobs_without_cache: vLLM's default (every request re-runs its prompt).
 
     python bench/label_throughput.py [--quick] [--json OUT]
     python bench/label_throughput.py --llm Qwen/Qwen2.5-1.5B-Instruct --dtype bfloat16 --queries 64   # one GPU
@@ -131,6 +133,26 @@ def run_variant(name: str, score: Any, work: list[dict[str, Any]], pools: list[l
     return {"seconds": seconds, "pairs": pairs, "peak_rss_mb": rss.peak / 2**20, "scores": scores}
 
 
+def forced_decode_bound(engine: Any, work: list[dict[str, Any]], pools: list[list[str]]) -> dict[str, float]:
+    """A lower bound on scoring by forced-token generation (a logits processor that admits only the continuation's
+    next token): the same requests, prompts read from the prefix cache, decoding as many tokens as each continuation
+    has, unconstrained. It needs one engine step per continuation token where prompt_logprobs needs one prefill."""
+    pairs, start = 0, time.perf_counter()
+    for w, pool in zip(work, pools):
+        conts = engine._encode_continuations([w["target"], *pool])
+        prompts = [engine._encode_prompt(p) for p in w["prompts"]]
+        engine._run(prompts, engine.SamplingParams(max_tokens=1, detokenize=False))  # cache the prompts
+        params = [
+            engine.SamplingParams(max_tokens=len(c), min_tokens=len(c), ignore_eos=True, temperature=0.0, logprobs=0,
+                                  detokenize=False)
+            for _ in prompts for c in conts
+        ]  # fmt: skip
+        engine._run([p for p in prompts for _ in conts], params)
+        pairs += len(prompts)
+    seconds = time.perf_counter() - start
+    return {"pairs_per_s": pairs / seconds, "seconds": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 queries instead of 16 (under 5 minutes here)")
@@ -143,6 +165,9 @@ def main() -> None:
     parser.add_argument("--variants", default="naive,transformers,vllm")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--vllm-no-cache", action="store_true", help="also time vLLM's default: prompt_logprobs without cache reads"
+    )
     args = parser.parse_args()
 
     from lemb.data.tasks import task_spec
@@ -181,6 +206,10 @@ def main() -> None:
         results["transformers"] = run_variant("transformers", tf.score_many, work, pools)
     del tf  # the vLLM engine gets the memory (and, on a GPU, the device) to itself
     gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
     if "vllm" in variants:
         from lemb.stages.llm_vllm import VLLMBackend
 
@@ -192,6 +221,10 @@ def main() -> None:
         results["vllm"] = run_variant("vllm", engine.score_many, work, pools)
         results["vllm"]["engine_start_s"] = started
         processed["vllm"] = engine.prefilled_tokens
+        decode_bound = forced_decode_bound(engine, work, pools)
+        if args.vllm_no_cache:
+            engine.read_prefix_cache = False
+            no_cache = run_variant("vllm without prefix-cache reads", engine.score_many, work, pools)
     base = results.get("naive", {}).get("seconds")
     out: dict[str, Any] = {"variants": {}}
     for name, r in results.items():
@@ -220,6 +253,13 @@ def main() -> None:
         "useful_flops": useful, "matmul_flops_per_s": peak, "threads": args.threads, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
+    if "vllm" in results:
+        out["vllm_forced_decode_lower_bound"] = decode_bound
+    if "vllm" in results and args.vllm_no_cache:
+        out["vllm_prompt_logprobs_without_cache"] = {
+            "pairs_per_s": no_cache["pairs"] / no_cache["seconds"],
+            "seconds": no_cache["seconds"],
+        }
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -81,6 +81,7 @@ class VLLMBackend(LLMBackend):
             eos = None
         self._init_codec(tokenizer, eos)
         self.prefilled_tokens = 0
+        self.read_prefix_cache = True  # False: vLLM's default for prompt_logprobs requests (benchmarks compare)
 
     def _run(self, prompts: list[list[int]], params: Any | list[Any]) -> list[Any]:
         outs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -163,10 +164,11 @@ class VLLMBackend(LLMBackend):
         _check_reduce(reduce)
         prompts = [self._encode_prompt(message) for message, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
-        distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
-        self._run(distinct, self.SamplingParams(max_tokens=1, detokenize=False))
+        if self.read_prefix_cache:
+            distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+            self._run(distinct, self.SamplingParams(max_tokens=1, detokenize=False))
         jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]
-        outs = self._run([prompts[i] + c for i, c in jobs], self._scoring(read_cache=True))
+        outs = self._run([prompts[i] + c for i, c in jobs], self._scoring(read_cache=self.read_prefix_cache))
         # rows before a request's cached length are not computed: its continuation must start after them
         redo = [k for k, (i, _) in enumerate(jobs) if (outs[k].num_cached_tokens or 0) > len(prompts[i]) - 1]
         if redo:

@@ -7,8 +7,10 @@ import sys
 import time
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
+from lemb.pipeline.config import default_backend
 from lemb.pipeline.shards import read_stage
 
 
@@ -82,3 +84,6 @@ def test_label_killed_and_rerun_equals_uninterrupted(labelled_run, tmp_path):
     ref, got = _table(tmp_path / "ref" / "label", keys), _table(tmp_path / "killed" / "label", keys)
     assert got.height == ref.height == 8
     assert got.equals(ref)  # same samples, log-probabilities and rewards
+    # the default backend ran: vLLM where it is installed (as `make install` does), else transformers
+    backend = pq.read_schema(tmp_path / "killed" / "label" / "part-00000.parquet").metadata[b"lemb.backend"]
+    assert backend.decode() == default_backend()
