@@ -153,6 +153,12 @@ def train(
     reward: Annotated[Optional[str], typer.Option(help="rank | likelihood | improvement")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: never).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 autocast of the encoder.")] = None,
+    grad_chunk: Annotated[Optional[int], typer.Option(help="Queries per gradient-cache chunk (0: off).")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.")] = None,
     run: Run = None,
     config: Config = None,
     threads: Threads = None,
@@ -172,11 +178,34 @@ def train(
         reward=reward,
         save_every=save_every,
         resume=resume,
+        precision=precision,
+        grad_chunk=grad_chunk,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device,
         run=run,
         threads=threads,
     )
     path = run_train(cfg, progress=not quiet)
     typer.echo(f"model: {path}")
+
+
+@app.command()
+@_user_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="A trained model folder, or a run folder (its train/model).")],
+    out: Annotated[Path, typer.Option(help="New folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="flagembedding (llm_embedder's layout).")] = "flagembedding",
+) -> None:
+    """Write a trained model in another project's layout, with its task instructions."""
+    import json
+
+    from lemb.trainer.export import FORMATS, export_flagembedding
+
+    if format not in FORMATS:
+        raise LembError(f"--format {format!r}: known formats are {', '.join(FORMATS)}")
+    path = export_flagembedding(model, out)
+    flags = json.loads((path / "export.json").read_text())["flags"]
+    typer.echo(f"exported to {path}; FlagEmbedding flags: {flags}")
 
 
 @app.command("eval")

@@ -153,6 +153,9 @@ class TrainConfig(RunSettings):
     self_paced: bool = False  # scale each task's loss by L_task(step 0) / L_task(now)
     max_length: int = 256
     grad_chunk: int = 0  # queries per gradient-cache chunk (0: off); bounds memory by the chunk, same gradients
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the encoder's forward (fp16 adds loss scaling)
+    gradient_checkpointing: bool = False  # recompute the encoder's activations in backward (less memory, ~30% slower)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     seed: int = 0
     save_every: int = 50  # checkpoint every N steps (0: never); `resume` continues from the last one
     resume: bool = False
@@ -168,6 +171,10 @@ class TrainConfig(RunSettings):
                 out.append(f"loss[{task}] must be graded, kl or contrastive, got {loss!r}")
         if self.grad_chunk < 0:
             out.append(f"grad_chunk must be >= 0, got {self.grad_chunk}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            out.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            out.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("group_size", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -248,7 +255,19 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
 
 # settings that change where or how fast a stage runs, not what it writes
 EXECUTION_ONLY = frozenset(
-    {"run", "executor", "address", "workers", "num_gpus", "threads", "max_retries", "restart", "save_every", "resume"}
+    {
+        "run",
+        "executor",
+        "address",
+        "workers",
+        "num_gpus",
+        "threads",
+        "max_retries",
+        "restart",
+        "save_every",
+        "resume",
+        "device",
+    }
 )
 
 

@@ -29,12 +29,14 @@ def resolve_embedder_path(name: str) -> str:
     return name
 
 
-def load_embedder(name: str, max_length: int = 256, trust_remote_code: bool = False, device: str = "cpu"):
-    """A SentenceTransformer; plain transformers folders get mean pooling from sentence-transformers."""
+def load_embedder(name: str, max_length: int | None = 256, trust_remote_code: bool = False, device: str = "cpu"):
+    """A SentenceTransformer; plain transformers folders get mean pooling from sentence-transformers.
+    `max_length=None` keeps the model's own setting."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_embedder_path(name), device=device, trust_remote_code=trust_remote_code)
-    model.max_seq_length = max_length
+    if max_length is not None:
+        model.max_seq_length = max_length
     return model
 
 

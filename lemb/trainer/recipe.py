@@ -29,7 +29,7 @@ from lemb.stages.encoder import load_embedder
 from lemb.stages.label import retrieve_inputs
 from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
-from lemb.trainer.step import World, backward_step
+from lemb.trainer.step import Precision, World, backward_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -55,8 +55,12 @@ class TrainRecipe:
         small = sorted({g.task for g in self.groups if sum(h.task == g.task for h in self.groups) < self.world.size})
         if small:
             raise LembError(f"tasks {small} have fewer queries than the {self.world.size} training processes")
-        self.model = load_embedder(c.embedder, c.max_length)
+        self.device = _device(c.device)
+        self.model = load_embedder(c.embedder, c.max_length, device=str(self.device))
+        if c.gradient_checkpointing:
+            self.model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.model.train()
+        self.precision = Precision.make(c.precision, self.device)
         self.sampler = TaskBatchSampler(self.groups, c.batch_size, c.task_weights or None, c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         warmup = int(c.warmup * c.steps)
@@ -83,6 +87,7 @@ class TrainRecipe:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "grad_scaler": self.precision.scaler.state_dict() if self.precision.scaler else {},
             "rewards": self._rewards_fingerprint(),
             "initial_loss": self.initial_loss,
             "history": self.history,
@@ -98,7 +103,7 @@ class TrainRecipe:
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.out / CHECKPOINT, weights_only=True)  # tensors and plain values only
+        state = torch.load(self.out / CHECKPOINT, weights_only=True, map_location="cpu")  # tensors, plain values
         if state["rewards"] != self._rewards_fingerprint():
             raise StageConflict(
                 f"{self.out / CHECKPOINT}: the run's reward shards changed since this checkpoint;"
@@ -114,6 +119,8 @@ class TrainRecipe:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler and state.get("grad_scaler"):
+            self.precision.scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -146,7 +153,7 @@ class TrainRecipe:
         task = batch[0].task
         spec = task_spec(task)
         q_instr, k_instr = instructions(c.instructions, task)
-        data = collate(batch, c.group_size)
+        data = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch, c.group_size).items()}
 
         def loss_fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
             return compute_loss(
@@ -162,7 +169,7 @@ class TrainRecipe:
 
         loss = backward_step(
             self.model, [q_instr + t for t in data["queries"]], [k_instr + t for t in data["keys"]], data["valid"],
-            loss_fn, chunk_size=c.grad_chunk, world=self.world, scale=scale,
+            loss_fn, chunk_size=c.grad_chunk, world=self.world, scale=scale, precision=self.precision,
         )  # fmt: skip
         return task, loss
 
@@ -179,7 +186,7 @@ class TrainRecipe:
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
             task, loss = self._step(batch)
-            self.optimizer.step()
+            self.precision.step(self.optimizer)
             self.scheduler.step()
             self.history.append({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps and self.world.rank == 0:
@@ -219,11 +226,22 @@ class TrainRecipe:
         return path
 
 
+def _device(setting: str) -> torch.device:
+    """`auto`: this process's GPU when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    if setting == "auto":
+        setting = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise LembError(f"device {setting!r} asked for, but torch sees no GPU (torch {torch.__version__})")
+    return torch.device(setting)
+
+
 def _init_distributed() -> World:
     """Join the process group that torchrun (or Ray Train) describes in the environment, if any."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World.current()
 

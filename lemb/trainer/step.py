@@ -15,12 +15,14 @@ ranks gives exactly the single-process gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from lemb.stages.encoder import embedding_dim
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -42,35 +44,91 @@ class World:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
-LENGTH_BUCKET = 16  # texts per forward pass when a batch is embedded in length order
+@dataclass
+class Precision:
+    """Mixed precision of the encoder's forward: autocast to bf16/fp16; fp16 also scales the loss.
+
+    Embeddings leave the encoder in float32, so the loss and the all-gather always run in float32.
+    The optimizer keeps float32 weights; with fp16, `unscale_and_step` skips steps with inf/nan gradients.
+    """
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    @classmethod
+    def make(cls, name: str, device: torch.device) -> Precision:
+        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        return cls(name, device.type, scaler)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=_DTYPES.get(self.name), enabled=self.name in _DTYPES)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
 
 
-def _forward(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
+# texts per forward pass when a batch is embedded in length order: small on CPU (less padding, same speed),
+# large on GPU, where many small passes leave it idle between kernel launches
+LENGTH_BUCKET = {"cpu": 16, "cuda": 256}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: torch.nn.Module, texts: list[str], precision: Precision | None = None) -> torch.Tensor:
+    precision = precision or Precision()
     features = model.preprocess(texts) if hasattr(model, "preprocess") else model.tokenize(texts)
-    return model(features)["sentence_embedding"]
+    device = model_device(model)
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+    with precision.autocast():
+        return model(features)["sentence_embedding"].float()
 
 
-def embed_texts(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
-    """Embeddings in input order, computed in buckets of similar length (short texts are not padded to the longest)."""
-    if len(texts) <= LENGTH_BUCKET:
-        return _forward(model, texts)
-    lengths = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+def embed_texts(model: torch.nn.Module, texts: list[str], precision: Precision | None = None) -> torch.Tensor:
+    """Float32 embeddings in input order, computed in buckets of similar length (short texts are not padded to the
+    longest)."""
+    precision = precision or Precision()
+    bucket = LENGTH_BUCKET.get(model_device(model).type, LENGTH_BUCKET["cuda"])
+    if len(texts) <= bucket:
+        return _forward(model, texts, precision)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # characters: a free proxy for tokens
     parts = [
-        _forward(model, [texts[i] for i in order[s : s + LENGTH_BUCKET]]) for s in range(0, len(order), LENGTH_BUCKET)
+        _forward(model, [texts[i] for i in order[s : s + bucket]], precision) for s in range(0, len(order), bucket)
     ]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(parts)[inverse]
+    return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
-def _embed_keys(model, keys: list[str], valid: list[bool], dim: int, dtype) -> torch.Tensor:
+def _embed_keys(model, keys: list[str], valid: list[bool], dim: int, precision: Precision) -> torch.Tensor:
     """(len(keys), dim) with zero rows at padding slots (masked out by the loss)."""
     idx = [i for i, ok in enumerate(valid) if ok]
-    out = torch.zeros(len(keys), dim, dtype=dtype)
+    device = model_device(model)
+    out = torch.zeros(len(keys), dim, device=device)
     if idx:
-        out = out.index_copy(0, torch.tensor(idx), embed_texts(model, [keys[i] for i in idx]))
+        rows = embed_texts(model, [keys[i] for i in idx], precision)
+        out = out.index_copy(0, torch.tensor(idx, device=device), rows)
     return out
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators dropout draws from: the CPU's, and the model's GPU's when it runs on one."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _gather(local: torch.Tensor, world: World) -> torch.Tensor:
@@ -96,49 +154,51 @@ def backward_step(
     chunk_size: int = 0,
     world: World | None = None,
     scale: Callable[[float], float] = lambda loss: 1.0,
+    precision: Precision | None = None,
 ) -> float:
     """Accumulate the gradients of scale(L) * L for the global batch into `model`; return L.
 
     `queries` (B) and `keys` (B*M, padding slots marked False in `valid`) are the global batch;
-    `loss_fn(q (B, d), k (B, M, d))` is the loss on all of it.
+    `loss_fn(q (B, d), k (B, M, d))` is the loss on all of it, computed in float32.
     """
     world = world or World.current()
+    precision = precision or Precision()
     b, group = valid.shape
     mine = world.part(b)
     local_q = queries[mine]
     key_slice = slice(mine.start * group, mine.stop * group)
     local_k, local_valid = keys[key_slice], valid.reshape(-1)[key_slice].tolist()
     dim = embedding_dim(model)
-    dtype = next(model.parameters()).dtype
+    device = model_device(model)
 
     if not chunk_size:
-        q = _gather(embed_texts(model, local_q), world)
-        k = _gather(_embed_keys(model, local_k, local_valid, dim, dtype), world).reshape(b, group, dim)
+        q = _gather(embed_texts(model, local_q, precision), world)
+        k = _gather(_embed_keys(model, local_k, local_valid, dim, precision), world).reshape(b, group, dim)
         loss = loss_fn(q, k)
-        (loss * scale(loss.item())).backward()
+        precision.backward(loss * scale(loss.item()))
     else:
         q_parts, k_parts, states = [], [], []
         with torch.no_grad():
             for s in _chunks(len(local_q), chunk_size):
-                states.append(torch.get_rng_state())
-                q_parts.append(embed_texts(model, local_q[s]))
+                states.append(_rng_state(device))
+                q_parts.append(embed_texts(model, local_q[s], precision))
             for s in _chunks(len(local_k), chunk_size * group):
-                states.append(torch.get_rng_state())
-                k_parts.append(_embed_keys(model, local_k[s], local_valid[s], dim, dtype))
+                states.append(_rng_state(device))
+                k_parts.append(_embed_keys(model, local_k[s], local_valid[s], dim, precision))
         q_leaf = torch.cat(q_parts).requires_grad_()
         k_leaf = torch.cat(k_parts).requires_grad_()
         loss = loss_fn(_gather(q_leaf, world), _gather(k_leaf, world).reshape(b, group, dim))
-        (loss * scale(loss.item())).backward()
-        rng_after = torch.get_rng_state()
+        precision.backward(loss * scale(loss.item()))
+        rng_after = _rng_state(device)
         replay = iter(states)
         for s in _chunks(len(local_q), chunk_size):
-            torch.set_rng_state(next(replay))
-            embed_texts(model, local_q[s]).backward(q_leaf.grad[s])
+            _set_rng_state(next(replay), device)
+            embed_texts(model, local_q[s], precision).backward(q_leaf.grad[s])  # grads carry the loss scale
         for s in _chunks(len(local_k), chunk_size * group):
-            torch.set_rng_state(next(replay))
+            _set_rng_state(next(replay), device)
             if any(local_valid[s]):
-                _embed_keys(model, local_k[s], local_valid[s], dim, dtype).backward(k_leaf.grad[s])
-        torch.set_rng_state(rng_after)
+                _embed_keys(model, local_k[s], local_valid[s], dim, precision).backward(k_leaf.grad[s])
+        _set_rng_state(rng_after, device)
     if world.size > 1:
         for p in model.parameters():
             if p.grad is not None:

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, collate
 from lemb.trainer.losses import graded_loss
-from lemb.trainer.step import World, backward_step
+from lemb.trainer.step import Precision, World, backward_step
 
 TEXTS = ["capital of Zorbia", "Quelm is the seat of government", "tide tables of the harbor", "my pet glimmerfox"]
 
@@ -34,10 +34,16 @@ def _batch():
     return collate(groups, 3)
 
 
-def _grads(chunk_size=0, world=None, dropout=False):
+def _grads(chunk_size=0, world=None, dropout=False, precision=None, checkpointing=False):
     torch.manual_seed(0)
     model = load_embedder("all-minilm-l6-v2", 64)
     model.train(dropout)  # eval: no dropout, so any chunking sees the same function
+    if checkpointing:
+        model.train()  # transformers checkpoints only in training mode; dropout stays off below
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model[0].auto_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data = _batch()
 
     def loss_fn(q, k):
@@ -46,8 +52,9 @@ def _grads(chunk_size=0, world=None, dropout=False):
         )
 
     loss = backward_step(
-        model, data["queries"], data["keys"], data["valid"], loss_fn, chunk_size=chunk_size, world=world
-    )
+        model, data["queries"], data["keys"], data["valid"], loss_fn, chunk_size=chunk_size, world=world,
+        precision=precision,
+    )  # fmt: skip
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -74,6 +81,36 @@ def test_gradient_cache_replays_dropout_masks():
     for name, g in grads.items():
         torch.testing.assert_close(g, plain[name], atol=1e-5, rtol=1e-4)
     assert _grads(chunk_size=1, dropout=True)[0] != pytest.approx(plain_loss, abs=1e-9)  # other chunks, other masks
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(reference):
+    loss, grads = _grads(checkpointing=True)
+    assert loss == pytest.approx(reference[0], abs=1e-6)
+    assert grads.keys() == reference[1].keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference[1][name], atol=1e-5, rtol=1e-4)
+
+
+def _cosine(a: dict, b: dict) -> float:
+    x = torch.cat([a[n].flatten() for n in sorted(a)])
+    y = torch.cat([b[n].flatten() for n in sorted(a)])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_autocast_tracks_float32(reference, name):
+    precision = Precision.make(name, torch.device("cpu"))
+    loss, grads = _grads(precision=precision)
+    assert loss == pytest.approx(reference[0], rel=0.05)
+    assert grads.keys() == reference[1].keys()
+    assert all(g.dtype == torch.float32 for g in grads.values())  # float32 master weights and gradients
+    scale = precision.scaler.get_scale() if precision.scaler else 1.0
+    assert (scale > 1.0) == (name == "fp16")  # fp16 scales the loss so small gradients survive
+    unscaled = {n: g / scale for n, g in grads.items()}
+    assert _cosine(unscaled, reference[1]) > 0.98
+    # the gradient cache keeps the loss scale through the chunked backward
+    chunked_loss, chunked = _grads(chunk_size=1, precision=Precision.make(name, torch.device("cpu")))
+    assert _cosine({n: g / scale for n, g in chunked.items()}, reference[1]) > 0.98
 
 
 def _worker(rank, port, chunk, out):
@@ -108,6 +145,6 @@ def test_length_buckets_keep_input_order():
 
     model = load_embedder("all-minilm-l6-v2", 64)
     model.eval()
-    texts = [("word " * (i * 7 % 23 + 1)).strip() + f" {i}" for i in range(LENGTH_BUCKET * 2 + 5)]
+    texts = [("word " * (i * 7 % 23 + 1)).strip() + f" {i}" for i in range(LENGTH_BUCKET["cpu"] * 2 + 5)]
     with torch.no_grad():
         torch.testing.assert_close(embed_texts(model, texts), _forward(model, texts), atol=2e-5, rtol=1e-4)
