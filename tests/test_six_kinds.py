@@ -103,3 +103,16 @@ def test_each_task_reports_its_own_metrics(run):
     for task in TASKS:
         assert f"## {task} (2 queries)" in report
     assert "| perplexity |" in report and "| ndcg@3 |" in report and "| ndcg@5 |" in report
+
+
+def test_perplexity_is_of_the_target_with_the_top_retrieved_history_item(run):
+    from lemb.data.tasks import build_prompt
+    from lemb.stages.llm import TransformersLLM
+
+    details = json.loads((run / "eval" / "details.json").read_text())["trained"]
+    queries = read_queries(run.parent / "data" / "queries.jsonl").to_pylist()
+    q = next(q for q in queries if q["task"] == "lrlm")
+    top = details["ranking"][q["query_id"]][0][0]
+    prompt = build_prompt("lrlm", q["text"], q["history"][int(top.rsplit("#h", 1)[1])])
+    expected = TransformersLLM().score(prompt, [q["target"]], reduce="sum")[0]
+    assert details["target_logprobs"][q["query_id"]] == pytest.approx(list(expected), rel=1e-6)
