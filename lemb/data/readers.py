@@ -19,27 +19,7 @@ from lemb.errors import InputError
 
 def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) pairs; the location is 'line N' for JSONL and 'row N' for Parquet."""
-    if not path.exists():
-        raise InputError(path, "file", None, "not found")
-    if path.suffix == ".parquet":
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(path, "file", None, f"not a readable Parquet file ({exc})") from None
-        return [(f"row {i + 1}", r) for i, r in enumerate(rows)]
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"line {n}", None, f"not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(path, f"line {n}", None, "expected a JSON object")
-            out.append((f"line {n}", record))
-    return out
+    return list(_iter_raw(path, 65_536))
 
 
 def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Schema, id_field: str) -> dict[str, Any]:
@@ -67,6 +47,53 @@ def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Sch
     if clean["task"] not in schemas.TASKS:
         raise InputError(path, label, "task", f"unknown task {clean['task']!r}; known: {', '.join(schemas.TASKS)}")
     return clean
+
+
+def _iter_raw(path: Path, batch_rows: int):
+    """(location, record) pairs, read a batch at a time (JSONL line by line, Parquet by record batch)."""
+    if not path.exists():
+        raise InputError(path, "file", None, "not found")
+    if path.suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(path)
+            n = 0
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                for r in batch.to_pylist():
+                    n += 1
+                    yield f"row {n}", r
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path, "file", None, f"not a readable Parquet file ({exc})") from None
+        return
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"line {n}", None, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(path, f"line {n}", None, "expected a JSON object")
+            yield f"line {n}", record
+
+
+def iter_keys(path: str | Path, batch_rows: int = 10_000):
+    """Validated key records as tables of up to `batch_rows` rows, with a `_where` column (line or row), so a
+    corpus of any size is read in bounded memory. Duplicate ids are left to `shards.partition`, which sees
+    every copy of an id in the same shard."""
+    path = Path(path)
+    schema = schemas.KEY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
+    records: list[dict[str, Any]] = []
+    any_records = False
+    for where, raw in _iter_raw(path, batch_rows):
+        records.append({**_check_record(path, where, raw, schemas.KEY, "key_id"), schemas.WHERE: where})
+        if len(records) == batch_rows:
+            yield pa.Table.from_pylist(records, schema=schema)
+            any_records, records = True, []
+    if records:
+        yield pa.Table.from_pylist(records, schema=schema)
+    elif not any_records:
+        raise InputError(path, "file", None, "no records")
 
 
 def _read(path: str | Path, schema: pa.Schema, id_field: str) -> pa.Table:

@@ -72,6 +72,9 @@ REWARD = pa.schema(
 )
 
 
+WHERE = "_where"  # column of streamed input batches: each record's line or row in its file, for error messages
+
+
 def history_key_id(query_id: str, index: int) -> str:
     """Key id of the `index`-th history item of a query (chat / lrlm candidates are the query's own history)."""
     return f"{query_id}#h{index}"

@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
 from lemb.pipeline.config import RunSettings
 from lemb.pipeline.shards import ShardPlan, finish_stage, open_stage, write_shard
@@ -70,7 +72,11 @@ def set_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def run_shard(stage: Stage, stage_dir: Path, index: int, table: pa.Table) -> dict[str, Any]:
+def run_shard(stage: Stage, stage_dir: Path, index: int, table: pa.Table | str) -> dict[str, Any]:
+    """Process one shard's rows (a table, or the path of a partitioned input file) and write its output."""
+    if isinstance(table, str):
+        table = pq.read_table(table)
+        table = table.drop_columns([WHERE]) if WHERE in table.column_names else table
     start = time.perf_counter()
     stage.counters.clear()
     out = stage.process(table) if table.num_rows else stage.output_schema.empty_table()
@@ -89,7 +95,7 @@ class _Worker:
         self.stage = factory()
         self.stage.setup()
 
-    def run(self, stage_dir: str, index: int, table: pa.Table) -> dict[str, Any]:
+    def run(self, stage_dir: str, index: int, table: pa.Table | str) -> dict[str, Any]:
         return run_shard(self.stage, Path(stage_dir), index, table)
 
 
@@ -115,7 +121,7 @@ def check_columns(table: pa.Table, required: tuple[str, ...], what: str) -> None
 
 def run_stage(
     factory: Callable[[], Stage],
-    work: pa.Table,
+    work: pa.Table | ShardPlan,
     id_column: str,
     stage_dir: Path,
     settings: RunSettings,
@@ -124,23 +130,38 @@ def run_stage(
     inputs: list[str | Path | None],
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every pending shard of a stage; return the stage's aggregated stats."""
+    """Run every pending shard of a stage; return the stage's aggregated stats.
+
+    `work` is the whole work table, or a partitioned plan (`shards.partition`) whose per-shard input files
+    the workers read themselves, so that no process holds more than a shard."""
     stage_cls = factory.func if hasattr(factory, "func") else factory  # functools.partial or class
-    check_columns(work, stage_cls.required_columns, f"{stage_cls.name} input")
-    plan = ShardPlan.from_ids(work.column(id_column).to_pylist(), settings.shards)
+    if isinstance(work, ShardPlan):
+        plan = work
+        first = next((p for i, p in enumerate(plan.inputs) if plan.rows(i)), None)
+        if first is not None:
+            check_columns(pq.read_schema(first).empty_table(), stage_cls.required_columns, f"{stage_cls.name} input")
+    else:
+        check_columns(work, stage_cls.required_columns, f"{stage_cls.name} input")
+        plan = ShardPlan.from_ids(work.column(id_column).to_pylist(), settings.shards)
     done = open_stage(stage_dir, stage_cls.name, config, config_hash, inputs, plan, restart=settings.restart)
-    pending = [i for i in range(len(plan)) if i not in done and plan.ids[i]]
-    empty = [i for i in range(len(plan)) if i not in done and not plan.ids[i]]
+    pending = [i for i in range(len(plan)) if i not in done and plan.rows(i)]
+    empty = [i for i in range(len(plan)) if i not in done and not plan.rows(i)]
     if done:
         log.info("%s: %d of %d shards already done, skipping them", stage_cls.name, len(done), len(plan))
-    id_type = work.column(id_column).type
-    tables = {
-        i: work.filter(pc.is_in(work.column(id_column), pa.array(plan.ids[i], id_type))) for i in pending + empty
-    }
+    if isinstance(work, ShardPlan):
+        empty_table = stage_cls.output_schema.empty_table()
+        tables = {i: str(plan.inputs[i]) if plan.rows(i) else empty_table for i in pending + empty}
+    else:
+        id_type = work.column(id_column).type
+        tables = {
+            i: work.filter(pc.is_in(work.column(id_column), pa.array(plan.ids[i], id_type))) for i in pending + empty
+        }
     failures: list[dict[str, Any]] = []
     if pending or empty:
         runner = _run_local if settings.executor == "local" else _run_ray
         failures = runner(factory, stage_dir, pending, empty, tables, plan, settings, progress, stage_cls.name)
+        for f in failures:
+            f["ids"] = plan.shard_ids(f["shard"], id_column)
     stats = finish_stage(stage_dir, len(plan), failures)
     if failures:
         first = failures[0]
@@ -155,7 +176,7 @@ def _failure(index: int, plan: ShardPlan, error: BaseException, attempts: int = 
     log.error("shard %d failed: %s", index, error)
     return {
         "shard": index,
-        "ids": plan.ids[index],
+        "ids": [],  # filled in by run_stage (a partitioned plan reads them from the shard's input file)
         "error": f"{type(error).__name__}: {error}",
         "attempts": attempts,
         "traceback": "".join(traceback.format_exception(error))[-4000:],

@@ -12,15 +12,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import lemb
-from lemb.errors import LembError, StageConflict
+from lemb.data.schemas import WHERE
+from lemb.errors import InputError, LembError, StageConflict
 
 MANIFEST = "_manifest.json"
 STATS = "_stats.json"
@@ -34,17 +37,79 @@ def shard_of(item_id: str, n_shards: int) -> int:
 
 @dataclass
 class ShardPlan:
-    ids: list[list[str]]  # ids[s] = sorted ids of shard s
+    """Which ids each shard holds. In-memory work lists the ids (`ids[s]`, sorted); work streamed from a file
+    into per-shard input files (`partition`) keeps only each shard's row count and a digest of its ids, so
+    the driver's memory does not grow with the input."""
+
+    ids: list[list[str]] | None = None
+    digests: list[dict[str, Any]] | None = None  # [{"rows": n, "ids_digest": hex}] per shard
+    inputs: list[Path] | None = None  # per-shard input files of a partitioned plan
 
     @classmethod
     def from_ids(cls, ids: list[str], n_shards: int) -> ShardPlan:
         buckets: list[list[str]] = [[] for _ in range(n_shards)]
         for item in sorted(set(ids)):
             buckets[shard_of(item, n_shards)].append(item)
-        return cls(buckets)
+        return cls(ids=buckets)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.ids if self.ids is not None else self.digests)
+
+    def rows(self, index: int) -> int:
+        return len(self.ids[index]) if self.ids is not None else self.digests[index]["rows"]
+
+    def shard_ids(self, index: int, id_column: str) -> list[str]:
+        if self.ids is not None:
+            return self.ids[index]
+        return sorted(pq.read_table(self.inputs[index], columns=[id_column]).column(id_column).to_pylist())
+
+    def describe(self) -> list:
+        """What the manifest records (and a rerun must match)."""
+        return self.ids if self.ids is not None else self.digests
+
+
+def _ids_digest(ids: list[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for item in sorted(ids):
+        digest.update(item.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def partition(
+    batches: Iterable[pa.Table], id_column: str, n_shards: int, folder: Path, source: str | Path
+) -> ShardPlan:
+    """Stream validated record batches into one Parquet input file per shard, then check each shard for
+    duplicate ids (a repeated id always lands in the same shard). Memory: one batch, then one shard."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    paths = [folder / f"input-{i:05d}.parquet" for i in range(n_shards)]
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for batch in batches:
+            shard = pa.array([shard_of(item, n_shards) for item in batch.column(id_column).to_pylist()])
+            for i in set(shard.to_pylist()):
+                part = batch.filter(pc.equal(shard, i))
+                if i not in writers:
+                    writers[i] = pq.ParquetWriter(paths[i], batch.schema)
+                writers[i].write_table(part)
+    finally:
+        for w in writers.values():
+            w.close()
+    digests = []
+    for i, path in enumerate(paths):
+        if i not in writers:
+            digests.append({"rows": 0, "ids_digest": _ids_digest([])})
+            continue
+        table = pq.read_table(path, columns=[id_column, WHERE])
+        ids, where = table.column(id_column).to_pylist(), table.column(WHERE).to_pylist()
+        seen: dict[str, str] = {}
+        for item, place in zip(ids, where):
+            if item in seen:
+                raise InputError(source, place, id_column, f"duplicate id {item!r} (first at {seen[item]})")
+            seen[item] = place
+        digests.append({"rows": len(ids), "ids_digest": _ids_digest(ids)})
+    return ShardPlan(digests=digests, inputs=paths)
 
 
 def shard_path(stage_dir: Path, index: int) -> Path:
@@ -127,14 +192,14 @@ def open_stage(
         "config": config,
         "config_hash": config_hash,
         "inputs": input_fingerprint(inputs),
-        "plan": plan.ids,
+        "plan": plan.describe(),
         "lemb_version": lemb.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = stage_dir / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
-        same = old["config_hash"] == config_hash and old["plan"] == plan.ids
+        same = old["config_hash"] == config_hash and old["plan"] == plan.describe()
         same = same and [(i["path"], i["size"], i["mtime_ns"]) for i in old["inputs"]] == [
             (i["path"], i["size"], i["mtime_ns"]) for i in manifest["inputs"]
         ]

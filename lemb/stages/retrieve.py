@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from lemb.data import schemas
-from lemb.data.readers import read_keys, read_queries
+from lemb.data.readers import iter_keys, read_queries
 from lemb.data.tasks import instructions
 from lemb.errors import InputError
 from lemb.pipeline.config import RetrieveConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import Stage, run_stage
+from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder, resolve_embedder_path
 from lemb.stages.index import TaskIndex, indexes_from_shards
 
@@ -110,47 +112,91 @@ class SearchQueries(Stage):
         return pa.table(out, schema=self.output_schema)
 
 
-def check_positives(queries: pa.Table, keys: pa.Table | None, path: str) -> None:
-    """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item."""
-    ids_by_task: dict[str, set[str]] = {}
-    if keys is not None:
-        for kid, task in zip(keys.column("key_id").to_pylist(), keys.column("task").to_pylist()):
-            ids_by_task.setdefault(task, set()).add(kid)
+def positive_ids(queries: pa.Table) -> set[str]:
+    """Positive ids of the shared-pool queries: the only key ids the driver keeps while the corpus streams by."""
+    out: set[str] = set()
+    for task, ids in zip(queries.column("task").to_pylist(), queries.column("positive_ids").to_pylist()):
+        if task not in schemas.PER_QUERY_TASKS:
+            out.update(ids)
+    return out
+
+
+def check_positives(queries: pa.Table, key_tasks: set[str], positive_task: dict[str, str], path: str) -> None:
+    """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item.
+
+    `key_tasks`: the tasks the corpus has keys for; `positive_task`: the task of each positive id found in it."""
     for q in queries.to_pylist():
         if q["task"] in schemas.PER_QUERY_TASKS:
             valid = {schemas.history_key_id(q["query_id"], i) for i in range(len(q["history"]))}
-        elif q["task"] not in ids_by_task:
+            bad = [p for p in q["positive_ids"] if p not in valid]
+        elif q["task"] not in key_tasks:
             raise InputError(
                 path, f"query_id {q['query_id']!r}", "task", f"no keys of task {q['task']!r} in the corpus"
             )
         else:
-            valid = ids_by_task[q["task"]]
-        for p in q["positive_ids"]:
-            if p not in valid:
-                raise InputError(
-                    path,
-                    f"query_id {q['query_id']!r}",
-                    "positive_ids",
-                    f"{p!r} is not in the corpus ({q['task']} keys)",
-                )
+            bad = [p for p in q["positive_ids"] if positive_task.get(p) != q["task"]]
+        if bad:
+            problem = f"{bad[0]!r} is not in the corpus ({q['task']} keys)"
+            raise InputError(path, f"query_id {q['query_id']!r}", "positive_ids", problem)
+
+
+def check_positives_in(queries: pa.Table, keys: pa.Table | None, path: str) -> None:
+    """check_positives against a corpus already in memory."""
+    if keys is None:
+        return check_positives(queries, set(), {}, path)
+    wanted = positive_ids(queries)
+    ids, tasks = keys.column("key_id").to_pylist(), keys.column("task").to_pylist()
+    check_positives(queries, set(tasks), {k: t for k, t in zip(ids, tasks) if k in wanted}, path)
+
+
+def partition_corpus(config: RetrieveConfig, queries: pa.Table, folder: Path) -> ShardPlan:
+    """Stream the corpus into per-shard input files, validating every record and the queries' positives on
+    the way: the driver holds one batch of keys at a time, plus the positive ids of the queries."""
+    wanted = positive_ids(queries)
+    key_tasks: set[str] = set()
+    positive_task: dict[str, str] = {}
+
+    def batches():
+        for batch in iter_keys(config.corpus):
+            key_tasks.update(batch.column("task").unique().to_pylist())
+            for kid, task in zip(batch.column("key_id").to_pylist(), batch.column("task").to_pylist()):
+                if kid in wanted:
+                    positive_task[kid] = task
+            yield batch
+
+    plan = partition(batches(), "key_id", config.shards, folder, config.corpus)
+    check_positives(queries, key_tasks, positive_task, config.queries)
+    return plan
 
 
 def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
-    """Run both steps; returns their stats. Inputs are validated in full before anything is written."""
+    """Run both steps; returns their stats. Inputs are validated in full before anything is written.
+
+    The corpus is streamed into per-shard input files (a hidden folder beside the stage output, removed at
+    the end), so neither the driver nor a worker holds more than a shard of it; the queries are read whole."""
     resolve_embedder_path(config.embedder)  # a missing model fails here, not in every worker
     queries = read_queries(config.queries)
-    keys = read_keys(config.corpus) if config.corpus else None
-    check_positives(queries, keys, config.queries)
     out = Path(config.run) / "retrieve"
     table = {t: instructions(config.instructions, t) for t in schemas.TASKS}
     settings, digest = to_dict(config), config_hash(config, {"instructions": table})
     inputs = [config.queries, config.corpus]
     stats: dict[str, Any] = {}
     keys_dir = None
-    if keys is not None:
-        keys_dir = out / "keys"
-        factory = functools.partial(EmbedKeys, config)
-        stats["keys"] = run_stage(factory, keys, "key_id", keys_dir, config, settings, digest, inputs, progress)
+    staging = out / ".keys-input"
+    new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
+    try:
+        if config.corpus:
+            plan = partition_corpus(config, queries, staging)
+            keys_dir = out / "keys"
+            factory = functools.partial(EmbedKeys, config)
+            stats["keys"] = run_stage(factory, plan, "key_id", keys_dir, config, settings, digest, inputs, progress)
+        else:
+            check_positives(queries, set(), {}, config.queries)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for d in reversed(new_dirs):
+            if d.exists() and not any(d.iterdir()):
+                d.rmdir()
     factory = functools.partial(SearchQueries, config, str(keys_dir) if keys_dir else None)
     stats["candidates"] = run_stage(
         factory, queries, "query_id", out / "candidates", config, settings, digest, inputs, progress

@@ -35,7 +35,7 @@ from lemb.pipeline.config import EvalConfig
 from lemb.pipeline.executor import set_threads
 from lemb.stages.encoder import Encoder
 from lemb.stages.index import TaskIndex
-from lemb.stages.retrieve import check_positives, history_index
+from lemb.stages.retrieve import check_positives_in, history_index
 
 log = logging.getLogger(__name__)
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")  # the "all" row, over every task's queries
@@ -229,7 +229,7 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
     set_threads(config.threads)
     queries = read_queries(config.queries)
     keys = read_keys(config.corpus) if config.corpus else None
-    check_positives(queries, keys, config.queries)
+    check_positives_in(queries, keys, config.queries)
     records = queries.to_pylist()
     llm = None
     if config.answer_k > 0 and any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in records):
