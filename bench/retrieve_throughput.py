@@ -4,6 +4,8 @@
 
 Encoding uses the NQ passages of ../shared/data/knowledge_qa/nq_oracle; index timings use synthetic
 unit vectors (384 dimensions, as all-MiniLM-L6-v2), 1,000 queries, recall@10 against exact search.
+Driver memory: peak Python allocations while the retrieve stage streams a synthetic corpus of each size
+(~600-byte passages) into shard inputs, against reading it whole.
 """
 
 from __future__ import annotations
@@ -79,6 +81,36 @@ def bench_indexes(sizes: list[int], dim: int = 384, n_queries: int = 1000) -> li
     return rows
 
 
+def bench_driver_memory(sizes: list[int], shards: int = 16) -> list[dict]:
+    import tempfile
+    import tracemalloc
+
+    from lemb.data.readers import iter_keys, read_keys
+    from lemb.pipeline.shards import partition
+
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus.jsonl"
+            with open(corpus, "w") as fh:
+                for i in range(n):
+                    fh.write(json.dumps({"key_id": f"k{i}", "task": "qa", "text": f"passage {i} " + "w" * 600}) + "\n")
+            peaks = {}
+            for name in ("read_whole", "streamed"):
+                tracemalloc.start()
+                if name == "read_whole":
+                    read_keys(corpus)
+                else:
+                    partition(iter_keys(corpus), "key_id", shards, Path(tmp) / "parts", corpus)
+                peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+                tracemalloc.stop()
+            rows.append(
+                {"n": n, "file_mb": corpus.stat().st_size / 2**20, **{f"{k}_peak_mb": v for k, v in peaks.items()}}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=512)
@@ -91,6 +123,7 @@ def main() -> None:
     report = {"encode": bench_encode(args.texts)}
     print(json.dumps(report["encode"]), flush=True)
     report["index"] = bench_indexes(args.sizes)
+    report["driver_memory"] = bench_driver_memory(args.sizes)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
