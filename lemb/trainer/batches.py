@@ -171,12 +171,11 @@ def collate(groups: list[Group], group_size: int) -> dict[str, torch.Tensor | li
         positive[i, :n] = torch.tensor(g.positive)
         keys += g.keys + [""] * (group_size - n)
         ids += g.key_ids + [None] * (group_size - n)
-    in_batch = other_queries_mask(b, group_size, valid, True).clone()
-    for i, g in enumerate(groups):
-        own = set(g.key_ids)
-        for col, key_id in enumerate(ids):
-            if key_id in own:
-                in_batch[i, col] = False
+    codes: dict[str, int] = {}
+    column_code = torch.tensor([codes.setdefault(k, len(codes)) if k is not None else -1 for k in ids])
+    own = column_code.reshape(b, group_size)  # each query's own candidates, -1 at padding
+    shared = (column_code[None, None, :] == own[:, :, None]) & (own[:, :, None] >= 0)
+    in_batch = other_queries_mask(b, group_size, valid, True) & ~shared.any(dim=1)
     return {
         "queries": [g.query for g in groups],
         "keys": keys,
