@@ -26,8 +26,8 @@ echo "== step paths agree on the GPU"
 $PY bench/gpu_step_check.py --model "$MODEL" "${INIT[@]}" --data "$DATA" | tee "$OUT/step_check.json"
 
 echo "== lemb vs sentence-transformers, bf16, 64 queries x 8 keys"
-$PY bench/train_throughput.py "${COMMON[@]}" --batch 64 --steps 20 --json "$OUT/train_bf16.json"
+$PY bench/train_throughput.py "${COMMON[@]}" --batch 64 --steps 10 --json "$OUT/train_bf16.json"
 
-echo "== lemb alone: plain / gradient cache / + checkpointing, 256 queries x 8 keys"
-$PY bench/train_throughput.py "${COMMON[@]}" --batch 256 --steps 6 --chunk 64 --lemb-only \
+echo "== lemb alone: plain / gradient cache / + checkpointing, 128 queries x 8 keys"
+$PY bench/train_throughput.py "${COMMON[@]}" --batch 128 --steps 4 --chunk 32 --lemb-only \
     --json "$OUT/train_bf16_large.json"
