@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import DATA, make_data, model_path  # noqa: E402
+from train_throughput import DATA, make_data, make_groups, model_path  # noqa: E402
 
 from lemb.stages.encoder import load_embedder  # noqa: E402
-from lemb.trainer.batches import Group, collate  # noqa: E402
+from lemb.trainer.batches import collate  # noqa: E402
 from lemb.trainer.losses import graded_loss  # noqa: E402
 from lemb.trainer.step import Precision, backward_step  # noqa: E402
 
@@ -53,18 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = make_data(args.data, 8, 4)
-    groups = [
-        Group(
-            f"q{i}",
-            "qa",
-            r["query"],
-            r["keys"],
-            [f"k{i}{j}" for j in range(4)],
-            r["rewards"],
-            [True, False, False, False],
-        )
-        for i, r in enumerate(rows)
-    ]
+    groups = make_groups(rows)
     data = collate(groups, 4)
     path = model_path(args)
     ref_loss, ref = grads(path, data, device)

@@ -48,6 +48,24 @@ def make_data(data: Path, n_queries: int, group: int, seed: int = 0) -> list[dic
     return rows
 
 
+def make_groups(rows: list[dict]) -> list:
+    """Training groups of the rows: the gold passage first (the positive), then the other passages."""
+    from lemb.trainer.batches import Group
+
+    return [
+        Group(
+            f"q{i}",
+            "qa",
+            r["query"],
+            r["keys"],
+            [f"k{i}_{j}" for j in range(len(r["keys"]))],
+            r["rewards"],
+            [j == 0 for j in range(len(r["keys"]))],
+        )
+        for i, r in enumerate(rows)
+    ]
+
+
 def model_path(args: argparse.Namespace) -> str:
     """The model to train: as given, or (--random-init) its architecture with fresh weights, saved once."""
     from lemb.stages.encoder import resolve_embedder_path
@@ -79,23 +97,10 @@ def run_lemb(args: argparse.Namespace, grad_chunk: int = 0, checkpointing: bool 
 
     from lemb.pipeline.config import TrainConfig, load_config
     from lemb.stages.encoder import embedding_dim
-    from lemb.trainer.batches import Group
     from lemb.trainer.losses import graded_loss
     from lemb.trainer.recipe import TrainRecipe
 
-    rows = make_data(args.data, args.batch * (args.steps + WARMUP), args.group)
-    groups = [
-        Group(
-            f"q{i}",
-            "qa",
-            r["query"],
-            r["keys"],
-            [f"k{i}_{j}" for j in range(len(r["keys"]))],
-            r["rewards"],
-            [j == 0 for j in range(len(r["keys"]))],
-        )
-        for i, r in enumerate(rows)
-    ]
+    groups = make_groups(make_data(args.data, args.batch * (args.steps + WARMUP), args.group))
     cfg = load_config(
         TrainConfig,
         run="/tmp/lemb-bench",
