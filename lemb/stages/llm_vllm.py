@@ -41,7 +41,7 @@ def _import_vllm(on_cpu: bool) -> Any:
     if on_cpu:
         for name, value in CPU_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # worker logs: lemb's own lines, not per-call notices
     try:
         import vllm
     except ImportError:
@@ -59,6 +59,7 @@ class VLLMBackend(LLMBackend):
         trust_remote_code: bool = False,
         device: str | None = None,
         max_model_len: int | None = None,
+        block_size: int | None = None,
     ) -> None:
         import torch
         from transformers import AutoTokenizer, GenerationConfig
@@ -71,6 +72,8 @@ class VLLMBackend(LLMBackend):
         self.revision = model_fingerprint(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         settings: dict[str, Any] = {"block_size": CPU_BLOCK_SIZE, "enforce_eager": True} if on_cpu else {}
+        if block_size:
+            settings["block_size"] = block_size
         self.engine = vllm.LLM(
             model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code, seed=0,
             enable_prefix_caching=True, generation_config="vllm", max_model_len=max_model_len, **settings,
