@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lemb.cli import app
-from lemb.stages.encoder import load_embedder, resolve_embedder_path
+from lemb.stages.encoder import embedding_dim, load_embedder, resolve_embedder_path
 from lemb.trainer.export import export_flagembedding, st_modules
 
 TEXTS = ["Represent this query for retrieving relevant documents: who wrote hamlet", "a passage about the tides"]
@@ -61,7 +61,7 @@ def test_cls_pooling_with_a_dense_layer_maps_to_the_dense_pooler(tmp_path):
     models = st_modules()
 
     encoder = models.Transformer(resolve_embedder_path("all-minilm-l6-v2"), max_seq_length=64)
-    dim = encoder.get_word_embedding_dimension()
+    dim = embedding_dim(encoder)
     torch.manual_seed(0)
     dense = models.Dense(dim, dim, bias=False, activation_function=torch.nn.Identity())
     model = SentenceTransformer(modules=[encoder, models.Pooling(dim, "cls"), dense, models.Normalize()], device="cpu")
@@ -80,14 +80,13 @@ def test_unknown_format_and_missing_model_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("mode", ["max"])
-def test_pooling_without_equivalent_is_refused(tmp_path, mode):
+def test_pooling_without_equivalent_is_refused(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     models = st_modules()
 
     encoder = models.Transformer(resolve_embedder_path("all-minilm-l6-v2"), max_seq_length=64)
-    model = SentenceTransformer(modules=[encoder, models.Pooling(encoder.get_word_embedding_dimension(), mode)])
+    model = SentenceTransformer(modules=[encoder, models.Pooling(embedding_dim(encoder), "max")])
     model.save(str(tmp_path / "model"))
     with pytest.raises(Exception, match="no FlagEmbedding equivalent"):
         export_flagembedding(tmp_path / "model", tmp_path / "fe")
