@@ -29,9 +29,12 @@ def resolve_embedder_path(name: str) -> str:
     return name
 
 
-def load_embedder(name: str, max_length: int | None = 256, trust_remote_code: bool = False, device: str = "cpu"):
+def load_embedder(
+    name: str, max_length: int | None = 256, trust_remote_code: bool = False, device: str | None = "cpu"
+):
     """A SentenceTransformer; plain transformers folders get mean pooling from sentence-transformers.
-    `max_length=None` keeps the model's own setting."""
+    `max_length=None` keeps the model's own setting; `device=None` takes the GPU when one is visible (a Ray
+    actor started with `num_gpus` sees its own), else the CPU."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_embedder_path(name), device=device, trust_remote_code=trust_remote_code)
@@ -50,7 +53,7 @@ class Encoder:
     """Encodes texts into L2-normalised float32 vectors, counting texts cut at `max_length` tokens."""
 
     def __init__(self, model: str, max_length: int = 256, batch_size: int = 64, trust_remote_code: bool = False):
-        self.model = load_embedder(model, max_length, trust_remote_code)
+        self.model = load_embedder(model, max_length, trust_remote_code, device=None)  # one encoder per GPU
         self.max_length = max_length
         self.batch_size = batch_size
         self.truncated = 0
