@@ -159,9 +159,9 @@ def run_stage(
     failures: list[dict[str, Any]] = []
     if pending or empty:
         runner = _run_local if settings.executor == "local" else _run_ray
-        failures = runner(factory, stage_dir, pending, empty, tables, plan, settings, progress, stage_cls.name)
+        failures = runner(factory, stage_dir, pending, empty, tables, settings, progress, stage_cls.name)
         for f in failures:
-            f["ids"] = plan.shard_ids(f["shard"], id_column)
+            f["ids"] = plan.shard_ids(f["shard"], id_column)  # a partitioned plan reads them from the input file
     stats = finish_stage(stage_dir, len(plan), failures)
     if failures:
         first = failures[0]
@@ -172,11 +172,10 @@ def run_stage(
     return stats
 
 
-def _failure(index: int, plan: ShardPlan, error: BaseException, attempts: int = 1) -> dict[str, Any]:
+def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:
     log.error("shard %d failed: %s", index, error)
     return {
         "shard": index,
-        "ids": [],  # filled in by run_stage (a partitioned plan reads them from the shard's input file)
         "error": f"{type(error).__name__}: {error}",
         "attempts": attempts,
         "traceback": "".join(traceback.format_exception(error))[-4000:],
@@ -189,7 +188,7 @@ def _progress(total: int, name: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=f"{name} shards", disable=not enabled, unit="shard")
 
 
-def _run_local(factory, stage_dir, pending, empty, tables, plan, settings, progress, name) -> list[dict[str, Any]]:
+def _run_local(factory, stage_dir, pending, empty, tables, settings, progress, name) -> list[dict[str, Any]]:
     set_threads(settings.threads)
     stage = factory()
     for i in empty:  # empty shards need no model
@@ -205,7 +204,7 @@ def _run_local(factory, stage_dir, pending, empty, tables, plan, settings, progr
             except LembError:
                 raise
             except Exception as exc:  # a shard that fails on its data is recorded, the others go on
-                failures.append(_failure(i, plan, exc))
+                failures.append(_failure(i, exc))
             bar.update(1)
     return failures
 
@@ -220,7 +219,7 @@ def _pool_size(ray: Any, settings: RunSettings) -> int:
     return max(1, int(resources.get("CPU", 1) // settings.threads))
 
 
-def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progress, name) -> list[dict[str, Any]]:
+def _run_ray(factory, stage_dir, pending, empty, tables, settings, progress, name) -> list[dict[str, Any]]:
     ray = init_ray(settings.address)
     from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
@@ -250,7 +249,7 @@ def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progres
                 ray.kill(actor)
                 idle.append(actor_cls.remote(factory, settings.threads))
                 if attempts[index] > settings.max_retries:
-                    failures.append(_failure(index, plan, exc, attempts[index]))
+                    failures.append(_failure(index, exc, attempts[index]))
                     bar.update(1)
                 else:
                     log.warning(
@@ -265,7 +264,7 @@ def _run_ray(factory, stage_dir, pending, empty, tables, plan, settings, progres
                 cause = exc.as_instanceof_cause()
                 if isinstance(cause, LembError):
                     raise LembError(str(cause).splitlines()[-1]) from None
-                failures.append(_failure(index, plan, cause))
+                failures.append(_failure(index, cause))
                 idle.append(actor)
                 bar.update(1)
     for actor in idle:

@@ -87,9 +87,10 @@ def partition(
     writers: dict[int, pq.ParquetWriter] = {}
     try:
         for batch in batches:
-            shard = pa.array([shard_of(item, n_shards) for item in batch.column(id_column).to_pylist()])
-            for i in set(shard.to_pylist()):
-                part = batch.filter(pc.equal(shard, i))
+            shards = [shard_of(item, n_shards) for item in batch.column(id_column).to_pylist()]
+            column = pa.array(shards)
+            for i in set(shards):
+                part = batch.filter(pc.equal(column, i))
                 if i not in writers:
                     writers[i] = pq.ParquetWriter(paths[i], batch.schema)
                 writers[i].write_table(part)

@@ -121,6 +121,11 @@ def positive_ids(queries: pa.Table) -> set[str]:
     return out
 
 
+def tasks_of(ids: list[str], tasks: list[str], wanted: set[str]) -> dict[str, str]:
+    """The task of each key id in `wanted`."""
+    return {k: t for k, t in zip(ids, tasks) if k in wanted}
+
+
 def check_positives(queries: pa.Table, key_tasks: set[str], positive_task: dict[str, str], path: str) -> None:
     """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item.
 
@@ -146,7 +151,7 @@ def check_positives_in(queries: pa.Table, keys: pa.Table | None, path: str) -> N
         return check_positives(queries, set(), {}, path)
     wanted = positive_ids(queries)
     ids, tasks = keys.column("key_id").to_pylist(), keys.column("task").to_pylist()
-    check_positives(queries, set(tasks), {k: t for k, t in zip(ids, tasks) if k in wanted}, path)
+    check_positives(queries, set(tasks), tasks_of(ids, tasks, wanted), path)
 
 
 def partition_corpus(config: RetrieveConfig, queries: pa.Table, folder: Path) -> ShardPlan:
@@ -158,10 +163,9 @@ def partition_corpus(config: RetrieveConfig, queries: pa.Table, folder: Path) ->
 
     def batches():
         for batch in iter_keys(config.corpus):
-            key_tasks.update(batch.column("task").unique().to_pylist())
-            for kid, task in zip(batch.column("key_id").to_pylist(), batch.column("task").to_pylist()):
-                if kid in wanted:
-                    positive_task[kid] = task
+            tasks = batch.column("task").to_pylist()
+            key_tasks.update(tasks)
+            positive_task.update(tasks_of(batch.column("key_id").to_pylist(), tasks, wanted))
             yield batch
 
     plan = partition(batches(), "key_id", config.shards, folder, config.corpus)
