@@ -40,3 +40,25 @@ def test_hash_ignores_execution_settings_and_saved_config_round_trips(tmp_path):
     assert config_hash(a) != config_hash(load_config(LabelConfig, n_samples=4))
     path = save_config(a, tmp_path)
     assert load_config(LabelConfig, path) == a
+
+
+def test_training_precision_and_device_are_checked():
+    with pytest.raises(ConfigError, match=r"precision must be fp32, bf16 or fp16, got 'fp8'.*device must be auto"):
+        load_config(TrainConfig, precision="fp8", device="tpu")
+    # the device decides where, not what: a run moved to another device keeps its hash (and its checkpoints)
+    assert config_hash(load_config(TrainConfig, device="cpu")) == config_hash(load_config(TrainConfig, device="cuda"))
+    assert config_hash(load_config(TrainConfig, precision="bf16")) != config_hash(load_config(TrainConfig))
+
+
+def test_a_gpu_asked_for_without_one_is_one_clear_error():
+    import torch
+
+    from lemb.errors import LembError
+    from lemb.trainer.recipe import _device
+
+    assert _device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert _device("auto") == torch.device("cpu")
+    with pytest.raises(LembError, match="device 'cuda:1' asked for, but torch sees no GPU"):
+        _device("cuda:1")
