@@ -7,14 +7,15 @@ once (transformers sampler, fixed seed) so every variant scores the same continu
 one after another, one thread:
 
   naive         every prompt + continuation its own sequence, batched (TransformersLLM.score_naive)
-  transformers  lemb's transformers backend: the prompt's KV cache shared by its continuations
+  transformers  lemb's transformers backend: one packed row per prompt (the prompt once, then its continuations,
+                each masked to see only the prompt and itself), the prompts' common prefix cached once per call
   vllm          lemb's vLLM backend: all of a query's requests in one engine call, prompts read from the prefix cache
 
 Reported per variant: (query, candidate) pairs scored per second; LLM tokens processed per second (naive: prompt +
-continuation per sequence; transformers: the prompt once + continuations; vLLM: the tokens the engine computed, cache
-hits excluded); peak RSS while it ran; speedup over naive; flops_fraction: the workload's necessary FLOPs (the
-transformer body over each prompt once and every continuation token, the vocabulary projection for continuation
-tokens) per second, as a fraction of a dense matmul (the best of runs between the variants, same threads).
+continuation per sequence; transformers: the tokens of its packed rows and shared prefix; vLLM: the tokens the engine
+computed, cache hits excluded); peak RSS while it ran; speedup over naive; flops_fraction: the workload's necessary
+FLOPs (the transformer body over each prompt once and every continuation token, the vocabulary projection for
+continuation tokens) per second, as a fraction of a dense matmul (the best of runs between the variants, same threads).
 max_abs_logprob_diff: the largest difference of a sequence's summed log-probability between any two variants.
 vllm_forced_decode_lower_bound: what scoring by forced-token generation would cost at least (see the function);
 with --vllm-no-cache, vllm_prompt_logprobs_without_cache: vLLM's default (every request re-runs its prompt).
@@ -199,14 +200,15 @@ def main() -> None:
     )
     processed = {
         "naive": sum(p * len(cs) + sum(cs) for ps, cs in zip(prompt_tokens, cont_tokens) for p in ps),
-        "transformers": sum(p + sum(cs) for ps, cs in zip(prompt_tokens, cont_tokens) for p in ps),
     }
     results: dict[str, dict[str, Any]] = {}
     if "naive" in variants:
         results["naive"] = run_variant("naive", functools.partial(naive_scores, tf), work, pools)
     peaks.append(matmul_flops(device, args.dtype))
     if "transformers" in variants:
+        tf.prefilled_tokens = 0
         results["transformers"] = run_variant("transformers", tf.score_many, work, pools)
+        processed["transformers"] = tf.prefilled_tokens
     del tf  # the vLLM engine gets the memory (and, on a GPU, the device) to itself
     gc.collect()
     if device == "cuda":

@@ -117,7 +117,7 @@ class LabelConfig(RunSettings):
     seed: int = 0  # per-query seeds derive from it, so a rerun of a shard gives the same samples
     reduce: str = "mean"  # score = mean token log-probability (or sum)
     tie_tolerance: float = 1e-6  # scores this close to the target's count as ties (nats)
-    score_batch_size: int = 32  # continuations per scoring forward pass
+    score_batch_tokens: int = 0  # tokens per scoring forward pass (transformers backend); 0: 4096 CPU, 32768 GPU
     trust_remote_code: bool = False
 
     def problems(self) -> list[str]:
@@ -132,6 +132,8 @@ class LabelConfig(RunSettings):
             out.append(f"temperature must be > 0, got {self.temperature}")
         if self.reduce not in ("mean", "sum"):
             out.append(f"reduce must be 'mean' or 'sum', got {self.reduce!r}")
+        if self.score_batch_tokens < 0:
+            out.append(f"score_batch_tokens must be >= 0 (0: the backend's default), got {self.score_batch_tokens}")
         return out
 
 

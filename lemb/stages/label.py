@@ -83,7 +83,7 @@ class LabelStage(Stage):
         """The continuations under each message, in one backend call (vLLM batches across the messages)."""
         c = self.config
         scored = self.llm.score_many(
-            [(m, continuations) for m in messages], reduce=c.reduce, batch_size=c.score_batch_size
+            [(m, continuations) for m in messages], reduce=c.reduce, batch_tokens=c.score_batch_tokens or None
         )
         self.counters["scored_continuations"] += len(continuations) * len(messages)
         self.counters["continuation_tokens"] += sum(n for per_message in scored for _, n in per_message)

@@ -180,16 +180,60 @@ class LLMBackend:
     def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
         raise NotImplementedError
 
-    def score(
-        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
-    ) -> list[tuple[float, int]]:
-        raise NotImplementedError
+    def score(self, user_message: str, continuations: list[str], reduce: str = "mean") -> list[tuple[float, int]]:
+        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt."""
+        return self.score_many([(user_message, continuations)], reduce)[0]
 
     def score_many(
-        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_size: int = 32
+        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
     ) -> list[list[tuple[float, int]]]:
-        """score() of several (prompt, continuations) pairs; a backend that batches across prompts overrides it."""
-        return [self.score(message, continuations, reduce, batch_size) for message, continuations in items]
+        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass."""
+        raise NotImplementedError
+
+
+# Tokens per scoring forward pass, padding included (LabelConfig.score_batch_tokens = 0 takes these). On one CPU
+# thread a matmul is near its best from a few hundred rows on; larger passes only cost memory.
+SCORE_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+
+
+class _Packed:
+    """One prompt and its continuations as a single row: prompt ids, then each continuation's input tokens (all
+    but its last, which is only a target), with per-token segment (0 prompt, j + 1 continuation j) and position."""
+
+    def __init__(self, prompt: list[int], continuations: list[list[int]], offset: int = 0) -> None:
+        n = len(prompt)
+        self.continuations = continuations
+        self.ids = prompt + [t for c in continuations for t in c[:-1]]
+        self.segment = torch.tensor([0] * n + [j + 1 for j, c in enumerate(continuations) for _ in c[:-1]])
+        end = offset + n  # positions go on from `offset` tokens of a cached prefix
+        self.positions = torch.tensor(
+            list(range(offset, end)) + [end + k for c in continuations for k in range(len(c) - 1)]
+        )
+        self.tail = len(self.ids) - n  # continuation input tokens
+        self.heads = [c[0] for c in continuations]
+        self.targets = [t for c in continuations for t in c[1:]]
+
+
+def _common_prefix(seqs: list[list[int]], limit: int) -> int:
+    """Length of the longest prefix all of `seqs` share, at most `limit`."""
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped longest first into batches of at most `budget` tokens once padded to the batch's longest
+    row, taking a row only while it is at least 3/4 of that longest (padding is wasted compute)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches:
+            longest = lengths[batches[-1][0]]
+            if (len(batches[-1]) + 1) * longest <= budget and 4 * lengths[i] >= 3 * longest:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
 
 
 class TransformersLLM(LLMBackend):
@@ -207,13 +251,15 @@ class TransformersLLM(LLMBackend):
         self.revision = model_fingerprint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # scoring passes its own 4-D attention mask, which the sdpa and eager attentions honour (flash kernels don't)
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, attn_implementation="sdpa"
         )
         self.model.to(self.device).eval().requires_grad_(False)
         self._init_codec(self.tokenizer, self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
+        self.prefilled_tokens = 0  # tokens scoring ran through the model (padding excluded), for benchmarks
 
     def _left_pad(self, user_messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [self._encode_prompt(m) for m in user_messages]
@@ -272,59 +318,85 @@ class TransformersLLM(LLMBackend):
         ids, mask = self._left_pad(user_messages)
         return self._generate(ids, mask, max_new_tokens, do_sample=False)
 
-    @torch.inference_mode()
-    def score(
-        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
-    ) -> list[tuple[float, int]]:
-        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt.
+    def _batch_tokens(self, batch_tokens: int | None) -> int:
+        return batch_tokens or (
+            SCORE_BATCH_TOKENS["cuda"] if self.device.type == "cuda" else SCORE_BATCH_TOKENS["cpu"]
+        )
 
-        The prompt runs once; its KV cache is repeated for each chunk of continuations, so the prompt's tokens are
-        never processed again and vocabulary logits are computed only where a continuation token is predicted.
+    @torch.inference_mode()
+    def score_many(
+        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
+    ) -> list[list[tuple[float, int]]]:
+        """(mean or sum token log-probability, token count) of each item's continuations after its rendered prompt.
+
+        Each item is one packed row: its prompt once, then every continuation's input tokens, with an attention mask
+        that lets a continuation see the prompt and its own earlier tokens only, and positions that restart after
+        the prompt for each continuation. So the prompt's tokens are processed once, no continuation is padded, and
+        vocabulary logits are computed only where a continuation token is predicted. The items' common prefix (the
+        chat template's header, say) runs once for the whole call and is read from its KV cache. Rows of similar
+        length share a forward pass of at most `batch_tokens` tokens (padding included; a longer row runs alone).
         """
         _check_reduce(reduce)
-        prompt = self._encode_prompt(user_message)
-        conts = self._encode_continuations(continuations)
-        out = self.model(torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every continuation's first token
-        results: list[tuple[float, int]] = [(0.0, 0)] * len(conts)
-        # Padding is wasted compute (one padded batch of the benchmark's 9 continuations: 198 slots, 61 real tokens),
-        # so a chunk takes continuations, longest first, only while each is at least half the chunk's longest.
-        chunks: list[list[int]] = []
-        for i in sorted(range(len(conts)), key=lambda i: -len(conts[i])):
-            if chunks and len(chunks[-1]) < batch_size and 2 * len(conts[i]) >= len(conts[chunks[-1][0]]):
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-        for chunk in chunks:
-            scored = self._score_chunk(out.past_key_values, len(prompt), first, [conts[i] for i in chunk])
-            for i, lps in zip(chunk, scored):
-                results[i] = _reduce(lps, reduce)
+        prompts = [self._encode_prompt(m) for m, _ in items]
+        conts = [self._encode_continuations(c) for _, c in items]
+        if not prompts:
+            return []
+        shared = _common_prefix(prompts, limit=min(map(len, prompts)) - 1)  # every row keeps its prompt's last token
+        prefix = None
+        if shared:
+            prefix = self.model(torch.tensor([prompts[0][:shared]], device=self.device), logits_to_keep=1)
+        rows = [_Packed(p[shared:], c, offset=shared) for p, c in zip(prompts, conts)]
+        self.prefilled_tokens += shared + sum(len(r.ids) for r in rows)
+        results: list[list[tuple[float, int]]] = [[] for _ in rows]
+        for batch in _length_batches([len(r.ids) for r in rows], self._batch_tokens(batch_tokens)):
+            cache = None if prefix is None else copy.deepcopy(prefix.past_key_values)  # a forward appends to it
+            for i, lps in zip(batch, self._score_rows([rows[i] for i in batch], cache, shared)):
+                results[i] = [_reduce(lp, reduce) for lp in lps]
         return results
 
-    def _score_chunk(self, cache, n_prompt: int, first: torch.Tensor, conts: list[list[int]]) -> list[torch.Tensor]:
-        heads = [first[c[:1]] for c in conts]
-        width = max(map(len, conts)) - 1  # a continuation's last token is only a target, never an input
-        if width == 0:
-            return heads
-        b, dev = len(conts), self.device
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long, device=dev)
-        targets = torch.zeros((b, width), dtype=torch.long, device=dev)
-        valid = torch.zeros((b, width), dtype=torch.bool, device=dev)
-        for r, c in enumerate(conts):
-            ids[r, : len(c) - 1] = torch.tensor(c[:-1])
-            targets[r, : len(c) - 1] = torch.tensor(c[1:])
-            valid[r, : len(c) - 1] = True
-        mask = torch.cat([torch.ones((b, n_prompt), dtype=torch.long, device=dev), valid.long()], dim=1)
-        positions = torch.arange(n_prompt, n_prompt + width, device=dev).expand(b, -1)
-        # The forward appends to the cache it is given, so each chunk works on its own batch-expanded copy.
-        past = copy.deepcopy(cache)
-        past.batch_repeat_interleave(b)
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
-        ).logits
-        lps = torch.log_softmax(logits[valid].float(), dim=-1).gather(-1, targets[valid][:, None]).squeeze(-1)
-        tails = lps.split([len(c) - 1 for c in conts])
-        return [torch.cat([h, t]) for h, t in zip(heads, tails)]
+    def _score_rows(self, rows: list[_Packed], cache: Any, shared: int) -> list[list[torch.Tensor]]:
+        """Per row, the token log-probabilities of each continuation, from one forward pass over the left-padded
+        rows after the `shared` cached prefix tokens (left padding puts every row's end at the same place; padding
+        attends only to itself)."""
+        width, dev, b = max(len(r.ids) for r in rows), self.device, len(rows)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        segment = torch.full((b, width), -1, dtype=torch.long)  # -1 padding, 0 prompt, j + 1 continuation j
+        positions = torch.zeros((b, width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, width - len(r.ids) :] = torch.tensor(r.ids)
+            segment[k, width - len(r.ids) :] = r.segment
+            positions[k, width - len(r.ids) :] = r.positions
+        order = torch.arange(width)
+        allowed = (order[None, :] <= order[:, None]) & (segment[:, None, :] >= 0)
+        allowed &= (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        allowed |= torch.eye(width, dtype=torch.bool)
+        allowed = torch.cat([(segment >= 0)[:, :, None].expand(b, width, shared), allowed], dim=2)  # the prefix
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        if cache is not None:
+            cache.batch_repeat_interleave(b)
+        hidden = self.model.get_decoder()(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+            past_key_values=cache, use_cache=cache is not None,
+        ).last_hidden_state  # fmt: skip
+        # the prompt's last token predicts every continuation's first; a continuation's input token its next one
+        picked = torch.cat([hidden[k, width - r.tail - 1 :] for k, r in enumerate(rows)])
+        logprobs = torch.log_softmax(self._logits(picked).float(), dim=-1)
+        out, start = [], 0
+        for r in rows:
+            block = logprobs[start : start + r.tail + 1]
+            start += r.tail + 1
+            heads = block[0, r.heads]
+            tails = block[1:].gather(-1, torch.tensor(r.targets, device=dev)[:, None]).squeeze(-1)
+            sizes = [len(c) - 1 for c in r.continuations]
+            out.append([torch.cat([h[None], t]) for h, t in zip(heads, tails.split(sizes))])
+        return out
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's output head on final hidden states (2-D: a plain matmul), with its logit soft-capping."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.inference_mode()
     def score_naive(

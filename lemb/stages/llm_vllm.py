@@ -153,17 +153,12 @@ class VLLMBackend(LLMBackend):
             max_tokens=1, prompt_logprobs=0, skip_reading_prefix_cache=not read_cache, detokenize=False
         )
 
-    def score(
-        self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
-    ) -> list[tuple[float, int]]:
-        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt."""
-        return self.score_many([(user_message, continuations)], reduce)[0]
-
     def score_many(
-        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_size: int = 32
+        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
     ) -> list[list[tuple[float, int]]]:
         """score() of every (prompt, continuations) pair in two engine calls: each distinct prompt prefilled once,
-        then all continuations at once, reading the prompts' cached KV blocks. `batch_size` is the engine's own."""
+        then all continuations at once, reading the prompts' cached KV blocks (the engine batches by itself, so
+        `batch_tokens` is not used)."""
         _check_reduce(reduce)
         prompts = [self._encode_prompt(message) for message, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]

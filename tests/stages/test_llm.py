@@ -7,7 +7,7 @@ import torch
 
 from lemb.pipeline.config import DEFAULT_LLM
 from lemb.pipeline.executor import set_threads
-from lemb.stages.llm import TransformersLLM, clean_sample, resolve_llm_path
+from lemb.stages.llm import TransformersLLM, _common_prefix, _length_batches, _Packed, clean_sample, resolve_llm_path
 
 PROMPT = (
     "Context: Quelm is the capital and largest city of Zorbia, a small landlocked country in the northern "
@@ -57,11 +57,48 @@ def test_mean_is_sum_over_tokens(shared_scores) -> None:
         assert mean == pytest.approx(total / n, abs=1e-6)
 
 
-def test_chunking_does_not_change_scores(llm, shared_scores) -> None:
-    chunked = llm.score(PROMPT, CONTINUATIONS, reduce="sum", batch_size=2)
-    for (a, na), (b, nb) in zip(chunked, shared_scores["sum"]):
-        assert na == nb
+def test_batching_does_not_change_scores(llm) -> None:
+    """Rows of different lengths in one left-padded pass score as each row alone (padding and the other rows
+    are masked out), and a budget smaller than any row runs them one by one."""
+    items = [(PROMPT, CONTINUATIONS), (PROMPT + " One word.", CONTINUATIONS[:4]), ("Say a city.", CONTINUATIONS[2:])]
+    lengths = [len(_Packed(llm._encode_prompt(m), llm._encode_continuations(c)).ids) for m, c in items]
+    assert len(set(lengths)) == 3
+    assert _length_batches(lengths, 10_000) == [[0, 1], [2]], "the first two rows must share a padded pass"
+    together = llm.score_many(items, reduce="sum", batch_tokens=10_000)
+    alone = llm.score_many(items, reduce="sum", batch_tokens=1)
+    assert [len(x) for x in together] == [6, 4, 4]
+    for row_a, row_b in zip(together, alone):
+        for (a, na), (b, nb) in zip(row_a, row_b):
+            assert na == nb
+            assert a == pytest.approx(b, abs=1e-4)
+    naive = llm.score_naive("Say a city.", CONTINUATIONS[2:], reduce="sum")
+    for (a, _), (b, _) in zip(together[2], naive):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_scoring_without_a_common_prefix(llm, monkeypatch) -> None:
+    """Bare prompts (no chat template) that differ from their first token: nothing is cached, rows run whole."""
+    monkeypatch.setattr(llm, "has_chat_template", False)
+    items = [(PROMPT, CONTINUATIONS[:3]), ("Name a city.", CONTINUATIONS[2:])]
+    prompts = [llm._encode_prompt(m) for m, _ in items]
+    assert _common_prefix(prompts, limit=10) == 0
+    scored = llm.score_many(items, reduce="sum")
+    for (message, continuations), got in zip(items, scored):
+        for (a, na), (b, nb) in zip(got, llm.score_naive(message, continuations, reduce="sum")):
+            assert na == nb
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_common_prefix() -> None:
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], limit=9) == 2
+    assert _common_prefix([[1, 2, 3], [1, 2, 3]], limit=2) == 2  # each row keeps its last prompt token
+    assert _common_prefix([[7, 1], [1, 7]], limit=1) == 0
+
+
+def test_length_batches_respect_budget_and_padding() -> None:
+    assert _length_batches([100, 40, 90, 80, 30], budget=300) == [[0, 2, 3], [1, 4]]
+    assert _length_batches([100, 90, 80], budget=250) == [[0, 1], [2]]  # a third row would pad to 300
+    assert _length_batches([500, 10], budget=100) == [[0], [1]]  # a row over the budget runs alone
 
 
 def test_the_answer_in_context_outscores_a_wrong_one(shared_scores) -> None:
