@@ -10,6 +10,8 @@
 # DTYPE: bfloat16 (default; the two backends then differ by bf16 rounding, ~1e-2 nats, not the 1e-3 of float32)
 #        or float32 (for the parity number).
 # QUERIES: questions in the workload (default 64: 256 (query, candidate) pairs, 9 continuations each).
+# RANDOM_INIT=1: LLM is a folder with only config.json and the tokenizer; the weights are fresh (no download).
+# VARIANTS: default naive,transformers,vllm; without vllm installed, naive,transformers (said in gpu.txt).
 # DATA: a folder with corpus.jsonl and queries.jsonl (default ../shared/data/knowledge_qa/nq_oracle).
 set -euo pipefail
 OUT=${1:-bench-gpu-label-out}
@@ -21,14 +23,20 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers, vllm; assert torch.cuda.is_available(), 'no CUDA device visible'; \
-print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)" \
-  | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device visible'; \
+print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+VARIANTS=${VARIANTS:-naive,transformers,vllm}
+if ! $PY -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null | tee -a "$OUT/gpu.txt"; then
+  echo "vllm is not installed: the vllm variant is left out" | tee -a "$OUT/gpu.txt"
+  VARIANTS=${VARIANTS//,vllm/}
+fi
+INIT=()
+if [[ "${RANDOM_INIT:-0}" == 1 ]]; then INIT=(--random-init); fi
 
 echo "== label throughput: $LLM, $DTYPE, $QUERIES queries x 4 candidates x 8 samples"
 # the whole benchmark is bounded: model download and vLLM's CUDA-graph capture included
-timeout 450 $PY bench/label_throughput.py --llm "$LLM" --dtype "$DTYPE" --queries "$QUERIES" --data "$DATA" \
-  --json "$OUT/label_gpu.json" | tee "$OUT/label_gpu.log"
+timeout 450 $PY bench/label_throughput.py --llm "$LLM" "${INIT[@]}" --dtype "$DTYPE" --queries "$QUERIES" \
+  --data "$DATA" --variants "$VARIANTS" --json "$OUT/label_gpu.json" | tee "$OUT/label_gpu.log"
 $PY - "$OUT/label_gpu.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -22,6 +22,10 @@ with --vllm-no-cache, vllm_prompt_logprobs_without_cache: vLLM's default (every 
 
     python bench/label_throughput.py [--quick] [--json OUT]
     python bench/label_throughput.py --llm Qwen/Qwen2.5-1.5B-Instruct --dtype bfloat16 --queries 64   # one GPU
+
+`--random-init` builds the LLM's architecture from the config.json in --llm with fresh weights (saved once to a
+temporary folder with the tokenizer): throughput does not depend on the weights, so a folder with only the config
+and the tokenizer files stands in for a model that cannot be downloaded. Its samples are random tokens.
 """
 
 from __future__ import annotations
@@ -117,6 +121,20 @@ def model_shape(path: str) -> tuple[int, int]:
     return total - (head if tied else 2 * head), head
 
 
+def random_init_llm(path: str, dtype: str) -> str:
+    """A copy of the architecture at `path` with fresh weights, saved once under /tmp."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(f"/tmp/lemb-bench-llm-{Path(path).name}-{dtype}")
+    if not (out / "config.json").exists():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=getattr(torch, dtype))
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
+
+
 def naive_scores(llm: Any, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, int]]]:
     return [llm.score_naive(message, continuations) for message, continuations in items]
 
@@ -163,6 +181,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--llm", default=None, help="default: lemb's default LLM")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--random-init", action="store_true", help="--llm's architecture with fresh weights")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="naive,transformers,vllm")
     parser.add_argument("--data", type=Path, default=DATA)
@@ -179,6 +198,8 @@ def main() -> None:
 
     set_threads(args.threads)
     llm_name = args.llm or DEFAULT_LLM
+    if args.random_init:
+        llm_name = random_init_llm(resolve_llm_path(llm_name), args.dtype)
     n_queries = args.queries or (4 if args.quick else 16)
     work = make_workload(args.data, n_queries, args.candidates)
     variants = args.variants.split(",")

@@ -84,10 +84,35 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(model: torch.nn.Module, texts: list[str], precision: Precision | None = None) -> torch.Tensor:
+# sequence lengths are padded up to a multiple of this: on a GPU every new (batch, length) shape costs the attention
+# kernels a plan of their own (cuDNN's), which a handful of lengths keeps cached (BENCHMARKS.md); on a CPU padding
+# is only extra work
+PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
+
+
+def pad_features(features: dict, multiple: int, pad_id: int) -> dict:
+    """Token features padded on the right to a length that is a multiple of `multiple` (masked out: the
+    embeddings do not change)."""
+    length = features["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return features
+    out = dict(features)
+    for key, value in features.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == length:
+            out[key] = torch.nn.functional.pad(value, (0, extra), value=pad_id if key == "input_ids" else 0)
+    return out
+
+
+def _forward(
+    model: torch.nn.Module, texts: list[str], precision: Precision | None = None, multiple: int | None = None
+) -> torch.Tensor:
     precision = precision or Precision()
     features = model.preprocess(texts) if hasattr(model, "preprocess") else model.tokenize(texts)
     device = model_device(model)
+    multiple = multiple or PAD_MULTIPLE.get(device.type, PAD_MULTIPLE["cuda"])
+    if multiple > 1:
+        features = pad_features(features, multiple, model.tokenizer.pad_token_id or 0)
     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
     with precision.autocast():
         return model(features)["sentence_embedding"].float()

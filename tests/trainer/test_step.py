@@ -148,3 +148,26 @@ def test_length_buckets_keep_input_order():
     texts = [("word " * (i * 7 % 23 + 1)).strip() + f" {i}" for i in range(LENGTH_BUCKET["cpu"] * 2 + 5)]
     with torch.no_grad():
         torch.testing.assert_close(embed_texts(model, texts), _forward(model, texts), atol=2e-5, rtol=1e-4)
+
+
+def test_padding_to_a_multiple_keeps_embeddings_and_gradients():
+    """GPU runs pad token features to a multiple of 64: padded positions are masked, so the embeddings and the
+    gradients are those of the unpadded batch."""
+    from lemb.trainer.step import _forward
+
+    model = load_embedder("all-minilm-l6-v2", 64)
+    model.eval()  # no dropout: the two passes must be comparable
+    texts = ["a short one", "a somewhat longer text about the capital of a small country", "three words here"]
+    features = model.preprocess(texts)
+    assert features["input_ids"].shape[1] % 64 != 0, "the batch must need padding"
+    runs = []
+    for multiple in (1, 64):
+        model.zero_grad(set_to_none=True)
+        emb = _forward(model, texts, multiple=multiple)
+        (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
+        runs.append((emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (padded, padded_grads) = runs
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-4)
+    assert plain_grads.keys() == padded_grads.keys() and plain_grads
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(padded_grads[name], g, atol=1e-5, rtol=1e-4)
