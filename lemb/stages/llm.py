@@ -319,9 +319,7 @@ class TransformersLLM(LLMBackend):
         return self._generate(ids, mask, max_new_tokens, do_sample=False)
 
     def _batch_tokens(self, batch_tokens: int | None) -> int:
-        return batch_tokens or (
-            SCORE_BATCH_TOKENS["cuda"] if self.device.type == "cuda" else SCORE_BATCH_TOKENS["cpu"]
-        )
+        return batch_tokens or SCORE_BATCH_TOKENS.get(self.device.type, SCORE_BATCH_TOKENS["cuda"])
 
     @torch.inference_mode()
     def score_many(
