@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import traceback
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
@@ -56,6 +57,10 @@ def quiet_libraries() -> None:
     logging.getLogger("lemb").setLevel(logging.INFO)
     for noisy in ("faiss", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch._library").setLevel(logging.ERROR)  # "Triton not available" on every CPU start
+    # libraries' notices about their own dependencies (torch deprecations seen from vLLM, say): not for the user
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!lemb)")
     try:
         import transformers
 

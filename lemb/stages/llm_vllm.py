@@ -76,7 +76,8 @@ class VLLMBackend(LLMBackend):
             settings["block_size"] = block_size
         self.engine = vllm.LLM(
             model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code, seed=0,
-            enable_prefix_caching=True, generation_config="vllm", max_model_len=max_model_len, **settings,
+            enable_prefix_caching=True, generation_config="vllm", max_model_len=max_model_len,
+            use_tqdm_on_load=False, **settings,
         )  # fmt: skip
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id  # as the transformers backend stops
