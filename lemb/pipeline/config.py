@@ -240,7 +240,8 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
     data.update({k: v for k, v in overrides.items() if v is not None})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    errors = [f"unknown setting {k!r}" for k in data if k not in names]
+    errors = [f"{k!r} {RETIRED[k]}" for k in data if k in RETIRED]
+    errors += [f"unknown setting {k!r}" for k in data if k not in names and k not in RETIRED]
     errors += [
         f"{k} must be {hints[k]}, got {data[k]!r}" for k in data if k in names and not _type_ok(data[k], hints[k])
     ]
@@ -254,6 +255,12 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
         raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
     return config
 
+
+# settings that earlier versions wrote into config.yaml, and what replaced them
+RETIRED = {
+    "score_batch_size": "was replaced by score_batch_tokens (tokens per scoring forward pass; 0: the backend's "
+    "default): remove it or rename it",
+}
 
 # settings that change where or how fast a stage runs, not what it writes
 EXECUTION_ONLY = frozenset(

@@ -252,14 +252,19 @@ class TransformersLLM(LLMBackend):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         # scoring passes its own 4-D attention mask, which the sdpa and eager attentions honour (flash kernels don't)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-        )
+        load = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **load)
+        except ValueError:  # an architecture without sdpa support
+            self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **load)
         self.model.to(self.device).eval().requires_grad_(False)
         self._init_codec(self.tokenizer, self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
         self.prefilled_tokens = 0  # tokens scoring ran through the model (padding excluded), for benchmarks
+        text_config = self.model.config.get_text_config()
+        self.sliding_window = getattr(text_config, "sliding_window", None) or None
+        self.own_head = self._head_reproduces_logits()
 
     def _left_pad(self, user_messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [self._encode_prompt(m) for m in user_messages]
@@ -337,6 +342,10 @@ class TransformersLLM(LLMBackend):
         _check_reduce(reduce)
         prompts = [self._encode_prompt(m) for m, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
+        window = self.sliding_window
+        if window and any(len(p) + max(map(len, c), default=0) > window for p, c in zip(prompts, conts)):
+            # a custom mask would let tokens see past the model's attention window: the model's own masks instead
+            return [self.score_naive(m, c, reduce) for m, c in items]
         if not prompts:
             return []
         shared = _common_prefix(prompts, limit=min(map(len, prompts)) - 1)  # every row keeps its prompt's last token
@@ -373,28 +382,46 @@ class TransformersLLM(LLMBackend):
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         if cache is not None:
             cache.batch_repeat_interleave(b)
-        hidden = self.model.get_decoder()(
-            input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-            past_key_values=cache, use_cache=cache is not None,
-        ).last_hidden_state  # fmt: skip
-        # the prompt's last token predicts every continuation's first; a continuation's input token its next one
-        picked = torch.cat([hidden[k, width - r.tail - 1 :] for k, r in enumerate(rows)])
-        logprobs = torch.log_softmax(self._logits(picked).float(), dim=-1)
-        out, start = [], 0
-        for r in rows:
-            block = logprobs[start : start + r.tail + 1]
-            start += r.tail + 1
-            heads = block[0, r.heads]
-            tails = block[1:].gather(-1, torch.tensor(r.targets, device=dev)[:, None]).squeeze(-1)
+        inputs = {
+            "input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": positions.to(dev),
+            "past_key_values": cache, "use_cache": cache is not None,
+        }  # fmt: skip
+        keep = max(r.tail for r in rows) + 1  # rows end together: their predicting positions are the last ones
+        if self.own_head:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state[:, width - keep :]
+        else:
+            logits = self.model(**inputs, logits_to_keep=keep).logits
+        out = []
+        for k, r in enumerate(rows):
+            # the prompt's last token predicts every continuation's first; a continuation's input token its next one
+            row = self._logits(hidden[k, keep - r.tail - 1 :]) if self.own_head else logits[k, keep - r.tail - 1 :]
+            logprobs = torch.log_softmax(row.float(), dim=-1)  # one row at a time: vocabulary-sized, so bounded
+            heads = logprobs[0, r.heads]
+            tails = logprobs[1:].gather(-1, torch.tensor(r.targets, device=dev)[:, None]).squeeze(-1)
             sizes = [len(c) - 1 for c in r.continuations]
             out.append([torch.cat([h[None], t]) for h, t in zip(heads, tails.split(sizes))])
         return out
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's output head on final hidden states (2-D: a plain matmul), with its logit soft-capping."""
-        logits = self.model.get_output_embeddings()(hidden)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        """The output head on final hidden states as a plain 2-D matmul (the model's own forward slices a 3-D
+        tensor, several times slower on a CPU). Only used where `_head_reproduces_logits` held."""
+        return self.model.get_output_embeddings()(hidden)
+
+    @torch.inference_mode()
+    def _head_reproduces_logits(self) -> bool:
+        """Whether decoder + output head give the model's logits (no scaling or capping after the head, as
+        Granite, Cohere and Gemma 2 apply): checked once on a short input; otherwise scoring takes the model's
+        own logits."""
+        ids = torch.tensor(
+            [self.tokenizer("The capital of France is Paris.")["input_ids"][:8] or [0]], device=self.device
+        )
+        try:
+            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
+            mine = self._logits(hidden).float()
+        except (AttributeError, NotImplementedError, TypeError):
+            return False
+        theirs = self.model(input_ids=ids).logits[0].float()
+        return mine.shape == theirs.shape and bool(torch.allclose(mine, theirs, atol=1e-3, rtol=1e-3))
 
     @torch.inference_mode()
     def score_naive(

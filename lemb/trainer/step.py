@@ -90,11 +90,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 PAD_MULTIPLE = {"cpu": 1, "cuda": 64}
 
 
-def pad_features(features: dict, multiple: int, pad_id: int) -> dict:
-    """Token features padded on the right to a length that is a multiple of `multiple` (masked out: the
-    embeddings do not change)."""
-    length = features["input_ids"].shape[1]
+def pad_features(features: dict, multiple: int, pad_id: int, limit: int | None = None) -> dict:
+    """Token features padded on the right to a length that is a multiple of `multiple`, never beyond `limit` (the
+    model's maximum length); padded positions are masked, so the embeddings do not change. Features that are not
+    a padded (batch, length) layout with an attention mask are returned as they are."""
+    ids = features.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or "attention_mask" not in features:
+        return features
+    length = ids.shape[1]
     extra = -length % multiple
+    if limit is not None:
+        extra = min(extra, max(limit - length, 0))
     if not extra:
         return features
     out = dict(features)
@@ -112,7 +118,8 @@ def _forward(
     device = model_device(model)
     multiple = multiple or PAD_MULTIPLE.get(device.type, PAD_MULTIPLE["cuda"])
     if multiple > 1:
-        features = pad_features(features, multiple, model.tokenizer.pad_token_id or 0)
+        limit = getattr(model, "max_seq_length", None)
+        features = pad_features(features, multiple, model.tokenizer.pad_token_id or 0, limit)
     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
     with precision.autocast():
         return model(features)["sentence_embedding"].float()

@@ -24,6 +24,13 @@ def test_unknown_setting_and_wrong_type():
         load_config(LabelConfig, topk=3, n_samples="eight")
 
 
+def test_a_retired_setting_names_its_replacement(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("score_batch_size: 32\nn_samples: 4\n")
+    with pytest.raises(ConfigError, match="'score_batch_size' was replaced by score_batch_tokens"):
+        load_config(LabelConfig, old)
+
+
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")

@@ -164,3 +164,26 @@ def test_sample_many_shares_each_prompt_prefill_correctly(llm) -> None:
     hot = llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
     assert hot == llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
     assert llm.sample_many(prompts, [0, 0], 8, 1.0, 3) == [[], []]
+
+
+def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> None:
+    """The fast head (decoder + 2-D matmul) is taken for this model; the model's own logits (for heads that scale
+    or cap after the matmul) and the per-sequence path (prompts longer than an attention window) score the same."""
+    assert llm.own_head and llm.sliding_window is None
+    items = [(PROMPT, CONTINUATIONS), ("Say a city.", CONTINUATIONS[2:])]
+    fast = llm.score_many(items, reduce="sum")
+    monkeypatch.setattr(llm, "own_head", False)
+    own_logits = llm.score_many(items, reduce="sum")
+    monkeypatch.setattr(llm, "own_head", True)
+    monkeypatch.setattr(llm, "sliding_window", 40)  # the first prompt alone is longer
+    calls = []
+    monkeypatch.setattr(
+        llm, "score_naive", lambda *a, **k: calls.append(a) or TransformersLLM.score_naive(llm, *a, **k)
+    )
+    windowed = llm.score_many(items, reduce="sum")
+    assert len(calls) == 2, "a window shorter than an item sends every item down the per-sequence path"
+    for other in (own_logits, windowed):
+        for row_a, row_b in zip(fast, other):
+            assert [n for _, n in row_a] == [n for _, n in row_b]
+            for (a, _), (b, _) in zip(row_a, row_b):
+                assert a == pytest.approx(b, abs=1e-4)

@@ -171,3 +171,17 @@ def test_padding_to_a_multiple_keeps_embeddings_and_gradients():
     assert plain_grads.keys() == padded_grads.keys() and plain_grads
     for name, g in plain_grads.items():
         torch.testing.assert_close(padded_grads[name], g, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_stops_at_the_model_limit_and_skips_unpadded_layouts():
+    from lemb.trainer.step import pad_features
+
+    ids = torch.ones(2, 77, dtype=torch.long)
+    features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    assert pad_features(features, 64, pad_id=0)["input_ids"].shape == (2, 128)
+    capped = pad_features(features, 64, pad_id=0, limit=96)
+    assert {k: tuple(v.shape) for k, v in capped.items()} == {k: (2, 96) for k in features}
+    assert capped["attention_mask"][:, 77:].sum() == 0 and capped["input_ids"][:, 77:].sum() == 0
+    assert pad_features(features, 64, pad_id=0, limit=77) is features
+    flat = {"input_ids": torch.ones(5, dtype=torch.long), "offsets": torch.tensor([0, 2])}
+    assert pad_features(flat, 64, pad_id=0) is flat
