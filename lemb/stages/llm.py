@@ -194,6 +194,7 @@ class LLMBackend:
 # Tokens per scoring forward pass, padding included (LabelConfig.score_batch_tokens = 0 takes these). On one CPU
 # thread a matmul is near its best from a few hundred rows on; larger passes only cost memory.
 SCORE_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+HEAD_POSITIONS = 2048  # positions whose vocabulary logits are held at once (2048 x 128k float32 = 1 GiB)
 
 
 class _Packed:
@@ -391,15 +392,23 @@ class TransformersLLM(LLMBackend):
             hidden = self.model.get_decoder()(**inputs).last_hidden_state[:, width - keep :]
         else:
             logits = self.model(**inputs, logits_to_keep=keep).logits
-        out = []
-        for k, r in enumerate(rows):
-            # the prompt's last token predicts every continuation's first; a continuation's input token its next one
-            row = self._logits(hidden[k, keep - r.tail - 1 :]) if self.own_head else logits[k, keep - r.tail - 1 :]
-            logprobs = torch.log_softmax(row.float(), dim=-1)  # one row at a time: vocabulary-sized, so bounded
-            heads = logprobs[0, r.heads]
-            tails = logprobs[1:].gather(-1, torch.tensor(r.targets, device=dev)[:, None]).squeeze(-1)
-            sizes = [len(c) - 1 for c in r.continuations]
-            out.append([torch.cat([h[None], t]) for h, t in zip(heads, tails.split(sizes))])
+        # the prompt's last token predicts every continuation's first; a continuation's input token its next one
+        picked = [(hidden if self.own_head else logits)[k, keep - r.tail - 1 :] for k, r in enumerate(rows)]
+        out: list[list[torch.Tensor]] = []
+        start = 0
+        while start < len(rows):  # vocabulary-sized rows, so at most HEAD_POSITIONS positions at a time
+            end, positions = start + 1, len(picked[start])
+            while end < len(rows) and positions + len(picked[end]) <= HEAD_POSITIONS:
+                positions += len(picked[end])
+                end += 1
+            chunk, block = rows[start:end], torch.cat(picked[start:end])
+            logprobs = torch.log_softmax((self._logits(block) if self.own_head else block).float(), dim=-1)
+            for r, lp in zip(chunk, logprobs.split([r.tail + 1 for r in chunk])):
+                heads = lp[0, r.heads]
+                tails = lp[1:].gather(-1, torch.tensor(r.targets, device=dev)[:, None]).squeeze(-1)
+                sizes = [len(c) - 1 for c in r.continuations]
+                out.append([torch.cat([h[None], t]) for h, t in zip(heads, tails.split(sizes))])
+            start = end
         return out
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

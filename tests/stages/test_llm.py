@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import lemb.stages.llm as llm_module
 from lemb.pipeline.config import DEFAULT_LLM
 from lemb.pipeline.executor import set_threads
 from lemb.stages.llm import TransformersLLM, _common_prefix, _length_batches, _Packed, clean_sample, resolve_llm_path
@@ -65,6 +66,12 @@ def test_batching_does_not_change_scores(llm) -> None:
     assert len(set(lengths)) == 3
     assert _length_batches(lengths, 10_000) == [[0, 1], [2]], "the first two rows must share a padded pass"
     together = llm.score_many(items, reduce="sum", batch_tokens=10_000)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_module, "HEAD_POSITIONS", 5)  # the vocabulary head a row at a time
+        one_row_at_a_time = llm.score_many(items, reduce="sum", batch_tokens=10_000)
+    for row_a, row_b in zip(together, one_row_at_a_time):
+        for (a, na), (b, nb) in zip(row_a, row_b):
+            assert (na, a) == (nb, pytest.approx(b, abs=1e-5))
     alone = llm.score_many(items, reduce="sum", batch_tokens=1)
     assert [len(x) for x in together] == [6, 4, 4]
     for row_a, row_b in zip(together, alone):
