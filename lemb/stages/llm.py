@@ -397,9 +397,9 @@ class TransformersLLM(LLMBackend):
         out: list[list[torch.Tensor]] = []
         start = 0
         while start < len(rows):  # vocabulary-sized rows, so at most HEAD_POSITIONS positions at a time
-            end, positions = start + 1, len(picked[start])
-            while end < len(rows) and positions + len(picked[end]) <= HEAD_POSITIONS:
-                positions += len(picked[end])
+            end, held = start + 1, len(picked[start])
+            while end < len(rows) and held + len(picked[end]) <= HEAD_POSITIONS:
+                held += len(picked[end])
                 end += 1
             chunk, block = rows[start:end], torch.cat(picked[start:end])
             logprobs = torch.log_softmax((self._logits(block) if self.own_head else block).float(), dim=-1)
