@@ -31,6 +31,12 @@ def test_a_retired_setting_names_its_replacement(tmp_path):
         load_config(LabelConfig, old)
 
 
+def test_negative_scoring_budget_is_refused():
+    with pytest.raises(ConfigError, match="score_batch_tokens must be >= 0"):
+        load_config(LabelConfig, score_batch_tokens=-1)
+    assert load_config(LabelConfig, score_batch_tokens=0).score_batch_tokens == 0  # 0: the backend's default
+
+
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")

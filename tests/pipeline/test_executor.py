@@ -93,3 +93,22 @@ def test_ray_retries_a_dead_worker_and_records_data_errors(tmp_path):
         assert (tmp_path / "second" / "echo" / "_failures.jsonl").exists()
     finally:
         ray.shutdown()
+
+
+def test_workers_hide_library_deprecations_but_not_lemb_warnings():
+    import logging
+    import warnings
+
+    from lemb.pipeline.executor import quiet_libraries
+
+    level = logging.getLogger("torch._library").level
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn_explicit("old API", FutureWarning, "dispatcher.py", 1, module="vllm.triton_utils.dispatcher")
+        warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1, module="torch.distributed")
+        warnings.warn_explicit("lemb says", FutureWarning, "config.py", 1, module="lemb.pipeline.config")
+        warnings.warn_explicit("a real problem", UserWarning, "y.py", 1, module="transformers.x")
+    assert [str(w.message) for w in seen] == ["lemb says", "a real problem"]
+    assert logging.getLogger("torch._library").getEffectiveLevel() == logging.ERROR
+    logging.getLogger("torch._library").setLevel(level)

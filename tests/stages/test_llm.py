@@ -194,3 +194,23 @@ def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> No
             assert [n for _, n in row_a] == [n for _, n in row_b]
             for (a, _), (b, _) in zip(row_a, row_b):
                 assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_model_without_sdpa_loads_with_eager_attention_and_scores_the_same(llm, monkeypatch) -> None:
+    """The packed mask needs an attention that takes a 4-D mask: sdpa, or eager where sdpa is not supported."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def no_sdpa(cls, *args, **kwargs):
+        if kwargs.get("attn_implementation") == "sdpa":
+            raise ValueError("this architecture does not support sdpa")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_sdpa))
+    eager = TransformersLLM(DEFAULT_LLM)
+    assert eager.model.config._attn_implementation == "eager"
+    items = [(PROMPT, CONTINUATIONS), ("Say a city.", CONTINUATIONS[2:])]
+    for row_a, row_b in zip(eager.score_many(items, reduce="sum"), llm.score_many(items, reduce="sum")):
+        for (a, na), (b, nb) in zip(row_a, row_b):
+            assert (na, a) == (nb, pytest.approx(b, abs=1e-4))
