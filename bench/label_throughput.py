@@ -62,6 +62,8 @@ def make_workload(data: Path, n_queries: int, n_candidates: int, seed: int = 0) 
             "bare": build_prompt("qa", q["question"], None),
             "prompts": [build_prompt("qa", q["question"], p) for p in passages],
             "target": q["answers"][0],
+            "question": q["question"], "passages": passages, "ids": [q["positive_ids"][0], *others],
+            "query_id": str(q["id"]),
         })  # fmt: skip
     return work
 
@@ -173,6 +175,88 @@ def forced_decode_bound(engine: Any, work: list[dict[str, Any]], pools: list[lis
     return {"pairs_per_s": pairs / seconds, "seconds": seconds}
 
 
+def candidate_table(work: list[dict[str, Any]]) -> Any:
+    """The workload as the label stage's input: one candidate shard (schemas.CANDIDATE rows)."""
+    import pyarrow as pa
+
+    from lemb.data import schemas
+
+    rows = [
+        {"query_id": w["query_id"], "task": "qa", "key_id": k, "retrieval_rank": j + 1, "retrieval_score": 0.0,
+         "query_text": w["question"], "target": w["target"], "positive_ids": [w["ids"][0]], "key_text": p,
+         "key_title": None}
+        for w in work for j, (k, p) in enumerate(zip(w["ids"], w["passages"]))
+    ]  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=schemas.CANDIDATE)
+
+
+def stage_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole label stage (sampling + scoring) on the workload, each query in its own block vs blocks of
+    `block_tokens`, for each backend, in one process. flops_fraction: necessary FLOPs (the body over each distinct
+    prompt once, every sampled token and every scored continuation token; the vocabulary projection for sampled and
+    scored tokens) per second over the best dense-matmul rate measured between the variants."""
+    import polars as pl
+
+    from lemb.pipeline.config import LabelConfig, load_config
+    from lemb.stages.label import LabelStage
+
+    table = candidate_table(work)
+    warm = candidate_table(work[:1])
+    body, head = model_shape(llm_name)
+    out: dict[str, Any] = {"variants": {}}
+    peaks = [matmul_flops("cpu" if args.dtype == "float32" else "cuda", args.dtype)]
+    labels: dict[str, Any] = {}
+    for backend in args.stage_backends.split(","):
+        config = load_config(LabelConfig, backend=backend, llm=llm_name, dtype=args.dtype, n_samples=args.samples,
+                             per_candidate_samples=args.per_candidate, executor="local")  # fmt: skip
+        stage = LabelStage(config)
+        start = time.perf_counter()
+        stage.setup()
+        setup = time.perf_counter() - start
+        default_block = stage.block_tokens
+        stage.process(warm)  # first-call warm-up, not timed
+        for mode, block in (("per_query", 1), ("batched", args.block_tokens or default_block)):
+            stage.block_tokens = block
+            stage.counters.clear()
+            print(f"stage {backend} {mode}: labelling {len(work)} queries", flush=True)
+            start = time.perf_counter()
+            result = stage.process(table)
+            seconds = time.perf_counter() - start
+            c = stage.counters
+            prompts = sum(len(w["prompts"]) + 1 for w in work)
+            prompt_tokens = sum(stage.llm.prompt_lengths([w["bare"], *w["prompts"]])[i]
+                                for w in work for i in range(len(w["prompts"]) + 1))  # fmt: skip
+            tokens = c["sampled_tokens"] + c["continuation_tokens"]
+            useful = 2 * body * (prompt_tokens + tokens) + 2 * head * tokens
+            peaks.append(matmul_flops("cpu" if args.dtype == "float32" else "cuda", args.dtype))
+            out["variants"][f"{backend}_{mode}"] = {
+                "queries_per_s": len(work) / seconds, "seconds": seconds, "block_tokens": block,
+                "backend_seconds": c["sample_seconds"] + c["score_seconds"], "sample_seconds": c["sample_seconds"],
+                "score_seconds": c["score_seconds"], "prompts": prompts, "prompt_tokens": prompt_tokens,
+                "sampled_tokens": c["sampled_tokens"], "scored_tokens": c["continuation_tokens"],
+                "useful_flops": useful, "setup_seconds": setup,
+            }  # fmt: skip
+            labels[f"{backend}_{mode}"] = pl.from_arrow(result).sort(["query_id", "retrieval_rank"])
+        del stage
+        gc.collect()
+    peak = max(peaks)
+    for v in out["variants"].values():
+        v["flops_fraction"] = v["useful_flops"] / v["seconds"] / peak
+    for backend in args.stage_backends.split(","):
+        a, b = labels[f"{backend}_per_query"], labels[f"{backend}_batched"]
+        pools = [(x, y) for x, y in zip(a["samples"].to_list(), b["samples"].to_list()) if x is not None]
+        same = [x == y for x, y in pools]
+        diffs = [abs(x - y) for (x, y), eq in zip(zip(a["target_logprob"], b["target_logprob"]), same) if eq]
+        out[f"{backend}_batched_vs_per_query"] = {
+            "speedup": out["variants"][f"{backend}_per_query"]["seconds"]
+            / out["variants"][f"{backend}_batched"]["seconds"],
+            "queries_with_equal_pools": sum(same) / max(1, len(same)),
+            "max_target_logprob_diff_where_pools_equal": max(diffs, default=None),
+        }
+    out["matmul_flops_per_s"] = peak
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 queries instead of 16 (under 5 minutes here)")
@@ -189,6 +273,10 @@ def main() -> None:
     parser.add_argument(
         "--vllm-no-cache", action="store_true", help="also time vLLM's default: prompt_logprobs without cache reads"
     )
+    parser.add_argument("--stage", action="store_true", help="the whole label stage, per-query vs batched blocks")
+    parser.add_argument("--stage-backends", default="transformers,vllm")
+    parser.add_argument("--per-candidate", type=int, default=2, help="m samples per candidate prompt (--stage)")
+    parser.add_argument("--block-tokens", type=int, default=0, help="--stage: batched block size (0: the default)")
     args = parser.parse_args()
 
     from lemb.data.tasks import task_spec
@@ -202,6 +290,15 @@ def main() -> None:
         llm_name = random_init_llm(resolve_llm_path(llm_name), args.dtype)
     n_queries = args.queries or (4 if args.quick else 16)
     work = make_workload(args.data, n_queries, args.candidates)
+    if args.stage:
+        out = stage_throughput(args, resolve_llm_path(llm_name), work)
+        out["workload"] = {"llm": llm_name, "dtype": args.dtype, "queries": n_queries, "candidates": args.candidates,
+                           "n_samples": args.samples, "per_candidate_samples": args.per_candidate,
+                           "threads": args.threads, "cpus": os.cpu_count()}  # fmt: skip
+        print(json.dumps(out, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return
     variants = args.variants.split(",")
     tf = TransformersLLM(llm_name, dtype=args.dtype)
     device = tf.device.type

@@ -183,11 +183,16 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
     return str(clock(tag, lambda: train(config, progress=False)))
 
 
-def rank_dev(model: str, records: list[dict], keys: Any, args: argparse.Namespace) -> dict:
-    from lemb.stages.encoder import Encoder
-    from lemb.trainer.evaluate import rank_queries
+def rank_dev(model: str, queries: Path, corpus: Path, out: Path, args: argparse.Namespace) -> Any:
+    """The dev queries ranked by `model` through lemb's retrieve stage (what `lemb eval` does), into `out`."""
+    from lemb.pipeline.config import EvalConfig, load_config
+    from lemb.trainer.evaluate import rank
 
-    return rank_queries(Encoder(model, 256, args.eval_batch_size), records, keys, "llm-embedder")
+    config = load_config(
+        EvalConfig, run=str(out), queries=str(queries), corpus=str(corpus), executor=args.executor,
+        threads=args.threads, shards=args.shards, batch_size=args.eval_batch_size,
+    )  # fmt: skip
+    return rank(config, model, out, progress=False)
 
 
 def per_query_retrieval(ranking: dict, records: list[dict]) -> dict[str, dict[str, float]]:
@@ -303,7 +308,6 @@ def reward_gold_agreement(label_dir: Path, queries: dict[str, dict], tie_tol: fl
 
 
 def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
-    from lemb.data.readers import read_keys
     from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
     from lemb.stages.llm import TransformersLLM
     from lemb.trainer.evaluate import LLMJudge, answer_metrics
@@ -320,17 +324,17 @@ def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]
             args, shared, out / "qa" / name, clock, f"qa/train/{name}", reward=reward, loss={"qa": loss}
         )
 
-    keys = read_keys(data["paths"]["corpus"])
     dev = data["dev"]
     llm_dev = dev[: args.dev_llm]
-    key_text = dict(zip(keys.column("key_id").to_pylist(), keys.column("text").to_pylist()))
-    judge = LLMJudge(TransformersLLM(DEFAULT_LLM), key_text, 24)
+    judge = LLMJudge(TransformersLLM(DEFAULT_LLM), 24)
     metrics: dict[str, dict[str, float]] = {}
     per_query: dict[str, dict[str, dict[str, float]]] = {}
     for name, model in models.items():
 
-        def evaluate_one(model: str = model) -> tuple[dict, dict]:
-            ranking = rank_dev(model, dev, keys, args)
+        def evaluate_one(model: str = model, name: str = name) -> tuple[dict, dict]:
+            ranked = rank_dev(model, data["paths"]["dev"], data["paths"]["corpus"], out / "qa" / "rank" / name, args)
+            ranking = ranked.ranking
+            judge.key_text.update(ranked.key_text)
             scores = per_query_retrieval(ranking, dev)
             result = {m: float(np.mean(list(v.values()))) for m, v in scores.items()}
             for k in (1, 3):
@@ -423,10 +427,6 @@ MT_MAIN_METRIC = {
 
 
 def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from lemb.data.readers import read_keys
     from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
     from lemb.stages.llm import TransformersLLM
     from lemb.trainer.evaluate import TaskEvaluator
@@ -442,18 +442,21 @@ def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[st
             task_weights={kind: 1.0},
         )  # fmt: skip
 
-    keys = read_keys(data["paths"]["corpus"])
-    llm = TransformersLLM(DEFAULT_LLM)
+    from lemb.trainer.evaluate import Ranked
+
+    evaluator = TaskEvaluator(TransformersLLM(DEFAULT_LLM), k=1)  # LLM outputs are cached across models
     metrics: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
-    evaluators: dict[str, TaskEvaluator] = {}  # one per set of kinds, so LLM outputs are cached across models
     for name, model in models.items():
         kinds = [name.removeprefix("only_")] if name.startswith("only_") else list(MT_KINDS)
-        if tuple(kinds) not in evaluators:
-            part_keys = keys.filter(pc.is_in(keys.column("task"), pa.array(kinds, pa.string())))
-            records = [q for q in data["dev"] if q["task"] in kinds]
-            evaluators[tuple(kinds)] = TaskEvaluator(records, part_keys, llm, k=1, batch_size=args.eval_batch_size)
-        evaluator = evaluators[tuple(kinds)]
-        by_task, _ = clock(f"multitask/eval/{name}", lambda model=model, evaluator=evaluator: evaluator.run(model))
+
+        def run_eval(model: str = model, name: str = name, kinds: list[str] = kinds) -> Any:
+            ranked = rank_dev(model, data["paths"]["dev"], data["paths"]["corpus"], out / "multitask" / "rank" / name,
+                              args)  # fmt: skip
+            queries = [q for q in ranked.queries if q["task"] in kinds]
+            ranking = {q["query_id"]: ranked.ranking[q["query_id"]] for q in queries}
+            return evaluator.run(Ranked(ranking, queries, ranked.key_text))
+
+        by_task, _ = clock(f"multitask/eval/{name}", run_eval)
         for kind in kinds:
             metrics[kind][name] = by_task.get(kind, {})
     label_by_task = label_summary(shared / "label")

@@ -221,7 +221,10 @@ def eval_(
     ] = None,
     run: Run = None,
     config: Config = None,
+    executor: Executor = None,
+    workers: Workers = None,
     threads: Threads = None,
+    shards: Shards = None,
     quiet: Quiet = False,
 ) -> None:
     """Each task's metrics (TaskSpec.metrics) for each embedder, base vs trained; writes <run>/eval/."""
@@ -235,7 +238,10 @@ def eval_(
         if not sep:
             raise LembError(f"--embedder {item!r}: expected NAME=MODEL")
         named[name] = model
-    cfg = load_config(EvalConfig, config, queries=queries, corpus=corpus, answer_k=answer_k, run=run, threads=threads)
+    cfg = load_config(
+        EvalConfig, config, queries=queries, corpus=corpus, answer_k=answer_k, run=run, executor=executor,
+        workers=workers, threads=threads, shards=shards,
+    )  # fmt: skip
     metrics = evaluate_run(cfg, named or None, progress=not quiet)
     typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
     typer.echo("\n".join(task_tables(metrics)))

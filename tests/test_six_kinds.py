@@ -47,7 +47,7 @@ def run(tmp_path_factory) -> Path:
     # tasks are drawn at random per batch; with seed 2 the first 12 batches hold every task
     (root / "train.yaml").write_text(yaml.safe_dump({"seed": 2}))
     lemb("train", "--steps", "12", "--batch-size", "2", "--config", str(root / "train.yaml"), *local[:2], "--quiet")
-    lemb("eval", *files, *local[:2], "--quiet")
+    lemb("eval", *files, *local)
     return run
 
 

@@ -77,23 +77,41 @@ def _iter_raw(path: Path, batch_rows: int):
             yield f"line {n}", record
 
 
-def iter_keys(path: str | Path, batch_rows: int = 10_000):
-    """Validated key records as tables of up to `batch_rows` rows, with a `_where` column (line or row), so a
-    corpus of any size is read in bounded memory. Duplicate ids are left to `shards.partition`, which sees
-    every copy of an id in the same shard."""
+def _iter_records(path: str | Path, schema: pa.Schema, id_field: str, batch_rows: int, check=None):
+    """Validated records of `schema` as tables of up to `batch_rows` rows, with a `_where` column (line or row), so
+    a file of any size is read in bounded memory. Duplicate ids are left to `shards.partition`, which sees every
+    copy of an id in the same shard."""
     path = Path(path)
-    schema = schemas.KEY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
+    out_schema = schema.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
     records: list[dict[str, Any]] = []
     any_records = False
     for where, raw in _iter_raw(path, batch_rows):
-        records.append({**_check_record(path, where, raw, schemas.KEY, "key_id"), schemas.WHERE: where})
+        record = _check_record(path, where, raw, schema, id_field)
+        if check is not None:
+            check(path, record)
+        records.append({**record, schemas.WHERE: where})
         if len(records) == batch_rows:
-            yield pa.Table.from_pylist(records, schema=schema)
+            yield pa.Table.from_pylist(records, schema=out_schema)
             any_records, records = True, []
     if records:
-        yield pa.Table.from_pylist(records, schema=schema)
+        yield pa.Table.from_pylist(records, schema=out_schema)
     elif not any_records:
         raise InputError(path, "file", None, "no records")
+
+
+def iter_keys(path: str | Path, batch_rows: int = 10_000):
+    """Validated key records, a batch at a time (see `_iter_records`)."""
+    return _iter_records(path, schemas.KEY, "key_id", batch_rows)
+
+
+def _check_history(path: Path, record: dict[str, Any]) -> None:
+    if record["task"] in schemas.PER_QUERY_TASKS and not record["history"]:
+        raise InputError(path, f"query_id {record['query_id']!r}", "history", f"task {record['task']} needs a history")
+
+
+def iter_queries(path: str | Path, batch_rows: int = 10_000):
+    """Validated query records, a batch at a time (see `_iter_records`)."""
+    return _iter_records(path, schemas.QUERY, "query_id", batch_rows, _check_history)
 
 
 def _read(path: str | Path, schema: pa.Schema, id_field: str) -> pa.Table:
@@ -114,8 +132,7 @@ def _read(path: str | Path, schema: pa.Schema, id_field: str) -> pa.Table:
 def read_queries(path: str | Path) -> pa.Table:
     table = _read(path, schemas.QUERY, "query_id")
     for rec in table.select(["query_id", "task", "history"]).to_pylist():
-        if rec["task"] in schemas.PER_QUERY_TASKS and not rec["history"]:
-            raise InputError(path, f"query_id {rec['query_id']!r}", "history", f"task {rec['task']} needs a history")
+        _check_history(Path(path), rec)
     return table
 
 

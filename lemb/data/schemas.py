@@ -31,14 +31,27 @@ KEY = pa.schema(
     ]
 )
 
+# key shards keep the text and title beside the vector, so candidates take their texts from retrieve's own output
 KEY_EMBEDDING = pa.schema(
     [
         pa.field("key_id", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
         pa.field("embedding", pa.list_(pa.float32()), nullable=False),
     ]
 )
 
+# What every later stage needs of a query and its candidate, so that a worker reads its own shard and nothing else.
+_QUERY_AND_KEY = [
+    pa.field("query_text", pa.string(), nullable=False),
+    pa.field("target", pa.string()),
+    pa.field("positive_ids", pa.list_(pa.string())),  # the query's known positives (all of them, on every row)
+    pa.field("key_text", pa.string(), nullable=False),  # the corpus key's text, or the history item's
+    pa.field("key_title", pa.string()),
+]
+
+# Candidate shards are partitioned by query id: every candidate of a query is in its query's shard.
 CANDIDATE = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),
@@ -46,6 +59,7 @@ CANDIDATE = pa.schema(
         pa.field("key_id", pa.string(), nullable=False),
         pa.field("retrieval_rank", pa.int32(), nullable=False),  # 1 = best
         pa.field("retrieval_score", pa.float32(), nullable=False),  # inner product of normalised embeddings
+        *_QUERY_AND_KEY,
     ]
 )
 
@@ -68,8 +82,10 @@ REWARD = pa.schema(
         pa.field("reward", pa.float64()),  # (N + 1 - rank) / N; null when the query carries no signal
         pa.field("baseline_rank", pa.float64()),
         pa.field("skip_reason", pa.string()),  # why the query carries no signal (null when it does)
+        *_QUERY_AND_KEY,  # copied from the candidate row: training reads the label shards and nothing else
     ]
 )
+CARRIED = tuple(f.name for f in _QUERY_AND_KEY)
 
 
 WHERE = "_where"  # column of streamed input batches: each record's line or row in its file, for error messages
@@ -78,3 +94,12 @@ WHERE = "_where"  # column of streamed input batches: each record's line or row 
 def history_key_id(query_id: str, index: int) -> str:
     """Key id of the `index`-th history item of a query (chat / lrlm candidates are the query's own history)."""
     return f"{query_id}#h{index}"
+
+
+def by_query(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by query: queries in (task, query_id) order, each query's rows by retrieval rank."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["query_id"], []).append(r)
+    ordered = sorted(groups.values(), key=lambda g: (g[0]["task"], g[0]["query_id"]))
+    return [sorted(g, key=lambda r: r["retrieval_rank"]) for g in ordered]

@@ -118,6 +118,8 @@ class LabelConfig(RunSettings):
     reduce: str = "mean"  # score = mean token log-probability (or sum)
     tie_tolerance: float = 1e-6  # scores this close to the target's count as ties (nats)
     score_batch_tokens: int = 0  # tokens per scoring forward pass (transformers backend); 0: 4096 CPU, 32768 GPU
+    block_tokens: int = 0  # prompt tokens of the queries labelled together in one sampling + one scoring call
+    # (0: the measured default, label.BLOCK_TOKENS); the samples and rewards do not depend on it
     trust_remote_code: bool = False
 
     def problems(self) -> list[str]:
@@ -132,8 +134,9 @@ class LabelConfig(RunSettings):
             out.append(f"temperature must be > 0, got {self.temperature}")
         if self.reduce not in ("mean", "sum"):
             out.append(f"reduce must be 'mean' or 'sum', got {self.reduce!r}")
-        if self.score_batch_tokens < 0:
-            out.append(f"score_batch_tokens must be >= 0 (0: the backend's default), got {self.score_batch_tokens}")
+        for name in ("score_batch_tokens", "block_tokens"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be >= 0 (0: the measured default), got {getattr(self, name)}")
         return out
 
 
@@ -276,6 +279,8 @@ EXECUTION_ONLY = frozenset(
         "save_every",
         "resume",
         "device",
+        "score_batch_tokens",
+        "block_tokens",
     }
 )
 

@@ -1,14 +1,18 @@
-"""The executor owns sharding, skip-completed, per-shard stats, retries and failure records.
+"""The executor owns a stage run: hashing, manifest, saved config, skip-completed, progress, stats, retries and
+failure records.
 
-A stage is a small object with `setup()` (load models once per worker) and `process(table)`;
-it knows nothing of Ray, files or retries. Work rows are split by a deterministic plan over
-`id_column`; each pending shard runs on a worker that writes its own output file atomically.
+A stage is a small object with `setup()` (load models once per worker) and `process(table)`; it knows nothing of
+Ray, files or retries. Its input is a plan of per-shard files (`shards.partition`, or the shards of the stage
+before it); each pending shard runs on a worker that reads its own file and writes its own output atomically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import threading
 import time
 import traceback
 import warnings
@@ -19,26 +23,38 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
-from lemb.pipeline.config import RunSettings
-from lemb.pipeline.shards import ShardPlan, finish_stage, open_stage, write_shard
+from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
+from lemb.pipeline.shards import (
+    ShardPlan,
+    finish_stage,
+    open_stage,
+    progress_path,
+    shard_path,
+    write_json_atomic,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Stage(ABC):
-    """Declared inputs (`required_columns` of the work table), declared output (`output_schema`)."""
+    """Declared inputs (`required_columns` of a shard's input), declared output (`output_schema`), one `process`.
+
+    A stage reports its progress inside a shard with `self.advance(n)` (n `unit`s done); the executor turns that
+    into the driver's bar and the shard's progress file. It knows nothing of Ray, files or retries."""
 
     name: ClassVar[str]
+    unit: ClassVar[str] = "rows"  # what the plan's "items" count and the progress bar shows
     required_columns: ClassVar[tuple[str, ...]]
     output_schema: ClassVar[pa.Schema]
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()  # per-shard counters (rows skipped, tokens, ...)
+        self._advance: Callable[[int], None] | None = None  # set by the executor while a shard runs
 
     def setup(self) -> None:
         """Load models; called once per worker, before the first shard."""
@@ -46,8 +62,17 @@ class Stage(ABC):
     @abstractmethod
     def process(self, table: pa.Table) -> pa.Table: ...
 
+    def advance(self, n: int) -> None:
+        """`n` more items of the current shard are done."""
+        if self._advance is not None:
+            self._advance(n)
+
     def metadata(self) -> dict[str, str]:
-        """Provenance written into every output shard's Parquet metadata."""
+        """Provenance written into every output shard's Parquet metadata (called after setup)."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What beyond the config determines the output (prompt templates, instruction tables): part of the hash."""
         return {}
 
 
@@ -77,31 +102,59 @@ def set_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def run_shard(stage: Stage, stage_dir: Path, index: int, table: pa.Table | str) -> dict[str, Any]:
-    """Process one shard's rows (a table, or the path of a partitioned input file) and write its output."""
-    if isinstance(table, str):
-        table = pq.read_table(table)
-        table = table.drop_columns([WHERE]) if WHERE in table.column_names else table
+class _ShardProgress:
+    """A shard's progress file: items done, rate, who runs it; written at most once a second (the driver's bar and
+    `lemb status` read it)."""
+
+    def __init__(self, stage_dir: Path, index: int, total: int) -> None:
+        self.path, self.total, self.done = progress_path(stage_dir, index), total, 0
+        self.started = self.written = time.time()
+        self.who = {"pid": os.getpid(), "host": socket.gethostname()}
+        self._write()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if time.time() - self.written >= 1.0:
+            self._write()
+
+    def _write(self) -> None:
+        self.written = time.time()
+        elapsed = self.written - self.started
+        state = {"done": self.done, "total": self.total, "started": self.started, "updated": self.written}
+        write_json_atomic(self.path, {**state, **self.who, "rate": self.done / elapsed if elapsed > 0 else 0.0})
+
+
+def run_shard(stage: Stage, stage_dir: Path, index: int, source: Path, items: int) -> dict[str, Any]:
+    """Process one shard's input file and write its output; the same path for every shard, empty or not."""
+    table = pq.read_table(source)
+    table = table.drop_columns([WHERE]) if WHERE in table.column_names else table
     start = time.perf_counter()
     stage.counters.clear()
-    out = stage.process(table) if table.num_rows else stage.output_schema.empty_table()
-    stats = {"rows_in": table.num_rows, "rows_out": out.num_rows, "seconds": time.perf_counter() - start}
-    stats.update(stage.counters)
-    write_shard(stage_dir, index, out, stage.output_schema, {"lemb.stage": stage.name, **stage.metadata()}, stats)
+    progress = _ShardProgress(stage_dir, index, items)
+    stage._advance = progress.advance
+    try:
+        out = stage.process(table) if table.num_rows else stage.output_schema.empty_table()
+        stats = {"rows_in": table.num_rows, "rows_out": out.num_rows, "seconds": time.perf_counter() - start}
+        stats.update(stage.counters)
+        metadata = {"lemb.stage": stage.name, **stage.metadata()}
+        write_shard(stage_dir, index, out, stage.output_schema, metadata, stats)
+    finally:
+        stage._advance = None
+        progress.path.unlink(missing_ok=True)
     return stats
 
 
 class _Worker:
     """One stage instance (one model copy) per Ray actor."""
 
-    def __init__(self, factory: Callable[[], Stage], threads: int) -> None:
+    def __init__(self, stage: Stage, threads: int) -> None:
         set_threads(threads)
         quiet_libraries()
-        self.stage = factory()
+        self.stage = stage
         self.stage.setup()
 
-    def run(self, stage_dir: str, index: int, table: pa.Table | str) -> dict[str, Any]:
-        return run_shard(self.stage, Path(stage_dir), index, table)
+    def run(self, stage_dir: str, index: int, source: str, items: int) -> dict[str, Any]:
+        return run_shard(self.stage, Path(stage_dir), index, Path(source), items)
 
 
 def init_ray(address: str | None) -> Any:
@@ -113,68 +166,118 @@ def init_ray(address: str | None) -> Any:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:
-            kwargs["object_store_memory"] = 256 * 1024**2  # shards are small; keep /dev/shm free
+            kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free
         ray.init(address=address, **kwargs)
     return ray
 
 
-def check_columns(table: pa.Table, required: tuple[str, ...], what: str) -> None:
-    missing = [c for c in required if c not in table.column_names]
+def check_columns(schema: pa.Schema, required: tuple[str, ...], what: str) -> None:
+    missing = [c for c in required if c not in schema.names]
     if missing:
-        raise LembError(f"{what}: missing column(s) {missing}; present: {table.column_names}")
+        raise LembError(f"{what}: missing column(s) {missing}; present: {schema.names}")
 
 
-def run_stage(
-    factory: Callable[[], Stage],
-    work: pa.Table | ShardPlan,
-    id_column: str,
-    stage_dir: Path,
-    settings: RunSettings,
-    config: dict[str, Any],
-    config_hash: str,
-    inputs: list[str | Path | None],
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run every pending shard of a stage; return the stage's aggregated stats.
+class Executor:
+    """Owns a stage run: the config hash, the manifest with its plan, the saved config, every pending shard on a
+    worker (in-process or a Ray actor pool), the progress bar, per-shard stats, failure records and the stage's
+    stats. A shard is done once its output file is in place, which happens only after its stats are written.
 
-    `work` is the whole work table, or a partitioned plan (`shards.partition`) whose per-shard input files
-    the workers read themselves, so that no process holds more than a shard."""
-    stage_cls = factory.func if hasattr(factory, "func") else factory  # functools.partial or class
-    if isinstance(work, ShardPlan):
-        plan = work
-        first = next((p for i, p in enumerate(plan.inputs) if plan.rows(i)), None)
-        if first is not None:
-            check_columns(pq.read_schema(first).empty_table(), stage_cls.required_columns, f"{stage_cls.name} input")
-    else:
-        check_columns(work, stage_cls.required_columns, f"{stage_cls.name} input")
-        plan = ShardPlan.from_ids(work.column(id_column).to_pylist(), settings.shards)
-    done = open_stage(stage_dir, stage_cls.name, config, config_hash, inputs, plan, restart=settings.restart)
-    pending = [i for i in range(len(plan)) if i not in done and plan.rows(i)]
-    empty = [i for i in range(len(plan)) if i not in done and not plan.rows(i)]
-    if done:
-        log.info("%s: %d of %d shards already done, skipping them", stage_cls.name, len(done), len(plan))
-    if isinstance(work, ShardPlan):
-        empty_table = stage_cls.output_schema.empty_table()
-        tables = {i: str(plan.inputs[i]) if plan.rows(i) else empty_table for i in pending + empty}
-    else:
-        id_type = work.column(id_column).type
-        tables = {
-            i: work.filter(pc.is_in(work.column(id_column), pa.array(plan.ids[i], id_type))) for i in pending + empty
-        }
-    failures: list[dict[str, Any]] = []
-    if pending or empty:
-        runner = _run_local if settings.executor == "local" else _run_ray
-        failures = runner(factory, stage_dir, pending, empty, tables, settings, progress, stage_cls.name)
+    `inputs` are the files the stage's output depends on (fingerprinted in the manifest); `id_column` names the
+    ids that failure records list."""
+
+    def __init__(self, settings: RunSettings, progress: bool = True) -> None:
+        self.settings, self.progress = settings, progress
+
+    def run(
+        self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str
+    ) -> dict[str, Any]:
+        check_columns(pq.read_schema(plan.inputs[0]), stage.required_columns, f"{stage.name} input")
+        digest = config_hash(config, stage.fingerprint())
+        done = open_stage(out, stage.name, to_dict(config), digest, inputs, plan, restart=self.settings.restart)
+        save_config(config, out)
+        pending = [i for i in range(len(plan)) if i not in done]
+        if done:
+            log.info("%s: %d of %d shards already done, skipping them", stage.name, len(done), len(plan))
+        failures: list[dict[str, Any]] = []
+        if pending:
+            with _Bar(stage, plan, out, pending, self.progress):
+                runner = self._run_local if self.settings.executor == "local" else self._run_ray
+                failures = runner(stage, plan, out, pending)
         for f in failures:
-            f["ids"] = plan.shard_ids(f["shard"], id_column)  # a partitioned plan reads them from the input file
-    stats = finish_stage(stage_dir, len(plan), failures)
-    if failures:
-        first = failures[0]
-        raise LembError(
-            f"{stage_cls.name}: {len(failures)} shard(s) failed (see {stage_dir / '_failures.jsonl'}); "
-            f"first: shard {first['shard']}: {first['error']}"
-        )
-    return stats
+            f["ids"] = plan.shard_ids(f["shard"], id_column)
+        stats = finish_stage(out, len(plan), failures)
+        if failures:
+            first = failures[0]
+            raise LembError(
+                f"{stage.name}: {len(failures)} shard(s) failed (see {out / '_failures.jsonl'}); "
+                f"first: shard {first['shard']}: {first['error']}"
+            )
+        return stats
+
+    def _run_local(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
+        set_threads(self.settings.threads)
+        stage.setup()
+        failures = []
+        for i in pending:
+            try:
+                run_shard(stage, out, i, plan.inputs[i], plan.items(i))
+            except LembError:
+                raise
+            except Exception as exc:  # a shard that fails on its data is recorded, the others go on
+                failures.append(_failure(i, exc))
+        return failures
+
+    def _pool_size(self, ray: Any) -> int:
+        """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold."""
+        s = self.settings
+        if s.workers:
+            return s.workers
+        resources = ray.cluster_resources()
+        if s.num_gpus:
+            return max(1, int(resources.get("GPU", 0) // s.num_gpus))
+        return max(1, int(resources.get("CPU", 1) // s.threads))
+
+    def _run_ray(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
+        s = self.settings
+        ray = init_ray(s.address)
+        from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
+
+        infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
+        actor_cls = ray.remote(num_cpus=s.threads, num_gpus=s.num_gpus, max_restarts=0)(_Worker)
+        queue = list(pending)
+        attempts: Counter[int] = Counter()
+        failures: list[dict[str, Any]] = []
+        idle = [actor_cls.remote(stage, s.threads) for _ in range(min(self._pool_size(ray), len(queue)))]
+        running: dict[Any, tuple[int, Any]] = {}
+        while queue or running:
+            while queue and idle:
+                actor, index = idle.pop(), queue.pop(0)
+                task = actor.run.remote(str(out), index, str(plan.inputs[index]), plan.items(index))
+                running[task] = (index, actor)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                idle.append(actor)
+            except infrastructure as exc:
+                attempts[index] += 1
+                ray.kill(actor)
+                idle.append(actor_cls.remote(stage, s.threads))
+                if attempts[index] > s.max_retries:
+                    failures.append(_failure(index, exc, attempts[index]))
+                else:
+                    log.warning("shard %d: %s; retry %d of %d", index, type(exc).__name__, attempts[index],
+                                s.max_retries)  # fmt: skip
+                    queue.append(index)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, LembError):
+                    raise LembError(str(cause).splitlines()[-1]) from None
+                failures.append(_failure(index, cause))
+                idle.append(actor)
+        for actor in idle:
+            ray.kill(actor)
+        return failures
 
 
 def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:
@@ -187,91 +290,53 @@ def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, A
     }
 
 
-def _progress(total: int, name: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+class _Bar:
+    """The driver's progress bar in the stage's unit (queries, keys), with rate and ETA: a thread polls the running
+    shards' progress files (written by the workers, wherever they run: the stage folder is shared) twice a second."""
 
-    return tqdm(total=total, desc=f"{name} shards", disable=not enabled, unit="shard")
+    def __init__(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int], enabled: bool) -> None:
+        self.plan, self.out, self.pending = plan, out, pending
+        total = sum(plan.items(i) for i in range(len(plan)))
+        self.initial = total - sum(plan.items(i) for i in pending)
+        self.enabled = enabled and total > 0
+        self.bar = None
+        if self.enabled:
+            from tqdm.auto import tqdm
 
+            self.bar = tqdm(total=total, initial=self.initial, desc=stage.name, unit=f" {stage.unit}",
+                            unit_scale=False, dynamic_ncols=True)  # fmt: skip
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-def _run_local(factory, stage_dir, pending, empty, tables, settings, progress, name) -> list[dict[str, Any]]:
-    set_threads(settings.threads)
-    stage = factory()
-    for i in empty:  # empty shards need no model
-        run_shard(stage, stage_dir, i, tables[i])
-    if not pending:
-        return []
-    stage.setup()
-    failures = []
-    with _progress(len(pending), name, progress) as bar:
-        for i in pending:
+    def done(self) -> int:
+        n = self.initial
+        for i in self.pending:
+            if shard_path(self.out, i).exists():
+                n += self.plan.items(i)
+                continue
             try:
-                run_shard(stage, stage_dir, i, tables[i])
-            except LembError:
-                raise
-            except Exception as exc:  # a shard that fails on its data is recorded, the others go on
-                failures.append(_failure(i, exc))
-            bar.update(1)
-    return failures
+                n += json.loads(progress_path(self.out, i).read_text())["done"]
+            except (OSError, ValueError, KeyError):
+                pass
+        return n
 
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self._refresh()
 
-def _pool_size(ray: Any, settings: RunSettings) -> int:
-    """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold."""
-    if settings.workers:
-        return settings.workers
-    resources = ray.cluster_resources()
-    if settings.num_gpus:
-        return max(1, int(resources.get("GPU", 0) // settings.num_gpus))
-    return max(1, int(resources.get("CPU", 1) // settings.threads))
+    def _refresh(self) -> None:
+        n = self.done()
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
 
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            self._thread.start()
+        return self
 
-def _run_ray(factory, stage_dir, pending, empty, tables, settings, progress, name) -> list[dict[str, Any]]:
-    ray = init_ray(settings.address)
-    from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
-
-    infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
-    actor_cls = ray.remote(num_cpus=settings.threads, num_gpus=settings.num_gpus, max_restarts=0)(_Worker)
-    local_stage = factory()
-    for i in empty:
-        run_shard(local_stage, stage_dir, i, tables[i])
-    queue = list(pending)
-    attempts: Counter[int] = Counter()
-    failures: list[dict[str, Any]] = []
-    idle = [actor_cls.remote(factory, settings.threads) for _ in range(min(_pool_size(ray, settings), len(queue)))]
-    running: dict[Any, tuple[int, Any]] = {}
-    with _progress(len(pending), name, progress) as bar:
-        while queue or running:
-            while queue and idle:
-                actor, index = idle.pop(), queue.pop(0)
-                running[actor.run.remote(str(stage_dir), index, tables[index])] = (index, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            index, actor = running.pop(ready[0])
-            try:
-                ray.get(ready[0])
-                idle.append(actor)
-                bar.update(1)
-            except infrastructure as exc:
-                attempts[index] += 1
-                ray.kill(actor)
-                idle.append(actor_cls.remote(factory, settings.threads))
-                if attempts[index] > settings.max_retries:
-                    failures.append(_failure(index, exc, attempts[index]))
-                    bar.update(1)
-                else:
-                    log.warning(
-                        "shard %d: %s; retry %d of %d",
-                        index,
-                        type(exc).__name__,
-                        attempts[index],
-                        settings.max_retries,
-                    )
-                    queue.append(index)
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.as_instanceof_cause()
-                if isinstance(cause, LembError):
-                    raise LembError(str(cause).splitlines()[-1]) from None
-                failures.append(_failure(index, cause))
-                idle.append(actor)
-                bar.update(1)
-    for actor in idle:
-        ray.kill(actor)
-    return failures
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self._refresh()
+            self.bar.close()

@@ -37,38 +37,43 @@ def shard_of(item_id: str, n_shards: int) -> int:
 
 @dataclass
 class ShardPlan:
-    """Which ids each shard holds. In-memory work lists the ids (`ids[s]`, sorted); work streamed from a file
-    into per-shard input files (`partition`) keeps only each shard's row count and a digest of its ids, so
-    the driver's memory does not grow with the input."""
+    """Every shard's input file and what it holds: `shards[i]` = {"rows", "items", "ids_digest"} (items are the
+    distinct ids, e.g. the queries of a candidate shard). The driver keeps this, never the rows, so its memory does
+    not grow with the input; a worker reads its own shard's file."""
 
-    ids: list[list[str]] | None = None
-    digests: list[dict[str, Any]] | None = None  # [{"rows": n, "ids_digest": hex}] per shard
-    inputs: list[Path] | None = None  # per-shard input files of a partitioned plan
-
-    @classmethod
-    def from_ids(cls, ids: list[str], n_shards: int) -> ShardPlan:
-        buckets: list[list[str]] = [[] for _ in range(n_shards)]
-        for item in sorted(set(ids)):
-            buckets[shard_of(item, n_shards)].append(item)
-        return cls(ids=buckets)
+    inputs: list[Path]
+    shards: list[dict[str, Any]]
 
     def __len__(self) -> int:
-        return len(self.ids if self.ids is not None else self.digests)
+        return len(self.shards)
 
     def rows(self, index: int) -> int:
-        return len(self.ids[index]) if self.ids is not None else self.digests[index]["rows"]
+        return self.shards[index]["rows"]
+
+    def items(self, index: int) -> int:
+        return self.shards[index]["items"]
 
     def shard_ids(self, index: int, id_column: str) -> list[str]:
-        if self.ids is not None:
-            return self.ids[index]
-        return sorted(pq.read_table(self.inputs[index], columns=[id_column]).column(id_column).to_pylist())
+        return sorted(set(pq.read_table(self.inputs[index], columns=[id_column]).column(id_column).to_pylist()))
 
-    def describe(self) -> list:
+    def describe(self) -> list[dict[str, Any]]:
         """What the manifest records (and a rerun must match)."""
-        return self.ids if self.ids is not None else self.digests
+        return self.shards
+
+    @classmethod
+    def of_stage(cls, stage_dir: Path, id_column: str) -> ShardPlan:
+        """A plan over the shards of a finished stage (label works on retrieve's candidate shards as they are)."""
+        n_shards = len(read_manifest(stage_dir)["plan"])
+        inputs = [shard_path(stage_dir, i) for i in range(n_shards)]
+        _require_done(stage_dir, inputs)
+        shards = []
+        for path in inputs:
+            ids = pq.read_table(path, columns=[id_column]).column(id_column).to_pylist()
+            shards.append({"rows": len(ids), "items": len(set(ids)), "ids_digest": _ids_digest(set(ids))})
+        return cls(inputs, shards)
 
 
-def _ids_digest(ids: list[str]) -> str:
+def _ids_digest(ids: Iterable[str]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for item in sorted(ids):
         digest.update(item.encode() + b"\0")
@@ -76,32 +81,26 @@ def _ids_digest(ids: list[str]) -> str:
 
 
 def partition(
-    batches: Iterable[pa.Table], id_column: str, n_shards: int, folder: Path, source: str | Path
+    batches: Iterable[pa.Table], id_column: str, n_shards: int, folder: Path, source: str | Path, schema: pa.Schema
 ) -> ShardPlan:
-    """Stream validated record batches into one Parquet input file per shard, then check each shard for
-    duplicate ids (a repeated id always lands in the same shard). Memory: one batch, then one shard."""
+    """Stream validated record batches (of `schema`, with a `_where` column) into one Parquet input file per shard,
+    then check each shard for duplicate ids (a repeated id always lands in the same shard). Every shard gets a file,
+    empty or not, so that every shard takes the same worker path. Memory: one batch, then one shard's ids."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     paths = [folder / f"input-{i:05d}.parquet" for i in range(n_shards)]
-    writers: dict[int, pq.ParquetWriter] = {}
+    writers = [pq.ParquetWriter(p, schema) for p in paths]
     try:
         for batch in batches:
-            shards = [shard_of(item, n_shards) for item in batch.column(id_column).to_pylist()]
-            column = pa.array(shards)
-            for i in set(shards):
-                part = batch.filter(pc.equal(column, i))
-                if i not in writers:
-                    writers[i] = pq.ParquetWriter(paths[i], batch.schema)
-                writers[i].write_table(part)
+            shards = pa.array([shard_of(item, n_shards) for item in batch.column(id_column).to_pylist()])
+            for i in set(shards.to_pylist()):
+                writers[i].write_table(batch.filter(pc.equal(shards, i)))
     finally:
-        for w in writers.values():
+        for w in writers:
             w.close()
-    digests = []
-    for i, path in enumerate(paths):
-        if i not in writers:
-            digests.append({"rows": 0, "ids_digest": _ids_digest([])})
-            continue
+    plan = []
+    for path in paths:
         table = pq.read_table(path, columns=[id_column, WHERE])
         ids, where = table.column(id_column).to_pylist(), table.column(WHERE).to_pylist()
         seen: dict[str, str] = {}
@@ -109,8 +108,15 @@ def partition(
             if item in seen:
                 raise InputError(source, place, id_column, f"duplicate id {item!r} (first at {seen[item]})")
             seen[item] = place
-        digests.append({"rows": len(ids), "ids_digest": _ids_digest(ids)})
-    return ShardPlan(digests=digests, inputs=paths)
+        plan.append({"rows": len(ids), "items": len(ids), "ids_digest": _ids_digest(ids)})
+    return ShardPlan(paths, plan)
+
+
+def partition_table(table: pa.Table, id_column: str, n_shards: int, folder: Path, source: str = "input") -> ShardPlan:
+    """`partition` of a table already in memory (tests, small inputs)."""
+    where = pa.array([f"row {i + 1}" for i in range(table.num_rows)], pa.string())
+    table = table.append_column(WHERE, where)
+    return partition([table], id_column, n_shards, folder, source, table.schema)
 
 
 def shard_path(stage_dir: Path, index: int) -> Path:
@@ -119,6 +125,18 @@ def shard_path(stage_dir: Path, index: int) -> Path:
 
 def _stats_path(stage_dir: Path, index: int) -> Path:
     return stage_dir / f"part-{index:05d}.stats.json"
+
+
+def progress_path(stage_dir: Path, index: int) -> Path:
+    """Written by the worker while a shard runs (items done, rate); removed once the shard is final."""
+    return stage_dir / f"part-{index:05d}.progress.json"
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / MANIFEST
+    if not path.exists():
+        raise LembError(f"{stage_dir}: no stage output here; run that stage first")
+    return json.loads(path.read_text())
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -215,7 +233,7 @@ def open_stage(
         # output without a manifest cannot be trusted (a killed --restart, or files from elsewhere)
         _discard(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for stale in stage_dir.glob(".*.tmp-*"):  # left by a killed process
+    for stale in [*stage_dir.glob(".*.tmp-*"), *stage_dir.glob("part-*.progress.json")]:  # left by a killed process
         stale.unlink()
     (stage_dir / FAILURES).unlink(missing_ok=True)
     if not path.exists():
@@ -249,18 +267,22 @@ def finish_stage(stage_dir: Path, n_shards: int, failures: list[dict[str, Any]])
     return stats
 
 
-def read_stage(stage_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """All shards of a finished stage as one table; refuses a stage that is missing or incomplete."""
-    manifest = stage_dir / MANIFEST
-    if not manifest.exists():
-        raise LembError(f"{stage_dir}: no stage output here; run that stage first")
-    n_shards = len(json.loads(manifest.read_text())["plan"])
-    files = [shard_path(stage_dir, i) for i in range(n_shards)]
+def _require_done(stage_dir: Path, files: list[Path]) -> None:
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise LembError(
-            f"{stage_dir}: stage incomplete ({n_shards - len(missing)} of {n_shards} shards done,"
-            f" missing {missing[0]});"
-            " rerun that stage to finish it"
+            f"{stage_dir}: stage incomplete ({len(files) - len(missing)} of {len(files)} shards done,"
+            f" missing {missing[0]}); rerun that stage to finish it"
         )
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+
+
+def stage_files(stage_dir: Path) -> list[Path]:
+    """The shard files of a finished stage, in shard order; refuses a stage that is missing or incomplete."""
+    files = [shard_path(stage_dir, i) for i in range(len(read_manifest(stage_dir)["plan"]))]
+    _require_done(stage_dir, files)
+    return files
+
+
+def read_stage(stage_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a finished stage as one table (small stages, tests; workers read their own shard)."""
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in stage_files(stage_dir)])

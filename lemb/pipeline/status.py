@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lemb.errors import LembError
-from lemb.pipeline.shards import FAILURES, MANIFEST, shard_path
+from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, shard_path
 
 
 def stage_status(stage_dir: Path) -> dict:
@@ -24,8 +25,18 @@ def stage_status(stage_dir: Path) -> dict:
             rows += s.get("rows_out", 0)
             seconds += s.get("seconds", 0.0)
             tokens += sum(v for k, v in s.items() if k.endswith("_tokens"))
+    running = []
+    for i in range(n):
+        if i in done:
+            continue
+        try:
+            p = json.loads(progress_path(stage_dir, i).read_text())
+        except (OSError, ValueError):
+            continue
+        running.append({"shard": i, **p})
     return {
         "stage": manifest["stage"],
+        "running": running,
         "shards": n,
         "done": len(done),
         "failed": len(failed),
@@ -48,6 +59,12 @@ def run_status(run: Path) -> str:
             f"{s['stage']:<22}{s['done']:>4}/{s['shards']:<2}{s['pending']:>8}{s['failed']:>8}{s['rows']:>9}"
             f"{s['tokens']:>10}{s['seconds']:>10}  {s['config_hash']}"
         )
+        for r in s["running"]:
+            ago = time.time() - r["updated"]
+            lines.append(
+                f"  shard {r['shard']}: {r['done']}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
+                f" (pid {r['pid']} on {r['host']})"
+            )
     model = run / "train" / "model"
     if (run / "train").exists():
         lines.append(f"{'train':<22}{'model saved' if model.exists() else 'no model yet'}")

@@ -83,7 +83,7 @@ def indexes_from_shards(keys_dir: Path, kind: str = "flat", **options: Any) -> d
     """One index per task, filled from the key-embedding shards one record batch at a time."""
     indexes: dict[str, TaskIndex] = {}
     for path in sorted(keys_dir.glob("part-*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=["key_id", "task", "embedding"]):
             data = batch.to_pydict()
             if not data["key_id"]:
                 continue

@@ -1,47 +1,55 @@
 """`lemb label`: the LLM's rank-aware reward for every (query, candidate) pair (DESIGN.md).
 
-Per query: a pool of the LLM's own samples (N from the bare prompt, m from each candidate's
-prompt), the desired output and each distinct sample scored under every candidate's prompt and
-under the bare prompt, the rank of the desired output, and the reward. Raw log-probabilities are
-kept so other rewards can be recomputed without the LLM (`lemb rescore`).
+Per query: a pool of the LLM's own samples (N from the bare prompt, m from each candidate's prompt), the desired
+output and each distinct sample scored under every candidate's prompt and under the bare prompt, the rank of the
+desired output, and the reward. Raw log-probabilities are kept so other rewards can be recomputed without the LLM
+(`lemb rescore`).
+
+A worker reads its own candidate shard (retrieve wrote the texts into it) and labels it in blocks of queries: one
+sampling call for every prompt of the block, then one scoring call for every (prompt, continuations) pair, so a GPU
+or a vLLM engine sees hundreds of sequences at once. A block is sized by its prompt tokens (`block_tokens`). Every
+prompt has its own seed, a function of (seed, query id, key id), so a query's samples, and therefore its rewards, do
+not depend on the block it was labelled in.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-from collections import defaultdict
+import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import yaml
+import pyarrow.parquet as pq
 
 import lemb
 from lemb.data import schemas
-from lemb.data.readers import key_texts, read_keys, read_queries
 from lemb.data.tasks import build_prompt, task_spec, templates_fingerprint
 from lemb.errors import InputError, LembError
-from lemb.pipeline.config import LabelConfig, config_hash, save_config, to_dict
-from lemb.pipeline.executor import Stage, run_stage
-from lemb.pipeline.shards import read_stage
+from lemb.pipeline.config import LabelConfig
+from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.shards import MANIFEST, ShardPlan
 from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
 TARGET_REQUIRED = frozenset({"qa", "icl", "chat", "lrlm"})  # tool / convsearch may train on positives alone
+# Prompt tokens per block of queries (LabelConfig.block_tokens = 0 takes these), measured in BENCHMARKS.md
+# ("label block size"): on CPU larger blocks stop paying past a few thousand tokens; a GPU wants many more.
+BLOCK_TOKENS = {"cpu": 8192, "cuda": 131072}
 
 
 def derive_seed(seed: int, *parts: str) -> int:
-    """A per-query (and per-candidate) seed, so a shard's samples do not depend on what ran before it."""
+    """A per-prompt seed, so a prompt's samples do not depend on what ran before it or beside it."""
     digest = hashlib.blake2b("\x1f".join([str(seed), *parts]).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big")
 
 
 class LabelStage(Stage):
     name = "label"
-    required_columns = ("query_id", "task", "key_id", "retrieval_rank", "query_text", "target", "key_text")
+    unit = "queries"
+    required_columns = ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)
     output_schema = schemas.REWARD
 
     def __init__(self, config: LabelConfig) -> None:
@@ -49,10 +57,16 @@ class LabelStage(Stage):
         self.config = config
 
     def setup(self) -> None:
+        import torch
+
         from lemb.stages.llm import load_llm
 
         c = self.config
         self.llm = load_llm(c.backend, c.llm, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+        self.block_tokens = c.block_tokens or BLOCK_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"templates": templates_fingerprint(), "sampler": "per-prompt seeds"}
 
     def metadata(self) -> dict[str, str]:
         c = self.config
@@ -60,7 +74,7 @@ class LabelStage(Stage):
         return {
             "lemb.llm": c.llm,
             "lemb.backend": c.backend,
-            "lemb.llm_revision": self.llm.revision if hasattr(self, "llm") else "",
+            "lemb.llm_revision": self.llm.revision,
             "lemb.prompt_templates": json.dumps(templates_fingerprint()),
             "lemb.sampling": json.dumps(sampling),
             "lemb.seed": str(c.seed),
@@ -68,50 +82,82 @@ class LabelStage(Stage):
             "lemb.version": lemb.__version__,
         }
 
-    def _sample(self, qid: str, task: str, bare: str, prompts: list[str]) -> list[str]:
-        """The query's pool before dropping: N samples of the bare prompt and m of each candidate's prompt."""
-        c = self.config
-        ns = [c.n_samples] + [c.per_candidate_samples] * len(prompts)
-        per_prompt = self.llm.sample_many(
-            [bare, *prompts], ns, task_spec(task).max_new_tokens, c.temperature, derive_seed(c.seed, qid)
-        )
-        samples = [text for texts in per_prompt for text in texts]
-        self.counters["samples_drawn"] += len(samples)
-        return samples
+    def process(self, table: pa.Table) -> pa.Table:
+        out: list[dict[str, Any]] = []
+        for block in self._blocks(schemas.by_query(table.to_pylist())):
+            out += self._label_block(block)
+            self.advance(len(block))
+        return pa.Table.from_pylist(out, schema=self.output_schema)
 
-    def _score(self, messages: list[str], continuations: list[str]) -> list[list[tuple[float, int]]]:
-        """The continuations under each message, in one backend call (vLLM batches across the messages)."""
-        c = self.config
-        scored = self.llm.score_many(
-            [(m, continuations) for m in messages], reduce=c.reduce, batch_tokens=c.score_batch_tokens or None
-        )
-        self.counters["scored_continuations"] += len(continuations) * len(messages)
-        self.counters["continuation_tokens"] += sum(n for per_message in scored for _, n in per_message)
-        return scored
+    def _blocks(self, queries: list[list[dict[str, Any]]]) -> list[list[list[dict[str, Any]]]]:
+        """Consecutive queries of one task whose prompts hold at most `block_tokens` tokens (at least one query)."""
+        blocks: list[list[list[dict[str, Any]]]] = []
+        held = 0
+        for rows in queries:
+            tokens = sum(self.llm.prompt_lengths(_prompts(rows)))
+            if blocks and blocks[-1][0][0]["task"] == rows[0]["task"] and held + tokens <= self.block_tokens:
+                blocks[-1].append(rows)
+                held += tokens
+            else:
+                blocks.append([rows])
+                held = tokens
+        return blocks
 
-    def _label_query(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        first = rows[0]
-        qid, task, target = first["query_id"], first["task"], first["target"]
-        prompts = {r["key_id"]: build_prompt(task, r["query_text"], r["key_text"]) for r in rows}
-        bare = build_prompt(task, first["query_text"], None)
+    def _label_block(self, block: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        c = self.config
         base = {name: None for name in self.output_schema.names}
-        if not target or not target.strip():
-            self.counters["queries_skipped_no_target"] += 1
-            return [{**base, **_ids(r), "n_samples": 0, "skip_reason": "no_target"} for r in rows]
-        samples = self._sample(qid, task, bare, [prompts[r["key_id"]] for r in rows])
-        pool, counts, dropped = build_pool(samples, target)
-        self.counters["samples_empty"] += dropped["empty"]
-        self.counters["samples_equal_to_target"] += dropped["equal_to_target"]
-        n = sum(counts)
-        continuations = [target, *pool]
-        base_scores, *per_candidate = self._score([bare, *(prompts[r["key_id"]] for r in rows)], continuations)
-        baseline = [s for s, _ in base_scores]
+        out: list[dict[str, Any]] = []
+        todo = []
+        for rows in block:
+            target = rows[0]["target"]
+            if target and target.strip():
+                todo.append(rows)
+            else:
+                self.counters["queries_skipped_no_target"] += 1
+                out += [{**base, **_carried(r), "n_samples": 0, "skip_reason": "no_target"} for r in rows]
+        if not todo:
+            return out
+        prompts = [_prompts(rows) for rows in todo]
+        ns = [[c.n_samples] + [c.per_candidate_samples] * len(rows) for rows in todo]
+        seeds = [[derive_seed(c.seed, rows[0]["query_id"], *k) for k in _prompt_keys(rows)] for rows in todo]
+        start = time.perf_counter()
+        samples = self.llm.sample_many(
+            _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds)
+        )
+        self.counters["sample_seconds"] += time.perf_counter() - start
+        self.counters["samples_drawn"] += sum(map(len, samples))
+        self.counters["sampled_tokens"] += sum(self.llm.text_lengths(_flat(samples)))
+        pools, at = [], 0
+        for rows, per_query in zip(todo, prompts):
+            drawn = [s for texts in samples[at : at + len(per_query)] for s in texts]
+            at += len(per_query)
+            pool, counts, dropped = build_pool(drawn, rows[0]["target"])
+            self.counters["samples_empty"] += dropped["empty"]
+            self.counters["samples_equal_to_target"] += dropped["equal_to_target"]
+            pools.append((pool, counts))
+        items = [(p, [rows[0]["target"], *pool]) for rows, per_query, (pool, _) in zip(todo, prompts, pools)
+                 for p in per_query]  # fmt: skip
+        start = time.perf_counter()
+        scored = self.llm.score_many(items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None)
+        self.counters["score_seconds"] += time.perf_counter() - start
+        self.counters["scored_continuations"] += sum(len(conts) for _, conts in items)
+        self.counters["continuation_tokens"] += sum(n for per_item in scored for _, n in per_item)
+        at = 0
+        for rows, (pool, counts) in zip(todo, pools):
+            out += self._rows(rows, pool, counts, scored[at : at + len(rows) + 1])
+            at += len(rows) + 1
+        return out
+
+    def _rows(self, rows: list[dict], pool: list[str], counts: list[int], scored: list) -> list[dict[str, Any]]:
+        """Reward rows of one query from its pool and its scores (bare prompt first, then each candidate's)."""
+        n, tol = sum(counts), self.config.tie_tolerance
+        baseline = [s for s, _ in scored[0]]
         out = []
-        for r, scores in zip(rows, per_candidate):
+        for r, scores in zip(rows, scored[1:]):
             values = [s for s, _ in scores]
             row = {
-                **base,
-                **_ids(r),
+                **{name: None for name in self.output_schema.names},
+                **_carried(r),
                 "target_logprob": values[0],
                 "target_tokens": scores[0][1],
                 "samples": pool,
@@ -124,61 +170,50 @@ class LabelStage(Stage):
             if n == 0:  # every sample was empty or equal to the target: the LLM needs no help
                 row["skip_reason"] = "no_competing_samples"
             else:
-                tol = self.config.tie_tolerance
                 row["rank"] = rank_of_target(values[0], values[1:], counts, tol)
                 # the same function training uses when it re-reads the shard
-                row["reward"] = reward_from_logprobs(
-                    "rank", values[0], values[1:], counts, baseline[0], baseline[1:], tol
-                )
+                row["reward"] = reward_from_logprobs("rank", values[0], values[1:], counts, baseline[0], baseline[1:],
+                                                     tol)  # fmt: skip
                 row["baseline_rank"] = rank_of_target(baseline[0], baseline[1:], counts, tol)
             out.append(row)
         self.counters["queries_labelled" if n else "queries_skipped_no_competing_samples"] += 1
         return out
 
-    def process(self, table: pa.Table) -> pa.Table:
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in table.to_pylist():
-            groups[r["query_id"]].append(r)
-        out = []
-        for qid in sorted(groups):
-            out += self._label_query(sorted(groups[qid], key=lambda r: r["retrieval_rank"]))
-        return pa.Table.from_pylist(out, schema=self.output_schema)
+
+def _prompts(rows: list[dict[str, Any]]) -> list[str]:
+    """The query's bare prompt, then one prompt per candidate."""
+    first = rows[0]
+    return [build_prompt(first["task"], first["query_text"], None)] + [
+        build_prompt(r["task"], r["query_text"], r["key_text"]) for r in rows
+    ]
 
 
-def _ids(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("query_id", "task", "key_id", "retrieval_rank")}
+def _prompt_keys(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """What each prompt's seed derives from besides the query id: nothing (bare prompt) or the candidate's key id."""
+    return [()] + [(r["key_id"],) for r in rows]
 
 
-def retrieve_inputs(run: Path) -> tuple[str, str | None]:
-    """The query and corpus files the run's retrieve stage read."""
-    path = run / "retrieve" / "config.yaml"
-    if not path.exists():
-        raise LembError(f"{path}: not found; run `lemb retrieve --run {run}` first")
-    settings = yaml.safe_load(path.read_text())
-    return settings["queries"], settings.get("corpus")
+def _flat(nested: list[list]) -> list:
+    return [x for part in nested for x in part]
 
 
-def build_work(run: Path) -> tuple[pa.Table, list[str | Path | None]]:
-    """Candidates joined with the texts they need; every id checked against the queries and the corpus."""
-    queries_path, corpus_path = retrieve_inputs(run)
-    queries = {q["query_id"]: q for q in read_queries(queries_path).to_pylist()}
-    texts = key_texts(list(queries.values()), read_keys(corpus_path) if corpus_path else None)
+def _carried(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)}
+
+
+def candidates_plan(run: Path) -> ShardPlan:
+    """Label's work: the run's candidate shards as they are, each checked for the desired outputs label needs."""
     cand_dir = run / "retrieve" / "candidates"
-    rows = []
-    for c in read_stage(cand_dir).to_pylist():
-        q = queries.get(c["query_id"])
-        if q is None:
-            raise InputError(cand_dir, f"query_id {c['query_id']!r}", "query_id", "not in the query file")
-        if c["key_id"] not in texts:
-            raise InputError(
-                cand_dir, f"query_id {c['query_id']!r}", "key_id", f"{c['key_id']!r} is not in the corpus"
-            )
-        if q["task"] in TARGET_REQUIRED and not (q["target"] or "").strip():
-            raise InputError(
-                queries_path, f"query_id {q['query_id']!r}", "target", f"task {q['task']} needs a desired output"
-            )
-        rows.append({**c, "query_text": q["text"], "target": q["target"], "key_text": texts[c["key_id"]]})
-    return pa.Table.from_pylist(rows), [queries_path, corpus_path, cand_dir / "_manifest.json"]
+    if not (cand_dir / MANIFEST).exists():
+        raise LembError(f"{cand_dir}: no candidates; run `lemb retrieve --run {run}` first")
+    plan = ShardPlan.of_stage(cand_dir, "query_id")
+    for path in plan.inputs:
+        table = pq.read_table(path, columns=["query_id", "task", "target"])
+        for q in table.to_pylist():
+            if q["task"] in TARGET_REQUIRED and not (q["target"] or "").strip():
+                problem = f"task {q['task']} needs a desired output (fix the query file and rerun retrieve)"
+                raise InputError(path, f"query_id {q['query_id']!r}", "target", problem)
+    return plan
 
 
 def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
@@ -186,11 +221,6 @@ def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
 
     resolve_llm_path(config.llm)  # a missing model fails here, not in every worker
     run = Path(config.run)
-    work, inputs = build_work(run)
-    factory = functools.partial(LabelStage, config)
-    settings = to_dict(config)
-    stats = run_stage(
-        factory, work, "query_id", run / "label", config, settings, config_hash(config), inputs, progress
-    )
-    save_config(config, run / "label")
-    return stats
+    plan = candidates_plan(run)
+    inputs = [run / "retrieve" / "candidates" / MANIFEST]
+    return Executor(config, progress).run(LabelStage(config), plan, run / "label", config, inputs, "query_id")

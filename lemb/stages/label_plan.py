@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from lemb.data.tasks import build_prompt, task_spec
+from lemb.data.schemas import by_query
+from lemb.data.tasks import task_spec
 from lemb.pipeline.config import LabelConfig
-from lemb.stages.label import LabelStage, build_work
+from lemb.pipeline.executor import set_threads
+from lemb.stages.label import LabelStage, _prompts, candidates_plan
 
 
 def param_count(path: str) -> int | None:
@@ -39,16 +41,11 @@ def param_count(path: str) -> int | None:
     return total or None
 
 
-def _groups(work: pa.Table) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in work.to_pylist():
-        groups[r["query_id"]].append(r)
-    return {q: sorted(rows, key=lambda r: r["retrieval_rank"]) for q, rows in sorted(groups.items())}
-
-
-def _calibrate(config: LabelConfig, groups: dict[str, list[dict[str, Any]]], n: int) -> dict[str, float]:
-    """Seconds and counters per query from the real stage on the first n + 1 queries that carry a target."""
-    chosen = [rows for rows in groups.values() if (rows[0]["target"] or "").strip()][: n + 1]
+def _calibrate(config: LabelConfig, queries: list[list[dict[str, Any]]], n: int) -> dict[str, float]:
+    """Seconds and counters per query from the real stage on the first n + 1 queries that carry a target, each
+    labelled on its own (a block of one query: the slowest case, so the estimate is an upper bound)."""
+    chosen = [rows for rows in queries if (rows[0]["target"] or "").strip()][: n + 1]
+    set_threads(config.threads)
     stage = LabelStage(config)
     start = time.perf_counter()
     stage.setup()
@@ -80,26 +77,31 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
     from lemb.stages.llm import LLMBackend, resolve_llm_path
 
     path = resolve_llm_path(config.llm)
-    groups = _groups(build_work(Path(config.run))[0])
     codec = LLMBackend()
     codec._init_codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code), None)
     c, m = config.n_samples, config.per_candidate_samples
-    prompts = prompt_tokens = samples = sample_budget = 0
-    labelled = [rows for rows in groups.values() if (rows[0]["target"] or "").strip()]
-    for rows in labelled:
-        first = rows[0]
-        messages = [build_prompt(first["task"], first["query_text"], None)]
-        messages += [build_prompt(r["task"], r["query_text"], r["key_text"]) for r in rows]
-        prompts += len(messages)
-        prompt_tokens += sum(len(codec._encode_prompt(msg)) for msg in messages)
-        samples += c + m * len(rows)
-        sample_budget += (c + m * len(rows)) * task_spec(first["task"]).max_new_tokens
+    queries = labelled = pairs = prompts = prompt_tokens = samples = sample_budget = 0
+    first_shard: list[list[dict[str, Any]]] = []
+    for shard in candidates_plan(Path(config.run)).inputs:  # one shard in memory at a time
+        groups = by_query(pq.read_table(shard).to_pylist())
+        first_shard = first_shard or groups
+        queries += len(groups)
+        pairs += sum(map(len, groups))
+        for rows in groups:
+            if not (rows[0]["target"] or "").strip():
+                continue
+            labelled += 1
+            messages = _prompts(rows)
+            prompts += len(messages)
+            prompt_tokens += sum(codec.prompt_lengths(messages))
+            samples += c + m * len(rows)
+            sample_budget += (c + m * len(rows)) * task_spec(rows[0]["task"]).max_new_tokens
     plan: dict[str, Any] = {
         "llm": config.llm,
         "backend": config.backend,
-        "queries": len(groups),
-        "queries_with_target": len(labelled),
-        "pairs": sum(map(len, groups.values())),
+        "queries": queries,
+        "queries_with_target": labelled,
+        "pairs": pairs,
         "prompts": prompts,
         "prompt_tokens": prompt_tokens,
         "sampling_requests": prompts,
@@ -108,7 +110,7 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
         "parameters": param_count(path),
     }
     if calibrate > 0 and labelled:
-        cal = _calibrate(config, groups, calibrate)
+        cal = _calibrate(config, first_shard, calibrate)
         plan["calibration"] = cal
         pool = cal["pool_per_query"]
         continuation_tokens = cal["tokens_per_continuation"] * (pool + 1) * prompts
@@ -122,7 +124,7 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
         cluster = (os.cpu_count() or 1) // config.threads
         workers = max(1, config.workers or (1 if config.executor == "local" else cluster))
         plan["workers"] = workers
-        per_worker = cal["seconds_per_query"] * len(labelled) / workers
+        per_worker = cal["seconds_per_query"] * labelled / workers
         plan["wall_seconds"] = cal["setup_seconds"] + cal["warmup_seconds"] + per_worker
     return plan
 

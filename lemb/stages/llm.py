@@ -1,5 +1,10 @@
 """Transformers LLM backend: sampling, greedy answers and shared-prefix scoring of fixed continuations.
 
+Sampling draws each prompt's randomness up front from a generator seeded with that prompt's own seed (one uniform
+per sample and step), and turns a uniform into a token by the inverse CDF of the tempered softmax. So a prompt's
+samples do not depend on which other prompts share the call, their order, or how the call is split into generate
+batches: the label stage can sample a whole block of queries at once and get what it would get query by query.
+
 Scored text is the prompt's ids followed by the continuation tokenized on its own (no special tokens added): the
 samples were generated after exactly those prompt ids, the desired output and every sample share one boundary, and
 vLLM scores the same prompt_token_ids + completion ids. One joint string could merge tokens across the boundary."""
@@ -19,7 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from lemb.pipeline.config import DEFAULT_LLM
 
@@ -46,7 +60,8 @@ def model_fingerprint(path: str) -> str:
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
         if name == "config.json":
-            digest.update(open(full, "rb").read())
+            with open(full, "rb") as f:
+                digest.update(f.read())
         elif name.endswith((".safetensors", ".bin", ".gguf")):
             digest.update(f"{name}:{os.path.getsize(full)}".encode())
     return digest.hexdigest()[:16]
@@ -117,6 +132,32 @@ class _LineStop(StoppingCriteria):
         return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
+class _InverseCDF(LogitsProcessor):
+    """Per-row sampling from given uniforms: row r's token at step t is the first whose cumulative probability under
+    softmax(logits / temperature) exceeds uniforms[r, t]. Only that token is left finite, so generate's greedy pick
+    takes it. A row's tokens depend on its logits and its own uniforms alone, never on the other rows (a multinomial
+    draw from one shared generator would hand out random numbers by row position)."""
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float, prompt_width: int) -> None:
+        self.by_step = uniforms.t().contiguous()  # (steps, rows): one step's uniforms are contiguous
+        self.temperature, self.prompt_width = temperature, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # tokens generated so far: the same for every row (a finished row goes on receiving padding)
+        step = input_ids.shape[1] - self.prompt_width
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        cdf = probs.cumsum(-1, dtype=torch.float64)  # float64: the sum over a large vocabulary stays near 1
+        token = torch.searchsorted(cdf, self.by_step[step][:, None], right=True)
+        token.clamp_(max=scores.shape[-1] - 1)  # a uniform above the rounded total
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def _uniforms(seed: int, n: int, steps: int) -> torch.Tensor:
+    """A prompt's (n, steps) uniforms, from a CPU generator so every device gets the same numbers. Row j does not
+    depend on n (rand fills row by row): asking for more samples keeps the first ones."""
+    return torch.rand((n, steps), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _check_reduce(reduce: str) -> None:
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
@@ -151,6 +192,10 @@ class LLMBackend:
         # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
         return self.tokenizer(self.render(user_message), add_special_tokens=not self.has_chat_template)["input_ids"]
 
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token count of each plain text (no special tokens; 0 for an empty one), e.g. of the samples drawn."""
+        return [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) if t else 0 for t in texts]
+
     def _encode_continuations(self, continuations: Sequence[str]) -> list[list[int]]:
         encoded = []
         for i, text in enumerate(continuations):
@@ -168,14 +213,39 @@ class LLMBackend:
             texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
         return texts
 
+    def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
+        """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
+        return [len(self._encode_prompt(m)) for m in user_messages]
+
     def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        """n samples of one prompt, a function of (prompt, n, seed) alone."""
-        return self.sample_many([user_message], [n], max_new_tokens, temperature, seed)[0]
+        """n samples of one prompt, a function of (prompt, n, seed, max_new_tokens, temperature) alone."""
+        return self.sample_many([user_message], [n], max_new_tokens, temperature, [seed])[0]
 
     def sample_many(
-        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+        self,
+        user_messages: Sequence[str],
+        ns: Sequence[int],
+        max_new_tokens: int,
+        temperature: float,
+        seeds: Sequence[int],
+        batch_tokens: int | None = None,
     ) -> list[list[str]]:
+        """ns[i] samples of each prompt i (cleaned: one line, stripped) in one call.
+
+        The samples of prompt i are a function of (prompt i, ns[i], seeds[i], max_new_tokens, temperature) alone:
+        the other prompts of the call, their order and lengths, and how the backend splits the call (`batch_tokens`
+        bounds the KV tokens one batch holds, where the backend batches itself) do not change them. So sampling a
+        block of queries in one call gives each query the samples it would get alone.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def _check_sampling(user_messages: Sequence[str], ns: Sequence[int], seeds: Sequence[int]) -> None:
+        if not len(user_messages) == len(ns) == len(seeds):
+            raise ValueError(
+                f"sample_many needs one n and one seed per prompt: {len(user_messages)} prompts, {len(ns)} ns, "
+                f"{len(seeds)} seeds"
+            )
 
     def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
         raise NotImplementedError
@@ -195,6 +265,12 @@ class LLMBackend:
 # thread a matmul is near its best from a few hundred rows on; larger passes only cost memory.
 SCORE_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 HEAD_POSITIONS = 2048  # positions whose vocabulary logits are held at once (2048 x 128k float32 = 1 GiB)
+# KV tokens one sampling generate call holds: sum over its prompts of n * (padded prompt + max_new_tokens). On one
+# CPU thread a decoding step of the default model costs 18, 14, 12 and 16 ms a row at 32, 64, 128 and 256 rows of
+# 200 cached tokens (attention and cache copies grow past ~100 rows): 16k tokens is within 10% of the best and holds
+# 0.7 GiB of float32 KV for the default 135M model (0.9 GiB for a 1.5B GQA model). A GPU decodes faster the more
+# rows share a step: 64k tokens are 1.75 GiB of bf16 KV for a 1.5B GQA model, 8 GiB for an 8B one.
+SAMPLE_BATCH_TOKENS = {"cpu": 16384, "cuda": 65536}
 
 
 class _Packed:
@@ -223,17 +299,24 @@ def _common_prefix(seqs: list[list[int]], limit: int) -> int:
     return n
 
 
-def _length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+def _length_batches(
+    lengths: list[int], budget: int, weights: list[int] | None = None, extra: int = 0
+) -> list[list[int]]:
     """Indices grouped longest first into batches of at most `budget` tokens once padded to the batch's longest
-    row, taking a row only while it is at least 3/4 of that longest (padding is wasted compute)."""
+    row, taking a row only while it is at least 3/4 of that longest (padding is wasted compute). With `weights`,
+    item i stands for weights[i] rows of lengths[i] + `extra` tokens (a prompt's samples and their new tokens)."""
+    weights = weights or [1] * len(lengths)
     batches: list[list[int]] = []
+    held = 0  # rows of the last batch
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if batches:
             longest = lengths[batches[-1][0]]
-            if (len(batches[-1]) + 1) * longest <= budget and 4 * lengths[i] >= 3 * longest:
+            if (held + weights[i]) * (longest + extra) <= budget and 4 * lengths[i] >= 3 * longest:
                 batches[-1].append(i)
+                held += weights[i]
                 continue
         batches.append([i])
+        held = weights[i]
     return batches
 
 
@@ -262,67 +345,97 @@ class TransformersLLM(LLMBackend):
         self._init_codec(self.tokenizer, self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
+        # generate() fills whatever a call leaves unset from the model's generation_config.json (a repetition
+        # penalty, top_k, a temperature that warns under greedy decoding): only the stop tokens are kept, so both
+        # methods decode from the model's own logits, as vLLM does with generation_config="vllm".
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id, eos_token_id=self.eos_ids, pad_token_id=self.pad_id
+        )
         self.prefilled_tokens = 0  # tokens scoring ran through the model (padding excluded), for benchmarks
         text_config = self.model.config.get_text_config()
         self.sliding_window = getattr(text_config, "sliding_window", None) or None
         self.own_head = self._head_reproduces_logits()
 
-    def _left_pad(self, user_messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [self._encode_prompt(m) for m in user_messages]
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, seqs))
         # Left padding keeps every prompt's last token at the end, where generation continues.
         ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         return ids, mask
 
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **sampling) -> list[str]:
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **decoding) -> list[str]:
         out = self.model.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
+            pad_token_id=self.pad_id, do_sample=False,
             stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
-            **sampling,
+            **decoding,
         )  # fmt: skip
         return self._decode(out[:, ids.shape[1] :].tolist())
 
+    def _sample_batch_tokens(self, batch_tokens: int | None) -> int:
+        return batch_tokens or SAMPLE_BATCH_TOKENS.get(self.device.type, SAMPLE_BATCH_TOKENS["cuda"])
+
     @torch.inference_mode()
     def sample_many(
-        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+        self,
+        user_messages: Sequence[str],
+        ns: Sequence[int],
+        max_new_tokens: int,
+        temperature: float,
+        seeds: Sequence[int],
+        batch_tokens: int | None = None,
     ) -> list[list[str]]:
-        """ns[i] samples of each prompt in one batched call (decoding is memory-bound on CPU: rows are nearly free).
+        """ns[i] samples of each prompt i, a function of (prompt i, ns[i], seeds[i], max_new_tokens, temperature).
 
-        The samples are a function of (prompts, ns, seed): the same query with the same candidates always gets the
-        same pool, whatever ran before it.
+        Prompt i's uniforms (ns[i] x max_new_tokens) come from a generator seeded with seeds[i]; a sample's t-th
+        token is drawn with its t-th uniform by the inverse CDF (`_InverseCDF`), whatever else runs in the batch.
+        Prompts of similar length share a generate call of at most `batch_tokens` KV tokens (sum over its prompts
+        of ns[i] x (padded prompt + max_new_tokens); a prompt over the budget runs alone). Within a call each
+        prompt is prefilled once and its cache repeated for its samples (prefill dominates on a CPU; decoding is
+        memory-bound there for a few rows, so rows sharing a step are nearly free).
         """
-        if sum(ns) == 0:
-            return [[] for _ in user_messages]
-        ids, mask = self._left_pad(user_messages)
-        rows = torch.repeat_interleave(torch.arange(len(ns), device=self.device), torch.tensor(ns, device=self.device))
-        past = None
-        if ids.shape[1] > 1:
-            # each distinct prompt is prefilled once; its cache is repeated for its rows (prefill dominates on CPU)
-            positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-            past = self.model(
-                ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True, logits_to_keep=1
-            ).past_key_values
-            past.batch_select_indices(rows)
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        self._check_sampling(user_messages, ns, seeds)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, not {temperature}; greedy() is the temperature-0 answer")
+        out: list[list[str]] = [[] for _ in user_messages]
+        asked = [i for i, n in enumerate(ns) if n > 0]
+        if not asked:
+            return out
+        uniforms = {i: _uniforms(seeds[i], ns[i], max_new_tokens) for i in asked}
+        prompts = [self._encode_prompt(user_messages[i]) for i in asked]
+        budget = self._sample_batch_tokens(batch_tokens)
+        weights = [ns[i] for i in asked]
+        for batch in _length_batches([len(p) for p in prompts], budget, weights=weights, extra=max_new_tokens):
+            batch.sort()  # the call's own order (the samples do not depend on it)
+            ids, mask = self._left_pad([prompts[k] for k in batch])
+            counts = torch.tensor([weights[k] for k in batch], device=self.device)
+            rows = torch.repeat_interleave(torch.arange(len(batch), device=self.device), counts)
+            past = None
+            if ids.shape[1] > 1:
+                # each prompt is prefilled once; its cache is repeated for its rows
+                positions = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+                past = self.model(
+                    ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions, use_cache=True, logits_to_keep=1
+                ).past_key_values
+                past.batch_select_indices(rows)
+            draws = torch.cat([uniforms[asked[k]] for k in batch]).to(self.device)
+            sampler = _InverseCDF(draws, temperature, prompt_width=ids.shape[1])
             texts = self._generate(
-                ids[rows], mask[rows], max_new_tokens, past_key_values=past, do_sample=True, temperature=temperature,
-                top_k=0, top_p=1.0,
+                ids[rows], mask[rows], max_new_tokens, past_key_values=past,
+                logits_processor=LogitsProcessorList([sampler]),
             )  # fmt: skip
-        out, start = [], 0
-        for n in ns:
-            out.append(texts[start : start + n])
-            start += n
+            start = 0
+            for k in batch:
+                out[asked[k]] = texts[start : start + weights[k]]
+                start += weights[k]
         return out
 
     @torch.inference_mode()
     def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
         if not user_messages:
             return []
-        ids, mask = self._left_pad(user_messages)
-        return self._generate(ids, mask, max_new_tokens, do_sample=False)
+        ids, mask = self._left_pad([self._encode_prompt(m) for m in user_messages])
+        return self._generate(ids, mask, max_new_tokens)
 
     def _batch_tokens(self, batch_tokens: int | None) -> int:
         return batch_tokens or SCORE_BATCH_TOKENS.get(self.device.type, SCORE_BATCH_TOKENS["cuda"])

@@ -2,12 +2,16 @@
 
 Prompts and continuations are the same token ids as in the transformers backend (LLMBackend's tokenizer).
 
+Sampling: each prompt is one request seeded from that prompt's own seed, so its samples do not depend on the other
+requests of the call (vLLM draws a seeded request's random numbers from its own generator).
+
 Scoring: every continuation is one request, prompt + continuation, whose `prompt_logprobs` give the untempered
 log-probability of each continuation token. vLLM skips its prefix cache for such requests by default (a cached prefix
 yields no log-probabilities), which makes every continuation re-run the whole prompt. Only the continuation's rows are
 needed, so lemb prefills each distinct prompt once and lets the scoring requests read the cache
 (`skip_reading_prefix_cache=False`): each one then computes the prompt's last partial KV block and its continuation.
 A request whose cache hit reached into the continuation (the same text scored twice) is run again without the cache.
+Prompts that were just sampled are already in the cache: their prefill then computes only the last partial block.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPAC
 CPU_BLOCK_SIZE = 32  # KV block (tokens): the CPU kernels prefer multiples of 32; smaller blocks cache more of a prompt
 
 
-def request_seed(seed: int, index: int) -> int:
-    """Seed of the index-th prompt of a call. vLLM seeds a request's n samples seed, seed + 1, ..., so the prompts'
-    seeds are hashed apart rather than consecutive."""
-    digest = hashlib.blake2b(f"{seed}\x1f{index}".encode(), digest_size=4).digest()
+def request_seed(seed: int) -> int:
+    """vLLM seed of the request for a prompt with seed `seed`. vLLM seeds a request's n samples seed, seed + 1, ...,
+    so prompts with consecutive seeds would share samples (prompt s's second is prompt s + 1's first): the seed is
+    hashed, to 31 bits."""
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
@@ -122,9 +127,18 @@ class VLLMBackend(LLMBackend):
         return rows
 
     def sample_many(
-        self, user_messages: list[str], ns: list[int], max_new_tokens: int, temperature: float, seed: int
+        self,
+        user_messages: Sequence[str],
+        ns: Sequence[int],
+        max_new_tokens: int,
+        temperature: float,
+        seeds: Sequence[int],
+        batch_tokens: int | None = None,
     ) -> list[list[str]]:
-        """ns[i] samples of each prompt in one engine call; the samples are a function of (prompts, ns, seed)."""
+        """ns[i] samples of each prompt i in one engine call, a function of (prompt i, ns[i], seeds[i],
+        max_new_tokens, temperature): prompt i is one request seeded with request_seed(seeds[i]). The engine
+        batches and bounds its KV cache itself, so `batch_tokens` is not used."""
+        self._check_sampling(user_messages, ns, seeds)
         asked = [i for i, n in enumerate(ns) if n > 0]
         out: list[list[str]] = [[] for _ in user_messages]
         if not asked:
@@ -132,7 +146,7 @@ class VLLMBackend(LLMBackend):
         params = [
             self.SamplingParams(
                 n=ns[i], temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                seed=request_seed(seed, i), stop=["\n"],
+                seed=request_seed(seeds[i]), stop=["\n"],
             )
             for i in asked
         ]  # fmt: skip

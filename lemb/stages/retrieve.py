@@ -1,38 +1,41 @@
 """`lemb retrieve`: embed keys and queries (task instructions prepended), faiss top-K per query.
 
-Two sharded steps under `<run>/retrieve/`: `keys/` (key embeddings) and `candidates/` (top-K rows
-per query). Queries of `chat` / `lrlm` rank their own history instead of a shared corpus.
+Two sharded steps under `<run>/retrieve/`: `keys/` (key embeddings, with each key's text and title) and
+`candidates/` (top-K rows per query, partitioned by query id). A candidate row carries everything the label stage
+needs (query text, target, positive ids, key text and title), so no later stage opens the query file or the corpus.
+Queries of `chat` / `lrlm` rank their own history instead of a shared corpus.
+
+The same two steps rank held-out queries for `lemb eval`: there is one implementation of encode -> index -> top-K.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lemb.data import schemas
-from lemb.data.readers import iter_keys, read_queries
+from lemb.data.readers import iter_keys, iter_queries
 from lemb.data.tasks import instructions
 from lemb.errors import InputError
-from lemb.pipeline.config import RetrieveConfig, config_hash, save_config, to_dict
-from lemb.pipeline.executor import Stage, run_stage
+from lemb.pipeline.config import RetrieveConfig
+from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder, resolve_embedder_path
 from lemb.stages.index import TaskIndex, indexes_from_shards
 
 log = logging.getLogger(__name__)
+ENCODE_BLOCK = 1024  # texts encoded between two progress reports
 
 
-class EmbedKeys(Stage):
-    name = "retrieve/keys"
-    required_columns = ("key_id", "task", "text")
-    output_schema = schemas.KEY_EMBEDDING
-
+class _EncodingStage(Stage):
     def __init__(self, config: RetrieveConfig) -> None:
         super().__init__()
         self.config = config
@@ -40,18 +43,42 @@ class EmbedKeys(Stage):
     def setup(self) -> None:
         self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
 
-    def process(self, table: pa.Table) -> pa.Table:
-        rows = table.to_pylist()
-        out = {"key_id": [], "task": [], "embedding": []}
-        for task in sorted({r["task"] for r in rows}):
-            part = [r for r in rows if r["task"] == task]
-            emb = self.encoder.encode([r["text"] for r in part], instructions(self.config.instructions, task)[1])
-            out["key_id"] += [r["key_id"] for r in part]
-            out["task"] += [task] * len(part)
-            out["embedding"] += list(emb)
+    def fingerprint(self) -> dict[str, Any]:
+        return {"instructions": {t: instructions(self.config.instructions, t) for t in schemas.TASKS}}
+
+    def _encode(self, texts: list[str], instruction: str) -> np.ndarray:
+        """Encode in blocks, reporting progress after each."""
+        parts = []
+        for start in range(0, len(texts), ENCODE_BLOCK):
+            parts.append(self.encoder.encode(texts[start : start + ENCODE_BLOCK], instruction))
+            self.advance(len(parts[-1]))
+        return np.concatenate(parts) if parts else self.encoder.encode([], instruction)
+
+    def _count_truncated(self) -> None:
         self.counters["truncated_texts"] = self.encoder.truncated
         self.encoder.truncated = 0
-        return pa.table(out, schema=self.output_schema)
+
+
+class EmbedKeys(_EncodingStage):
+    name = "retrieve/keys"
+    unit = "keys"
+    required_columns = ("key_id", "task", "text", "title")
+    output_schema = schemas.KEY_EMBEDDING
+
+    def process(self, table: pa.Table) -> pa.Table:
+        parts = []
+        for task, part in split_by_task(table):
+            emb = self._encode(part.column("text").to_pylist(), instructions(self.config.instructions, task)[1])
+            vectors = pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1]).cast(pa.list_(pa.float32()))
+            parts.append(part.select(["key_id", "task", "text", "title"]).append_column("embedding", vectors))
+        self._count_truncated()
+        return pa.concat_tables(parts).cast(self.output_schema)
+
+
+def split_by_task(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """(task, its rows) for each task in the table, in task order."""
+    for task in sorted(set(table.column("task").to_pylist())):
+        yield task, table.filter(pc.equal(table.column("task"), task))
 
 
 def history_index(encoder: Encoder, query: dict[str, Any], key_instruction: str) -> TaskIndex:
@@ -60,18 +87,18 @@ def history_index(encoder: Encoder, query: dict[str, Any], key_instruction: str)
     return TaskIndex.exact(ids, encoder.encode(query["history"], key_instruction))
 
 
-class SearchQueries(Stage):
+class SearchQueries(_EncodingStage):
     name = "retrieve/candidates"
-    required_columns = ("query_id", "task", "text", "positive_ids", "history")
+    unit = "queries"
+    required_columns = ("query_id", "task", "text", "target", "positive_ids", "history")
     output_schema = schemas.CANDIDATE
 
     def __init__(self, config: RetrieveConfig, keys_dir: str | None) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.keys_dir = keys_dir
 
     def setup(self) -> None:
-        self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
+        super().setup()
         self.indexes: dict[str, TaskIndex] = {}
         if self.keys_dir is None:
             return
@@ -95,69 +122,90 @@ class SearchQueries(Stage):
         return top_ids, top_scores
 
     def process(self, table: pa.Table) -> pa.Table:
-        rows = table.to_pylist()
         out: dict[str, list] = {name: [] for name in self.output_schema.names}
-        for task in sorted({r["task"] for r in rows}):
-            part = [r for r in rows if r["task"] == task]
-            q_emb = self.encoder.encode([r["text"] for r in part], instructions(self.config.instructions, task)[0])
-            for query, q in zip(part, q_emb):
+        for task, part in split_by_task(table):
+            rows = part.to_pylist()
+            q_emb = self._encode([r["text"] for r in rows], instructions(self.config.instructions, task)[0])
+            for query, q in zip(rows, q_emb):
                 ids, scores = self._rank(q, task, query)
-                out["query_id"] += [query["query_id"]] * len(ids)
-                out["task"] += [task] * len(ids)
+                n = len(ids)
+                out["query_id"] += [query["query_id"]] * n
+                out["task"] += [task] * n
                 out["key_id"] += ids
-                out["retrieval_rank"] += list(range(1, len(ids) + 1))
+                out["retrieval_rank"] += list(range(1, n + 1))
                 out["retrieval_score"] += scores
-        self.counters["truncated_texts"] = self.encoder.truncated
-        self.encoder.truncated = 0
-        return pa.table(out, schema=self.output_schema)
+                out["query_text"] += [query["text"]] * n
+                out["target"] += [query["target"]] * n
+                out["positive_ids"] += [query["positive_ids"]] * n
+                if task in schemas.PER_QUERY_TASKS:
+                    out["key_text"] += [query["history"][int(k.rsplit("#h", 1)[1])] for k in ids]
+                else:
+                    out["key_text"] += [None] * n  # filled from the key shards below
+                out["key_title"] += [None] * n
+        self._count_truncated()
+        loose = pa.schema([f.with_nullable(True) for f in self.output_schema])  # key texts are filled in next
+        return self._attach_key_texts(pa.table(out, schema=loose)).cast(self.output_schema)
+
+    def _attach_key_texts(self, table: pa.Table) -> pa.Table:
+        """Corpus keys' text and title, read from the key shards one shard at a time (only the keys needed)."""
+        missing = pc.is_null(table.column("key_text"))
+        if self.keys_dir is None or not pc.any(missing).as_py():
+            return table
+        needed = pa.array(sorted(set(table.filter(missing).column("key_id").to_pylist())), pa.string())
+        found = []
+        for path in sorted(Path(self.keys_dir).glob("part-*.parquet")):
+            keys = pq.read_table(path, columns=["key_id", "text", "title"])
+            found.append(keys.filter(pc.is_in(keys.column("key_id"), needed)))
+        texts = pa.concat_tables(found)
+        at = pc.index_in(table.column("key_id"), texts.column("key_id"))
+        key_text = pc.coalesce(table.column("key_text"), pc.take(texts.column("text"), at))
+        key_title = pc.if_else(missing, pc.take(texts.column("title"), at), table.column("key_title"))
+        table = table.set_column(table.schema.get_field_index("key_text"), "key_text", key_text)
+        return table.set_column(table.schema.get_field_index("key_title"), "key_title", key_title)
 
 
-def positive_ids(queries: pa.Table) -> set[str]:
-    """Positive ids of the shared-pool queries: the only key ids the driver keeps while the corpus streams by."""
-    out: set[str] = set()
-    for task, ids in zip(queries.column("task").to_pylist(), queries.column("positive_ids").to_pylist()):
-        if task not in schemas.PER_QUERY_TASKS:
-            out.update(ids)
-    return out
-
-
-def tasks_of(ids: list[str], tasks: list[str], wanted: set[str]) -> dict[str, str]:
-    """The task of each key id in `wanted`."""
-    return {k: t for k, t in zip(ids, tasks) if k in wanted}
-
-
-def check_positives(queries: pa.Table, key_tasks: set[str], positive_task: dict[str, str], path: str) -> None:
+def _check_positives(
+    plan: ShardPlan, key_tasks: set[str], positive_task: dict[str, str], path: str, corpus: str | None
+) -> None:
     """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item.
 
-    `key_tasks`: the tasks the corpus has keys for; `positive_task`: the task of each positive id found in it."""
-    for q in queries.to_pylist():
-        if q["task"] in schemas.PER_QUERY_TASKS:
-            valid = {schemas.history_key_id(q["query_id"], i) for i in range(len(q["history"]))}
-            bad = [p for p in q["positive_ids"] if p not in valid]
-        elif q["task"] not in key_tasks:
-            raise InputError(
-                path, f"query_id {q['query_id']!r}", "task", f"no keys of task {q['task']!r} in the corpus"
-            )
-        else:
-            bad = [p for p in q["positive_ids"] if positive_task.get(p) != q["task"]]
-        if bad:
-            problem = f"{bad[0]!r} is not in the corpus ({q['task']} keys)"
-            raise InputError(path, f"query_id {q['query_id']!r}", "positive_ids", problem)
+    Read from the query input shards one at a time. `key_tasks`: the tasks the corpus has keys for;
+    `positive_task`: the task of each positive id found in it."""
+    for shard in plan.inputs:
+        table = pq.read_table(shard, columns=["query_id", "task", "positive_ids", "history"])
+        lengths = pc.list_value_length(table.column("history")).to_pylist()
+        for q, n_history in zip(table.select(["query_id", "task", "positive_ids"]).to_pylist(), lengths):
+            where = f"query_id {q['query_id']!r}"
+            if q["task"] in schemas.PER_QUERY_TASKS:
+                valid = {schemas.history_key_id(q["query_id"], i) for i in range(n_history or 0)}
+                bad = [p for p in q["positive_ids"] if p not in valid]
+            elif q["task"] not in key_tasks:
+                problem = f"no keys of task {q['task']!r} in the corpus" if corpus else "needs a corpus (--corpus)"
+                raise InputError(path, where, "task", problem)
+            else:
+                bad = [p for p in q["positive_ids"] if positive_task.get(p) != q["task"]]
+            if bad:
+                raise InputError(path, where, "positive_ids", f"{bad[0]!r} is not in the corpus ({q['task']} keys)")
 
 
-def check_positives_in(queries: pa.Table, keys: pa.Table | None, path: str) -> None:
-    """check_positives against a corpus already in memory."""
-    if keys is None:
-        return check_positives(queries, set(), {}, path)
-    wanted = positive_ids(queries)
-    ids, tasks = keys.column("key_id").to_pylist(), keys.column("task").to_pylist()
-    check_positives(queries, set(tasks), tasks_of(ids, tasks, wanted), path)
+def _partition_queries(config: RetrieveConfig, folder: Path) -> tuple[ShardPlan, set[str]]:
+    """Stream the queries into per-shard input files; return the plan and the positive ids of shared-pool queries
+    (the only key ids the driver keeps while the corpus streams by)."""
+    wanted: set[str] = set()
+
+    def batches():
+        for batch in iter_queries(config.queries):
+            for task, ids in zip(batch.column("task").to_pylist(), batch.column("positive_ids").to_pylist()):
+                if task not in schemas.PER_QUERY_TASKS:
+                    wanted.update(ids)
+            yield batch
+
+    schema = schemas.QUERY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
+    return partition(batches(), "query_id", config.shards, folder, config.queries, schema), wanted
 
 
-def partition_corpus(config: RetrieveConfig, queries: pa.Table, folder: Path) -> ShardPlan:
-    """Stream the corpus into per-shard input files, validating every record and the queries' positives on
-    the way: the driver holds one batch of keys at a time, plus the positive ids of the queries."""
-    wanted = positive_ids(queries)
+def _partition_corpus(config: RetrieveConfig, wanted: set[str], folder: Path) -> tuple[ShardPlan, set, dict]:
+    """Stream the corpus into per-shard input files, noting each task with keys and the task of each wanted id."""
     key_tasks: set[str] = set()
     positive_task: dict[str, str] = {}
 
@@ -165,45 +213,42 @@ def partition_corpus(config: RetrieveConfig, queries: pa.Table, folder: Path) ->
         for batch in iter_keys(config.corpus):
             tasks = batch.column("task").to_pylist()
             key_tasks.update(tasks)
-            positive_task.update(tasks_of(batch.column("key_id").to_pylist(), tasks, wanted))
+            positive_task.update((k, t) for k, t in zip(batch.column("key_id").to_pylist(), tasks) if k in wanted)
             yield batch
 
-    plan = partition(batches(), "key_id", config.shards, folder, config.corpus)
-    check_positives(queries, key_tasks, positive_task, config.queries)
-    return plan
+    schema = schemas.KEY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
+    plan = partition(batches(), "key_id", config.shards, folder, config.corpus, schema)
+    return plan, key_tasks, positive_task
 
 
-def retrieve(config: RetrieveConfig, progress: bool = True) -> dict[str, Any]:
-    """Run both steps; returns their stats. Inputs are validated in full before anything is written.
+def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """Run both steps into `out` (default `<run>/retrieve`); returns their stats.
 
-    The corpus is streamed into per-shard input files (a hidden folder beside the stage output, removed at
-    the end), so neither the driver nor a worker holds more than a shard of it; the queries are read whole."""
+    Queries and corpus stream through the record checks into per-shard input files (a hidden folder beside the
+    output, removed at the end), so neither the driver nor a worker holds more than a shard of either; every
+    input is validated before anything is embedded."""
     resolve_embedder_path(config.embedder)  # a missing model fails here, not in every worker
-    queries = read_queries(config.queries)
-    out = Path(config.run) / "retrieve"
-    table = {t: instructions(config.instructions, t) for t in schemas.TASKS}
-    settings, digest = to_dict(config), config_hash(config, {"instructions": table})
-    inputs = [config.queries, config.corpus]
+    out = Path(config.run) / "retrieve" if out is None else out
+    staging = out / ".input"
+    inputs = [Path(p) for p in (config.queries, config.corpus) if p]
+    executor = Executor(config, progress)
     stats: dict[str, Any] = {}
-    keys_dir = None
-    staging = out / ".keys-input"
     new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
     try:
+        queries, wanted = _partition_queries(config, staging / "queries")
+        keys_dir = None
         if config.corpus:
-            plan = partition_corpus(config, queries, staging)
+            plan, key_tasks, positive_task = _partition_corpus(config, wanted, staging / "keys")
+            _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
             keys_dir = out / "keys"
-            factory = functools.partial(EmbedKeys, config)
-            stats["keys"] = run_stage(factory, plan, "key_id", keys_dir, config, settings, digest, inputs, progress)
+            stats["keys"] = executor.run(EmbedKeys(config), plan, keys_dir, config, inputs, "key_id")
         else:
-            check_positives(queries, set(), {}, config.queries)
+            _check_positives(queries, set(), {}, config.queries, None)
+        search = SearchQueries(config, str(keys_dir) if keys_dir else None)
+        stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         for d in reversed(new_dirs):
             if d.exists() and not any(d.iterdir()):
                 d.rmdir()
-    factory = functools.partial(SearchQueries, config, str(keys_dir) if keys_dir else None)
-    stats["candidates"] = run_stage(
-        factory, queries, "query_id", out / "candidates", config, settings, digest, inputs, progress
-    )
-    save_config(config, out)
     return stats

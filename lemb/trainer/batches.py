@@ -1,15 +1,17 @@
-"""Training groups from reward shards, and the homogeneous per-task batch sampler."""
+"""Training groups from reward shards (texts read per batch), and the homogeneous per-task batch sampler."""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from lemb.data.schemas import by_query
 from lemb.errors import InputError, LembError
 from lemb.stages.reward import is_finite, reward_from_logprobs
 from lemb.trainer.losses import other_queries_mask
@@ -28,6 +30,14 @@ class Group:
     key_ids: list[str]
     rewards: list[float]
     positive: list[bool]
+
+
+# what grouping reads of a label shard; the texts stay on disk until a batch needs them
+SIGNAL_COLUMNS = (
+    "query_id", "task", "key_id", "retrieval_rank", "target_logprob", "sample_logprobs", "sample_counts",
+    "baseline_target_logprob", "baseline_sample_logprobs", "n_samples", "skip_reason", "positive_ids",
+)  # fmt: skip
+TEXT_COLUMNS = ("query_text", "key_text", "key_id")
 
 
 def _reward(kind: str, row: dict, tie_tol: float, source: str) -> float:
@@ -49,54 +59,93 @@ def _choose(rows: list[dict], positives: set[str], group_size: int) -> tuple[lis
     return sorted(kept, key=lambda r: r["retrieval_rank"]), sum(r["key_id"] in positives for r in rows[group_size:])
 
 
+class LabelledGroups:
+    """The training groups of a label stage: per group its task, reward and positive flag per candidate, and the
+    positions of its rows in a text table; a `Group` (with its texts) is built only when a batch draws it. The text
+    table is memory-mapped from an Arrow file for a run's shards, so the trainer's memory does not grow with the
+    total text of the job.
+
+    `rows[g, j]`: row of group g's j-th candidate in `texts` (-1: padding); `texts` has TEXT_COLUMNS."""
+
+    def __init__(self, query_ids: list[str], tasks: list[str], rows: np.ndarray, rewards: np.ndarray,
+                 positive: np.ndarray, texts: pa.Table) -> None:  # fmt: skip
+        self.query_ids, self.tasks, self.rows, self.rewards, self.positive = query_ids, tasks, rows, rewards, positive
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, g: int) -> Group:
+        n = int((self.rows[g] >= 0).sum())
+        picked = self.texts.take(pa.array(self.rows[g, :n]))
+        return Group(
+            self.query_ids[g], self.tasks[g], picked.column("query_text")[0].as_py(),
+            picked.column("key_text").to_pylist(), picked.column("key_id").to_pylist(),
+            self.rewards[g, :n].tolist(), self.positive[g, :n].tolist(),
+        )  # fmt: skip
+
+
 def build_groups(
-    rewards: pa.Table,
-    queries: dict[str, dict],
-    key_text: dict[str, str],
+    rewards: pa.Table | list[pa.Table],
     reward_kind: str,
     group_size: int,
     source: str,
     tie_tol: float = 1e-6,
     positives_only: frozenset[str] = frozenset(),
-) -> tuple[list[Group], Counter[str]]:
+    texts_file: Path | None = None,
+) -> tuple[LabelledGroups, Counter[str]]:
     """One group per query with a training signal; queries without one are counted, never dropped silently.
 
-    Tasks in `positives_only` (trained contrastively) need known positives, not rewards.
-    """
-    by_query: dict[str, list[dict]] = defaultdict(list)
-    for row in rewards.to_pylist():
-        by_query[row["query_id"]].append(row)
-    groups, skipped = [], Counter()
-    for qid in sorted(by_query):
-        q = queries.get(qid)
-        if q is None:
-            raise InputError(source, f"query_id {qid!r}", "query_id", "not in the query file")
-        positives = set(q["positive_ids"])
-        rows, cut = _choose(by_query[qid], positives, group_size)
-        skipped["positives_beyond_group_size"] += cut
-        contrastive = q["task"] in positives_only
-        if contrastive and not positives & {r["key_id"] for r in rows}:
-            skipped["no_positive_among_candidates"] += 1
-            continue
-        if not contrastive and rows[0]["n_samples"] == 0:
-            skipped[rows[0]["skip_reason"] or "no_signal"] += 1
-            continue
-        for r in rows:
-            if r["key_id"] not in key_text:
-                raise InputError(source, f"query_id {qid!r}", "key_id", f"{r['key_id']!r} is not in the corpus")
-        values = [0.0] * len(rows) if contrastive else [_reward(reward_kind, r, tie_tol, source) for r in rows]
-        groups.append(
-            Group(
-                qid,
-                q["task"],
-                q["text"],
-                [key_text[r["key_id"]] for r in rows],
-                [r["key_id"] for r in rows],
-                values,
-                [r["key_id"] in positives for r in rows],
-            )
-        )
-    return groups, +skipped
+    `rewards`: reward rows (`schemas.REWARD`), as one table or shard by shard (each query within one shard, as the
+    label stage writes them). Tasks in `positives_only` (trained contrastively) need known positives, not rewards.
+    The chosen rows' texts are kept in memory, or written to `texts_file` and memory-mapped from it."""
+    tables = [rewards] if isinstance(rewards, pa.Table) else rewards
+    ids, tasks, rows, values, flags = [], [], [], [], []
+    skipped: Counter[str] = Counter()
+    kept_texts: list[pa.Table] = []
+    offset = 0
+    for table in tables:
+        signal = table.select(list(SIGNAL_COLUMNS)).to_pylist()
+        for i, r in enumerate(signal):
+            r["_row"] = i
+        chosen_rows: list[int] = []
+        for query_rows in by_query(signal):
+            qid, task = query_rows[0]["query_id"], query_rows[0]["task"]
+            positives = set(query_rows[0]["positive_ids"] or [])
+            chosen, cut = _choose(query_rows, positives, group_size)
+            skipped["positives_beyond_group_size"] += cut
+            contrastive = task in positives_only
+            if contrastive and not positives & {r["key_id"] for r in chosen}:
+                skipped["no_positive_among_candidates"] += 1
+                continue
+            if not contrastive and chosen[0]["n_samples"] == 0:
+                skipped[chosen[0]["skip_reason"] or "no_signal"] += 1
+                continue
+            reward = [0.0] * len(chosen) if contrastive else [_reward(reward_kind, r, tie_tol, source) for r in chosen]
+            ids.append(qid)
+            tasks.append(task)
+            pad = group_size - len(chosen)
+            rows.append([offset + len(chosen_rows) + j for j in range(len(chosen))] + [-1] * pad)
+            values.append(reward + [0.0] * pad)
+            flags.append([r["key_id"] in positives for r in chosen] + [False] * pad)
+            chosen_rows += [r["_row"] for r in chosen]
+        kept_texts.append(table.select(list(TEXT_COLUMNS)).take(pa.array(chosen_rows, pa.int64())))
+        offset += len(chosen_rows)
+    texts = _text_table(kept_texts, texts_file)
+    arrays = (np.asarray(rows, dtype=np.int64).reshape(-1, group_size),
+              np.asarray(values, dtype=np.float64).reshape(-1, group_size),
+              np.asarray(flags, dtype=bool).reshape(-1, group_size))  # fmt: skip
+    return LabelledGroups(ids, tasks, *arrays, texts), +skipped
+
+
+def _text_table(parts: list[pa.Table], path: Path | None) -> pa.Table:
+    schema = pa.schema([pa.field(c, pa.string()) for c in TEXT_COLUMNS])
+    if path is None:
+        return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for part in parts:
+            writer.write_table(part.cast(schema))
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # zero-copy: pages are read when a batch needs them
 
 
 class TaskBatchSampler:
@@ -108,10 +157,11 @@ class TaskBatchSampler:
     sequence is a pure function of (seed, step) and a resumed run draws what an uninterrupted one would.
     """
 
-    def __init__(self, groups: list[Group], batch_size: int, weights: dict[str, float] | None, seed: int) -> None:
+    def __init__(self, tasks: list[str], batch_size: int, weights: dict[str, float] | None, seed: int) -> None:
+        """`tasks[i]`: the task of group i."""
         self.by_task: dict[str, list[int]] = defaultdict(list)
-        for i, g in enumerate(groups):
-            self.by_task[g.task].append(i)
+        for i, task in enumerate(tasks):
+            self.by_task[task].append(i)
         present = sorted(self.by_task)
         if weights:
             left_out = [t for t in present if weights.get(t, 0.0) <= 0]

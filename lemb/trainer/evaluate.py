@@ -7,6 +7,8 @@ perplexity of the next response / next chunk with the retrieved history in its p
 nDCG@5; convsearch nDCG@3. The "all" row holds R@1, R@5, MRR@10 and nDCG@10 over every query
 with known positives, and the answer metrics over every query of a task that reports them.
 
+Each embedder ranks the queries through the retrieve stage itself (`rank`), into `<run>/eval/<name>/`: the
+candidate shards it writes carry the query records and key texts that the metrics and the LLM's prompts need.
 Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives. The LLM sees the
 top-`answer_k` retrieved candidates in the task's prompt (the one the rewards were labelled with):
 it answers greedily, or scores the target. Answers and targets are normalised SQuAD-style;
@@ -18,24 +20,25 @@ capital of Zorbia is Quelm."), which strict exact match scores as wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
 import string
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 
-from lemb.data.readers import key_texts, read_keys, read_queries
-from lemb.data.schemas import KEY, PER_QUERY_TASKS
-from lemb.data.tasks import build_prompt, instructions, task_spec
-from lemb.pipeline.config import EvalConfig
+from lemb.data.schemas import by_query
+from lemb.data.tasks import build_prompt, task_spec
+from lemb.pipeline.config import EvalConfig, RetrieveConfig, RunSettings, load_config
 from lemb.pipeline.executor import set_threads
-from lemb.stages.encoder import Encoder
-from lemb.stages.index import TaskIndex
-from lemb.stages.retrieve import check_positives_in, history_index
+from lemb.pipeline.shards import stage_files
+from lemb.stages.retrieve import retrieve
 
 log = logging.getLogger(__name__)
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")  # the "all" row, over every task's queries
@@ -50,27 +53,38 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def rank_queries(
-    encoder: Encoder, queries: list[dict], keys: pa.Table | None, preset: Any, depth: int = DEPTH
-) -> dict[str, list[tuple[str, float]]]:
-    """Top-`depth` (key_id, score) per query, searching the query's task pool or its own history."""
-    indexes: dict[str, TaskIndex] = {}
-    if keys is not None:
-        for task in sorted(set(keys.column("task").to_pylist())):
-            part = keys.filter(pa.compute.equal(keys.column("task"), task))
-            vectors = encoder.encode(part.column("text").to_pylist(), instructions(preset, task)[1])
-            indexes[task] = TaskIndex.exact(part.column("key_id").to_pylist(), vectors)
-    ranking = {}
-    for task in sorted({q["task"] for q in queries}):
-        part = [q for q in queries if q["task"] == task]
-        q_emb = encoder.encode([q["text"] for q in part], instructions(preset, task)[0])
-        for q, vec in zip(part, q_emb):
-            index = (
-                history_index(encoder, q, instructions(preset, task)[1]) if task in PER_QUERY_TASKS else indexes[task]
-            )
-            ids, scores = index.search(vec, depth)
-            ranking[q["query_id"]] = list(zip(ids, scores))
-    return ranking
+@dataclass
+class Ranked:
+    """One embedder's ranking of a query set, as retrieve wrote it: top-`depth` (key_id, score) per query in rank
+    order, the query records and the retrieved keys' texts (what the LLM's prompts need)."""
+
+    ranking: dict[str, list[tuple[str, float]]]
+    queries: list[dict[str, Any]]
+    key_text: dict[str, str]
+
+
+def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True, depth: int = DEPTH) -> Ranked:
+    """Rank `config.queries` over `config.corpus` with `model` by running the retrieve stage into `out` (the same
+    encode -> index -> top-K as training's candidates; no positives added), then read its candidate shards."""
+    out = Path(out)
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunSettings)}
+    retrieve_config = load_config(
+        RetrieveConfig, **{**settings, "restart": True}, queries=config.queries, corpus=config.corpus,
+        embedder=model, instructions=config.instructions, top_k=depth, add_positives=False,
+        batch_size=config.batch_size, max_length=config.max_length,
+    )  # fmt: skip
+    retrieve(retrieve_config, progress, out=out)
+    ranking: dict[str, list[tuple[str, float]]] = {}
+    queries, key_text = [], {}
+    for path in stage_files(out / "candidates"):
+        for rows in by_query(pq.read_table(path).to_pylist()):
+            first = rows[0]
+            ranking[first["query_id"]] = [(r["key_id"], r["retrieval_score"]) for r in rows]
+            queries.append({"query_id": first["query_id"], "task": first["task"], "text": first["query_text"],
+                            "target": first["target"], "positive_ids": first["positive_ids"] or []})  # fmt: skip
+            key_text.update((r["key_id"], r["key_text"]) for r in rows)
+    queries.sort(key=lambda q: q["query_id"])
+    return Ranked(ranking, queries, key_text)
 
 
 def _ir_measure(name: str) -> str:
@@ -105,8 +119,9 @@ class LLMJudge:
     Embedders that put the same candidates in a query's prompt share one LLM call.
     """
 
-    def __init__(self, llm: Any, key_text: dict[str, str], max_new_tokens: int = 24) -> None:
-        self.llm, self.key_text, self.max_new_tokens = llm, key_text, max_new_tokens
+    def __init__(self, llm: Any, max_new_tokens: int = 24) -> None:
+        self.llm, self.max_new_tokens = llm, max_new_tokens
+        self.key_text: dict[str, str] = {}
         self.answer_cache: dict[tuple[str, tuple[str, ...]], str] = {}
         self.score_cache: dict[tuple[str, tuple[str, ...]], tuple[float, int]] = {}
 
@@ -168,46 +183,30 @@ def _needs(task: str, kind: str) -> bool:
 
 
 class TaskEvaluator:
-    """Each task's metrics (its `TaskSpec.metrics`) for any number of embedders on one query set.
+    """Each task's metrics (its `TaskSpec.metrics`) for any number of rankings of one query set.
 
-    `queries` are query records (dicts of `schemas.QUERY`), `keys` the corpus (records or a table;
-    None when every query is chat / lrlm), `llm` a `TransformersLLM` (None: retrieval metrics only),
-    `k` the retrieved candidates in the LLM's prompt. LLM outputs are cached across embedders.
+    `llm` a backend with `greedy` and `score` (None: retrieval metrics only), `k` the retrieved candidates in the
+    LLM's prompt. LLM outputs are cached across embedders.
     """
 
-    def __init__(
-        self,
-        queries: list[dict],
-        keys: pa.Table | list[dict] | None,
-        llm: Any = None,
-        k: int = 1,
-        instructions: Any = "llm-embedder",
-        max_new_tokens: int = 24,
-        max_length: int = 256,
-        batch_size: int = 64,
-    ) -> None:
-        self.queries = queries
-        self.keys = pa.Table.from_pylist(keys, schema=KEY) if isinstance(keys, list) else keys
-        self.k, self.instructions = k, instructions
-        self.max_length, self.batch_size = max_length, batch_size
-        self.judge = LLMJudge(llm, key_texts(queries, self.keys), max_new_tokens) if llm is not None else None
+    def __init__(self, llm: Any = None, k: int = 1, max_new_tokens: int = 24) -> None:
+        self.k = k
+        self.judge = LLMJudge(llm, max_new_tokens) if llm is not None else None
 
-    def run(self, embedder: Encoder | str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    def run(self, ranked: Ranked) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """({"all": metrics, "<task>": metrics}, per-query details: ranking, answers, target log-probs)."""
-        if isinstance(embedder, str):
-            embedder = Encoder(embedder, self.max_length, self.batch_size)
-        ranking = rank_queries(embedder, self.queries, self.keys, self.instructions)
+        queries, ranking = ranked.queries, ranked.ranking
         answers, scored = {}, {}
         if self.judge is not None and self.k > 0:
-            answers = self.judge.answers([q for q in self.queries if _needs(q["task"], "answer")], ranking, self.k)
-            scored = self.judge.target_logprobs(
-                [q for q in self.queries if _needs(q["task"], "perplexity")], ranking, self.k
-            )
-        by_task = {"all": retrieval_metrics(ranking, self.queries)}
-        by_task["all"].update(answer_metrics(self.queries, answers))
-        by_task["all"]["queries"] = len(self.queries)
-        for task in sorted({q["task"] for q in self.queries}):
-            part = [q for q in self.queries if q["task"] == task]
+            self.judge.key_text.update(ranked.key_text)
+            answers = self.judge.answers([q for q in queries if _needs(q["task"], "answer")], ranking, self.k)
+            scored = self.judge.target_logprobs([q for q in queries if _needs(q["task"], "perplexity")], ranking,
+                                                self.k)  # fmt: skip
+        by_task = {"all": retrieval_metrics(ranking, queries)}
+        by_task["all"].update(answer_metrics(queries, answers))
+        by_task["all"]["queries"] = len(queries)
+        for task in sorted({q["task"] for q in queries}):
+            part = [q for q in queries if q["task"] == task]
             ids = {q["query_id"] for q in part}
             found = retrieval_metrics(ranking, part, task_spec(task).metrics)
             found.update(answer_metrics(part, answers))
@@ -216,33 +215,22 @@ class TaskEvaluator:
         return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored}
 
 
-def evaluate_embedder(
-    queries: list[dict], keys: pa.Table | list[dict] | None, embedder: Encoder | str, llm: Any = None, k: int = 1,
-    instructions: Any = "llm-embedder",
-) -> dict[str, dict[str, float]]:  # fmt: skip
-    """One embedder's metrics, {"all": ..., "<task>": ...}; use `TaskEvaluator` to compare several."""
-    return TaskEvaluator(queries, keys, llm, k, instructions).run(embedder)[0]
-
-
 def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = True) -> dict[str, Any]:
-    """{embedder name: {"all": metrics, "<task>": metrics}} plus per-query rankings and answers."""
+    """{embedder name: {"all": metrics, "<task>": metrics}} plus per-query rankings and answers; each embedder's
+    ranking is a retrieve run under `<run>/eval/<name>/`."""
     set_threads(config.threads)
-    queries = read_queries(config.queries)
-    keys = read_keys(config.corpus) if config.corpus else None
-    check_positives_in(queries, keys, config.queries)
-    records = queries.to_pylist()
     llm = None
-    if config.answer_k > 0 and any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in records):
-        from lemb.stages.llm import TransformersLLM
-
-        llm = TransformersLLM(config.llm)
-    evaluator = TaskEvaluator(
-        records, keys, llm, config.answer_k, config.instructions, config.max_new_tokens, config.max_length,
-        config.batch_size,
-    )  # fmt: skip
+    evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for name, model in embedders.items():
-        log.info("evaluating %s (%s) on %d queries", name, model, len(records))
-        results[name], details[name] = evaluator.run(model)
+        ranked = rank(config, model, Path(config.run) / "eval" / name, progress)
+        needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
+        if llm is None and config.answer_k > 0 and needs_llm:
+            from lemb.stages.llm import TransformersLLM
+
+            llm = TransformersLLM(config.llm)
+            evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
+        log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
+        results[name], details[name] = evaluator.run(ranked)
     return {"metrics": results, "details": details}

@@ -16,18 +16,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
-import yaml
 
-from lemb.data.readers import key_texts, read_keys, read_queries
+from lemb.data.schemas import TASKS
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
 from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import set_threads
-from lemb.pipeline.shards import read_stage, write_json_atomic
+from lemb.pipeline.shards import stage_files, write_json_atomic
 from lemb.stages.encoder import load_embedder
-from lemb.stages.label import retrieve_inputs
-from lemb.trainer.batches import Group, TaskBatchSampler, build_groups, collate
+from lemb.trainer.batches import Group, LabelledGroups, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
 from lemb.trainer.step import Precision, World, backward_step
 
@@ -41,18 +40,20 @@ class TrainRecipe:
         self.run = Path(config.run)
         self.out = self.run / "train"
 
-    def setup(self, groups: list[Group] | None = None) -> None:
+    def setup(self, groups: list[Group] | LabelledGroups | None = None) -> None:
         """Build every component; `groups` replaces the run's reward shards (benchmarks, experiments)."""
         c = self.config
         set_threads(c.threads)
         self.world = _init_distributed()
         torch.manual_seed(c.seed)
         self.groups, self.skipped = (groups, Counter()) if groups is not None else self._load_groups()
-        if not self.groups:
+        self.tasks = list(self.groups.tasks) if isinstance(self.groups, LabelledGroups) else [g.task for g in groups]
+        if not self.tasks:
             raise LembError(f"{self.run / 'label'}: no query carries a training signal ({dict(self.skipped)})")
         for reason, n in self.skipped.items():
             log.warning("%d queries left out of training: %s", n, reason)
-        small = sorted({g.task for g in self.groups if sum(h.task == g.task for h in self.groups) < self.world.size})
+        per_task = Counter(self.tasks)
+        small = sorted(t for t, n in per_task.items() if n < self.world.size)
         if small:
             raise LembError(f"tasks {small} have fewer queries than the {self.world.size} training processes")
         self.device = _device(c.device)
@@ -61,7 +62,7 @@ class TrainRecipe:
             self.model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.model.train()
         self.precision = Precision.make(c.precision, self.device)
-        self.sampler = TaskBatchSampler(self.groups, c.batch_size, c.task_weights or None, c.seed)
+        self.sampler = TaskBatchSampler(self.tasks, c.batch_size, c.task_weights or None, c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         warmup = int(c.warmup * c.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -127,21 +128,21 @@ class TrainRecipe:
         self.initial_loss, self.history, self.start_step = state["initial_loss"], state["history"], state["step"]
         log.info("resuming from step %d of %d", self.start_step, self.config.steps)
 
-    def _load_groups(self) -> tuple[list[Group], Any]:
-        queries_path, corpus_path = retrieve_inputs(self.run)
-        queries = {q["query_id"]: q for q in read_queries(queries_path).to_pylist()}
-        texts = key_texts(list(queries.values()), read_keys(corpus_path) if corpus_path else None)
-        label_settings = (
-            yaml.safe_load((self.run / "label" / "config.yaml").read_text())
-            if (self.run / "label" / "config.yaml").exists()
-            else {}
-        )
-        contrastive = frozenset(
-            t for t in {q["task"] for q in queries.values()} if self._loss_name(t) == "contrastive"
-        )
+    def _load_groups(self) -> tuple[LabelledGroups, Any]:
+        """Groups from the label shards, one shard at a time; their texts go to a memory-mapped file."""
+        label_dir = self.run / "label"
+        files = stage_files(label_dir)
+        meta = pq.read_schema(files[0]).metadata or {}
+        tie_tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
+        contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".texts-*.arrow"):
+            stale.unlink()
+        self.texts_file = self.out / f".texts-{os.getpid()}.arrow"
+        shards = (pq.read_table(f) for f in files)
         return build_groups(
-            read_stage(self.run / "label"), queries, texts, self.config.reward, self.config.group_size,
-            str(self.run / "label"), tie_tol=label_settings.get("tie_tolerance", 1e-6), positives_only=contrastive,
+            shards, self.config.reward, self.config.group_size, str(label_dir), tie_tol=tie_tol,
+            positives_only=contrastive, texts_file=self.texts_file,
         )  # fmt: skip
 
     def _loss_name(self, task: str) -> str:
@@ -178,10 +179,8 @@ class TrainRecipe:
 
         c = self.config
         start = time.perf_counter()
-        steps = range(self.start_step, c.steps)
-        for step in tqdm(
-            steps, desc="train", disable=not progress or self.world.rank, initial=self.start_step, total=c.steps
-        ):
+        bar = tqdm(total=c.steps, initial=self.start_step, desc="train", disable=not progress or self.world.rank)
+        for step in range(self.start_step, c.steps):
             batch = [self.groups[i] for i in self.sampler.batch(step)]
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
@@ -189,14 +188,17 @@ class TrainRecipe:
             self.precision.step(self.optimizer)
             self.scheduler.step()
             self.history.append({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix({"task": task, "loss": f"{loss:.4f}"}, refresh=False)
+            bar.update(1)
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps and self.world.rank == 0:
                 self.save_checkpoint(step + 1)
+        bar.close()
         self.seconds = time.perf_counter() - start
 
     def save(self) -> Path:
         c = self.config
         path = self.out / "model"
-        tasks = sorted({g.task for g in self.groups})
+        tasks = sorted(set(self.tasks))
         prompts = {}
         for t in tasks:
             q_instr, k_instr = instructions(c.instructions, t)
@@ -215,7 +217,7 @@ class TrainRecipe:
         stats = {
             "steps": c.steps,
             "groups": len(self.groups),
-            "groups_per_task": {t: sum(g.task == t for g in self.groups) for t in tasks},
+            "groups_per_task": {t: self.tasks.count(t) for t in tasks},
             "queries_left_out": dict(self.skipped),
             "seconds": self.seconds,
             "final_loss": self.history[-1]["loss"] if self.history else None,
@@ -224,6 +226,13 @@ class TrainRecipe:
         save_config(c, self.out)
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path
+
+    def cleanup(self) -> None:
+        """Drop the memory-mapped text file of the run's groups."""
+        texts_file = getattr(self, "texts_file", None)
+        if texts_file is not None:
+            self.groups = None
+            texts_file.unlink(missing_ok=True)
 
 
 def _device(setting: str) -> torch.device:
@@ -248,8 +257,11 @@ def _init_distributed() -> World:
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
     recipe = TrainRecipe(config)
-    recipe.setup()
-    recipe.train(progress)
-    if recipe.world.rank:
-        return recipe.out / "model"  # rank 0 writes the model
-    return recipe.save()
+    try:
+        recipe.setup()
+        recipe.train(progress)
+        if recipe.world.rank:
+            return recipe.out / "model"  # rank 0 writes the model
+        return recipe.save()
+    finally:
+        recipe.cleanup()

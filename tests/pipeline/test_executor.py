@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from lemb.data import schemas
 from lemb.errors import LembError
 from lemb.pipeline.config import RunSettings
-from lemb.pipeline.executor import Stage, run_stage
-from lemb.pipeline.shards import read_stage
+from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.shards import partition_table, read_stage
 
 
 class EchoStage(Stage):
@@ -35,6 +36,7 @@ class EchoStage(Stage):
             os._exit(1)  # the worker process dies: an infrastructure failure, not a data error
         self.counters["echoed"] += len(ids)
         n = len(ids)
+        self.advance(n)
         return pa.table(
             {
                 "query_id": ids,
@@ -42,18 +44,30 @@ class EchoStage(Stage):
                 "key_id": ids,
                 "retrieval_rank": [1] * n,
                 "retrieval_score": [1.0] * n,
+                "query_text": ids,
+                "target": ids,
+                "positive_ids": [[]] * n,
+                "key_text": ids,
+                "key_title": [None] * n,
             },
             schema=schemas.CANDIDATE,
         )
+
+    def metadata(self) -> dict[str, str]:
+        return {"lemb.echo": "set up" if getattr(self, "ready", False) else "never set up"}
+
+    def setup(self) -> None:
+        self.ready = True
 
 
 def _work(ids):
     return pa.table({"query_id": ids})
 
 
-def _run(tmp_path, ids, executor, factory=EchoStage, **settings):
+def _run(tmp_path, ids, executor, stage=None, **settings):
     cfg = RunSettings(run=str(tmp_path), executor=executor, shards=3, **settings)
-    return run_stage(factory, _work(ids), "query_id", tmp_path / "echo", cfg, {}, "h", [], progress=False)
+    plan = partition_table(_work(ids), "query_id", 3, tmp_path / "input")
+    return Executor(cfg, progress=False).run(stage or EchoStage(), plan, tmp_path / "echo", cfg, [], "query_id")
 
 
 def test_local_data_error_is_recorded_and_the_other_shards_finish(tmp_path):
@@ -75,24 +89,35 @@ def test_local_data_error_is_recorded_and_the_other_shards_finish(tmp_path):
 
 @pytest.mark.slow
 def test_ray_retries_a_dead_worker_and_records_data_errors(tmp_path):
-    import functools
-
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = str(tmp_path / "died")
     ids = [f"q{i}" for i in range(12)]
-    factory = functools.partial(EchoStage, marker)
     try:
-        stats = _run(tmp_path, ids, "ray", factory, workers=1, max_retries=2)
+        stats = _run(tmp_path, ids, "ray", EchoStage(marker), workers=1, max_retries=2)
         assert Path(marker).exists()  # the worker did die once, and the shard was redone on a fresh one
         assert stats["rows_out"] == 12 and stats["shards_done"] == 3
         assert sorted(read_stage(tmp_path / "echo").column("query_id").to_pylist()) == sorted(ids)
         with pytest.raises(LembError, match="ValueError: row 'bad' has no text"):
-            _run(tmp_path / "second", ids + ["bad"], "ray", EchoStage, workers=1)
+            _run(tmp_path / "second", ids + ["bad"], "ray", EchoStage(), workers=1)
         assert (tmp_path / "second" / "echo" / "_failures.jsonl").exists()
     finally:
         ray.shutdown()
+
+
+def test_every_shard_takes_the_worker_path_and_the_run_is_recorded(tmp_path):
+    # 2 ids over 3 shards: at least one shard is empty; it too is written by a set-up stage
+    stats = _run(tmp_path, ["q1", "q2"], "local")
+    stage_dir = tmp_path / "echo"
+    files = sorted(stage_dir.glob("part-*.parquet"))
+    assert len(files) == 3 and stats["shards_done"] == 3 and stats["rows_out"] == 2
+    assert any(pa.parquet.read_metadata(f).num_rows == 0 for f in files)
+    for f in files:
+        assert pa.parquet.read_schema(f).metadata[b"lemb.echo"] == b"set up"
+    manifest = json.loads((stage_dir / "_manifest.json").read_text())
+    assert [s["items"] for s in manifest["plan"]] == [pa.parquet.read_metadata(f).num_rows for f in files]
+    assert (stage_dir / "config.yaml").exists() and not list(stage_dir.glob("*.progress.json"))
 
 
 def test_workers_hide_library_deprecations_but_not_lemb_warnings():
@@ -112,3 +137,25 @@ def test_workers_hide_library_deprecations_but_not_lemb_warnings():
     assert [str(w.message) for w in seen] == ["lemb says", "a real problem"]
     assert logging.getLogger("torch._library").getEffectiveLevel() == logging.ERROR
     logging.getLogger("torch._library").setLevel(level)
+
+
+def test_running_shards_report_progress_to_the_bar_and_to_status(labelled_run, tmp_path):
+    import shutil
+
+    from lemb.pipeline.executor import _Bar, _ShardProgress
+    from lemb.pipeline.shards import ShardPlan, shard_path
+    from lemb.pipeline.status import run_status
+    from lemb.stages.label import LabelStage
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    stage_dir = run / "label"
+    plan = ShardPlan.of_stage(run / "retrieve" / "candidates", "query_id")
+    shard_path(stage_dir, 0).unlink()  # shard 0 is "running" again
+    progress = _ShardProgress(stage_dir, 0, total=plan.items(0))
+    progress.advance(1)
+    progress._write()  # the worker writes at most once a second; here at once
+    status = run_status(run)
+    assert f"shard 0: 1/{plan.items(0)} done" in status and "pid" in status
+    bar = _Bar(LabelStage.__new__(LabelStage), plan, stage_dir, [0, 1], enabled=False)
+    assert bar.done() == 1 + plan.items(1)  # shard 1 is finished: all of its queries count

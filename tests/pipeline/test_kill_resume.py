@@ -87,3 +87,42 @@ def test_label_killed_and_rerun_equals_uninterrupted(labelled_run, tmp_path):
     # the default backend ran: vLLM where it is installed (as `make install` does), else transformers
     backend = pq.read_schema(tmp_path / "killed" / "label" / "part-00000.parquet").metadata[b"lemb.backend"]
     assert backend.decode() == default_backend()
+
+
+@pytest.mark.slow
+def test_label_worker_killed_inside_a_block_is_retried_and_equals_uninterrupted(labelled_run, tmp_path):
+    """kill -9 a Ray label worker once its shard's progress file shows a block done and more to come."""
+    import json
+    import os
+
+    config = tmp_path / "label.yaml"
+    config.write_text("block_tokens: 1\nn_samples: 3\nper_candidate_samples: 1\n")  # one query per block
+
+    def cmd(run, executor):
+        return [sys.executable, "-m", "lemb.cli", "label", "--run", str(run), "--executor", executor, "--workers",
+                "1", "--quiet", "--config", str(config)]  # fmt: skip
+
+    for name in ("ref", "killed"):
+        shutil.copytree(labelled_run / "retrieve", tmp_path / name / "retrieve")
+    subprocess.run(cmd(tmp_path / "ref", "local"), check=True, capture_output=True)
+    stage_dir = tmp_path / "killed" / "label"
+    proc = subprocess.Popen(cmd(tmp_path / "killed", "ray"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = None
+    deadline = time.time() + 300
+    while proc.poll() is None and killed is None and time.time() < deadline:
+        for path in stage_dir.glob("part-*.progress.json"):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if 0 < state["done"] < state["total"]:
+                os.kill(state["pid"], signal.SIGKILL)
+                killed = state
+                break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=600)
+    assert killed is not None, "no shard was caught between two blocks"
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"retry 1 of" in err  # the driver saw the worker die and ran the shard again
+    keys = ["query_id", "key_id"]
+    assert _table(stage_dir, keys).equals(_table(tmp_path / "ref" / "label", keys))

@@ -7,16 +7,42 @@ import pytest
 
 from lemb.data import schemas
 from lemb.errors import LembError, StageConflict
-from lemb.pipeline.shards import ShardPlan, finish_stage, open_stage, read_stage, shard_of, shard_path, write_shard
+from lemb.pipeline.shards import (
+    ShardPlan,
+    finish_stage,
+    open_stage,
+    partition_table,
+    read_stage,
+    shard_of,
+    shard_path,
+    write_shard,
+)
 
 
-def test_plan_is_deterministic_and_partitions_ids():
+def _plan(ids, n, folder):
+    return partition_table(pa.table({"query_id": ids}), "query_id", n, folder)
+
+
+def test_plan_is_deterministic_and_partitions_ids(tmp_path):
     ids = [f"q{i}" for i in range(50)]
-    a, b = ShardPlan.from_ids(ids, 4), ShardPlan.from_ids(list(reversed(ids)), 4)
-    assert a.ids == b.ids
-    assert sorted(x for shard in a.ids for x in shard) == sorted(ids)
-    assert all(shard_of(x, 4) == s for s, shard in enumerate(a.ids) for x in shard)
-    assert sum(1 for shard in a.ids if shard) > 1
+    a, b = _plan(ids, 4, tmp_path / "a"), _plan(list(reversed(ids)), 4, tmp_path / "b")
+    assert a.describe() == b.describe()
+    shards = [a.shard_ids(i, "query_id") for i in range(4)]
+    assert sorted(x for shard in shards for x in shard) == sorted(ids)
+    assert all(shard_of(x, 4) == s for s, shard in enumerate(shards) for x in shard)
+    assert sum(1 for shard in shards if shard) > 1
+
+
+def test_plan_of_a_finished_stage_counts_items_per_shard(tmp_path):
+    open_stage(tmp_path, "s", {}, "h", [], _plan(["a", "b"], 2, tmp_path / "in"))
+    rows = _candidates(3).set_column(0, "query_id", pa.array(["q1", "q1", "q2"]))
+    write_shard(tmp_path, 0, rows, schemas.CANDIDATE, {}, {})
+    with pytest.raises(LembError, match="incomplete"):
+        ShardPlan.of_stage(tmp_path, "query_id")
+    write_shard(tmp_path, 1, _candidates(0), schemas.CANDIDATE, {}, {})
+    plan = ShardPlan.of_stage(tmp_path, "query_id")
+    assert [plan.rows(i) for i in range(2)] == [3, 0] and [plan.items(i) for i in range(2)] == [2, 0]
+    assert plan.inputs == [shard_path(tmp_path, 0), shard_path(tmp_path, 1)]
 
 
 def _candidates(n):
@@ -27,6 +53,11 @@ def _candidates(n):
             "key_id": ["k"] * n,
             "retrieval_rank": [1] * n,
             "retrieval_score": [0.5] * n,
+            "query_text": ["q"] * n,
+            "target": ["t"] * n,
+            "positive_ids": [["k"]] * n,
+            "key_text": ["a key"] * n,
+            "key_title": [None] * n,
         },
         schema=schemas.CANDIDATE,
     )
@@ -67,7 +98,7 @@ def test_failure_after_the_temporary_file_is_written_leaves_nothing(tmp_path, mo
 def test_open_stage_skips_done_and_refuses_changed_config(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("x\n")
-    plan = ShardPlan.from_ids([f"q{i}" for i in range(20)], 2)
+    plan = _plan([f"q{i}" for i in range(20)], 2, tmp_path / "in")
     stage = tmp_path / "stage"
     assert open_stage(stage, "s", {"top_k": 8}, "h1", [inp], plan) == set()
     write_shard(stage, 0, _candidates(2), schemas.CANDIDATE, {}, {"rows_out": 2, "rows_in": 2})
@@ -84,7 +115,7 @@ def test_open_stage_skips_done_and_refuses_changed_config(tmp_path):
 def test_changed_input_is_named(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("x\n")
-    plan = ShardPlan.from_ids(["a"], 1)
+    plan = _plan(["a"], 1, tmp_path / "in")
     open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
     inp.write_text("changed content\n")
     with pytest.raises(StageConflict, match="input changed"):
@@ -95,13 +126,13 @@ def test_output_without_manifest_is_not_taken_as_done(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()
     write_shard(stage, 0, _candidates(2), schemas.CANDIDATE, {}, {})  # e.g. left by a --restart killed midway
-    plan = ShardPlan.from_ids(["q0", "q1"], 1)
+    plan = _plan(["q0", "q1"], 1, tmp_path / "in")
     assert open_stage(stage, "s", {}, "h", [], plan) == set()
     assert not shard_path(stage, 0).exists()
 
 
 def test_read_stage_refuses_incomplete_stage(tmp_path):
-    plan = ShardPlan.from_ids([f"q{i}" for i in range(20)], 2)
+    plan = _plan([f"q{i}" for i in range(20)], 2, tmp_path / "in")
     open_stage(tmp_path, "s", {}, "h", [], plan)
     write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
     with pytest.raises(LembError, match="incomplete"):

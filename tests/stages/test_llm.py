@@ -106,6 +106,10 @@ def test_length_batches_respect_budget_and_padding() -> None:
     assert _length_batches([100, 40, 90, 80, 30], budget=300) == [[0, 2, 3], [1, 4]]
     assert _length_batches([100, 90, 80], budget=250) == [[0, 1], [2]]  # a third row would pad to 300
     assert _length_batches([500, 10], budget=100) == [[0], [1]]  # a row over the budget runs alone
+    # sampling: item i is weights[i] rows of its length + `extra` new tokens
+    assert _length_batches([100, 90, 80], budget=700, weights=[2, 1, 1], extra=100) == [[0, 1], [2]]
+    assert _length_batches([100, 90, 80], budget=600, weights=[1, 1, 1], extra=100) == [[0, 1, 2]]
+    assert _length_batches([100, 90], budget=100, weights=[4, 4], extra=10) == [[0], [1]]
 
 
 def test_the_answer_in_context_outscores_a_wrong_one(shared_scores) -> None:
@@ -126,8 +130,129 @@ def test_sample_is_reproducible_per_seed(llm) -> None:
     assert len(first) == 4
     assert first == again
     assert first != other
+    assert len(set(first)) > 1, "n samples of one prompt are not copies"
     for text in first + other:
         assert "\n" not in text and text == text.strip()
+
+
+SHORT, MEDIUM = "Name a colour.", "Background: Quelm is the capital of Zorbia.\n\nWhat is the capital of Zorbia?"
+
+
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatch) -> None:
+    """The label stage samples a block of queries in one call: each prompt must get what it gets alone, wherever
+    it sits in the call, next to prompts of other lengths (left padding) and however the call is split into
+    generate batches."""
+    longer = "Answer briefly. " + PROMPT
+    messages = [PROMPT, SHORT, longer, MEDIUM]
+    seeds = dict(zip(messages, [5, 6, 7, 8]))
+    lengths = dict(zip(messages, llm.prompt_lengths(messages)))
+    assert len(set(lengths.values())) == 4 and lengths[longer] > 3 * lengths[SHORT]
+    kw = {"max_new_tokens": 8, "temperature": 1.0}
+    alone = {m: llm.sample(m, n=2, seed=seeds[m], **kw) for m in messages}
+    generate_rows = []
+    original = llm._generate
+    monkeypatch.setattr(
+        llm, "_generate", lambda ids, *a, **k: generate_rows.append(len(ids)) or original(ids, *a, **k)
+    )
+    calls = {
+        "one call": (messages, None, [2, 2, 4]),  # the two long prompts share a left-padded batch
+        "reversed": (messages[::-1], None, [2, 2, 4]),
+        # too small for both long prompts' rows (2 x (108 + 8) tokens each): four generate calls
+        "split by the budget": ([MEDIUM, longer, SHORT, PROMPT], 2 * (lengths[longer] + 8), [2, 2, 2, 2]),
+    }
+    for name, (order, budget, batches) in calls.items():
+        generate_rows.clear()
+        got = llm.sample_many(order, [2] * 4, seeds=[seeds[m] for m in order], batch_tokens=budget, **kw)
+        assert sorted(generate_rows) == batches, name
+        assert got == [alone[m] for m in order], name
+    # a prompt asked for no samples gets none and changes nothing for the others
+    assert llm.sample_many([PROMPT, SHORT], [0, 2], seeds=[5, 6], **kw) == [[], alone[SHORT]]
+    assert llm.sample_many([PROMPT, SHORT], [0, 0], seeds=[5, 6], **kw) == [[], []]
+    # the first samples of a larger n are the samples of a smaller one
+    assert llm.sample(SHORT, n=4, seed=6, **kw)[:2] == alone[SHORT]
+    assert llm.sample(SHORT, n=2, seed=9, **kw) != alone[SHORT]
+    with pytest.raises(ValueError, match="one n and one seed per prompt"):
+        llm.sample_many([PROMPT, SHORT], [2, 2], seeds=[5], **kw)
+
+
+def test_prompt_lengths_are_the_encoded_prompts(llm) -> None:
+    messages = [PROMPT, SHORT, MEDIUM]
+    assert llm.prompt_lengths(messages) == [len(llm._encode_prompt(m)) for m in messages]
+    assert llm.prompt_lengths([]) == []
+
+
+def test_sampling_at_a_low_temperature_is_greedy(llm) -> None:
+    """Near-zero temperature puts all the mass on the top token: the prefilled, left-padded, repeated cache and the
+    inverse-CDF draw must give the tokens of plain greedy decoding of each prompt."""
+    prompts = [SHORT, MEDIUM]
+    pools = llm.sample_many(prompts, [2, 1], max_new_tokens=8, temperature=1e-5, seeds=[3, 4])
+    greedy = llm.greedy(prompts, max_new_tokens=8)
+    assert [len(p) for p in pools] == [2, 1]
+    assert pools[0] == [greedy[0], greedy[0]] and pools[1] == [greedy[1]]
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        llm.sample(SHORT, 1, 8, 0.0, seed=3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_first_tokens_follow_the_tempered_softmax(llm, temperature: float) -> None:
+    """The empirical frequency of the top first token over 200 samples is its probability under
+    softmax(logits / temperature), within 4 standard errors (about 0.12 at p = 0.27, 0.12 at p = 0.78): a sampler
+    that ignored the temperature, took the argmax, or drew tokens at random would be off by far more."""
+    message, n = "Name an animal.", 200
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([llm._encode_prompt(message)])).logits[0, -1].double()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    texts = [clean_sample(llm.tokenizer.decode([t], skip_special_tokens=True)) for t in range(len(probs))]
+    top = texts[int(probs.argmax())]
+    p = float(sum(probs[t] for t, text in enumerate(texts) if text == top))  # every token that reads as `top`
+    assert 0.2 < p < 0.85, "the check needs a top token that is neither rare nor certain"
+    samples = llm.sample(message, n, max_new_tokens=1, temperature=temperature, seed=11)
+    frequency = sum(s == top for s in samples) / n
+    assert abs(frequency - p) < 4 * (p * (1 - p) / n) ** 0.5, (frequency, p)
+
+
+def test_sampling_prints_no_warnings_and_ignores_the_models_generation_config(llm, tmp_path, capfd) -> None:
+    """A generation_config.json's penalties, top_k or temperature must not change what the samplers read (vLLM
+    ignores that file too), and greedy decoding must not warn about sampling settings it does not use."""
+    import json
+    import warnings
+
+    source = resolve_llm_path(DEFAULT_LLM)
+    for name in os.listdir(source):
+        if name != "generation_config.json":
+            os.symlink(os.path.join(source, name), tmp_path / name)
+    with open(os.path.join(source, "generation_config.json")) as f:
+        config = json.load(f)
+    config.update(do_sample=True, temperature=0.3, top_k=2, top_p=0.5, repetition_penalty=3.0, no_repeat_ngram_size=2)
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    tuned = TransformersLLM(str(tmp_path))
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuned_out, plain_out = (
+            (
+                backend.sample_many([SHORT, MEDIUM], [3, 1], max_new_tokens=8, temperature=1.0, seeds=[1, 2]),
+                backend.greedy([SHORT, MEDIUM], max_new_tokens=8),
+            )
+            for backend in (tuned, llm)
+        )
+    assert tuned_out == plain_out
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+
+
+def test_scores_of_several_prompts_in_one_call_are_the_per_prompt_scores(llm) -> None:
+    """The label stage scores many queries' prompts in one call: each item must score as it does alone, with the
+    default budget and with one that splits the call. The float32 passes differ in shape (one call caches only the
+    chat header, score() the whole prompt), which moves a token's log-probability by up to about 1e-5."""
+    items = [(PROMPT, CONTINUATIONS), (SHORT, CONTINUATIONS[2:]), (MEDIUM, CONTINUATIONS[:3]), (PROMPT, ["Quelm"])]
+    alone = [llm.score(m, c, reduce="sum") for m, c in items]
+    for budget in (None, 200):
+        together = llm.score_many(items, reduce="sum", batch_tokens=budget)
+        for row_a, row_b in zip(together, alone):
+            assert [n for _, n in row_a] == [n for _, n in row_b]
+            for (a, n), (b, _) in zip(row_a, row_b):
+                assert a == pytest.approx(b, abs=2e-5 * n), budget
 
 
 def test_greedy_reads_the_context(llm) -> None:
@@ -158,19 +283,6 @@ def test_resolve_llm_path(tmp_path) -> None:
     assert resolve_llm_path(str(tmp_path)) == str(tmp_path)
     assert resolve_llm_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert os.path.isfile(os.path.join(resolve_llm_path(DEFAULT_LLM), "config.json"))
-
-
-def test_sample_many_shares_each_prompt_prefill_correctly(llm) -> None:
-    # near-zero temperature makes sampling greedy: the prefilled, left-padded, repeated cache must give the
-    # same tokens as plain greedy decoding of each prompt
-    prompts = ["Name a colour.", "Background: Quelm is the capital of Zorbia.\n\nWhat is the capital of Zorbia?"]
-    pools = llm.sample_many(prompts, [2, 1], max_new_tokens=8, temperature=1e-5, seed=3)
-    greedy = llm.greedy(prompts, max_new_tokens=8)
-    assert [len(p) for p in pools] == [2, 1]
-    assert pools[0] == [greedy[0], greedy[0]] and pools[1] == [greedy[1]]
-    hot = llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
-    assert hot == llm.sample_many(prompts, [3, 3], max_new_tokens=8, temperature=1.0, seed=3)
-    assert llm.sample_many(prompts, [0, 0], 8, 1.0, 3) == [[], []]
 
 
 def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> None:

@@ -32,7 +32,7 @@ def transformers_backend() -> TransformersLLM:
 @pytest.fixture(scope="module")
 def pool(vllm_backend) -> list[str]:
     prompts = [build_prompt("qa", QUESTION, None), build_prompt("qa", QUESTION, CONTEXT)]
-    samples = vllm_backend.sample_many(prompts, [6, 3], max_new_tokens=16, temperature=1.0, seed=11)
+    samples = vllm_backend.sample_many(prompts, [6, 3], max_new_tokens=16, temperature=1.0, seeds=[11, 12])
     return [s for per_prompt in samples for s in per_prompt if s]
 
 
@@ -54,17 +54,64 @@ def test_scoring_again_reads_the_cache_and_gives_the_same_numbers(vllm_backend) 
     assert vllm_backend.score(PROMPT, CONTINUATIONS, reduce="sum") == first
 
 
-def test_samples_are_a_function_of_prompts_and_seed(vllm_backend) -> None:
-    prompts = [PROMPT, "Name a colour."]
-    first = vllm_backend.sample_many(prompts, [4, 2], max_new_tokens=12, temperature=1.0, seed=7)
-    alone = vllm_backend.sample_many([PROMPT], [4], max_new_tokens=12, temperature=1.0, seed=7)
-    assert [len(p) for p in first] == [4, 2]
-    assert first == vllm_backend.sample_many(prompts, [4, 2], max_new_tokens=12, temperature=1.0, seed=7)
-    assert first[0] == alone[0]  # what else is in the batch does not matter
-    assert first != vllm_backend.sample_many(prompts, [4, 2], max_new_tokens=12, temperature=1.0, seed=8)
-    assert len(set(first[0])) > 1  # n samples of one prompt are not copies
-    assert all("\n" not in t and t == t.strip() for t in first[0] + first[1])
-    assert vllm_backend.sample_many(prompts, [0, 0], 12, 1.0, 7) == [[], []]
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(vllm_backend) -> None:
+    """Each prompt is its own seeded request: alone or among prompts of other lengths, in any position, it gets the
+    same samples (the label stage samples a block of queries in one call)."""
+    short, medium = "Name a colour.", build_prompt("qa", QUESTION, CONTEXT)
+    messages, seeds = [PROMPT, short, medium], [7, 8, 9]
+    assert len(set(vllm_backend.prompt_lengths(messages))) == 3
+    kw = {"max_new_tokens": 12, "temperature": 1.0}
+    alone = [vllm_backend.sample(m, 4, seed=seed, **kw) for m, seed in zip(messages, seeds)]
+    assert vllm_backend.sample_many(messages, [4, 4, 4], seeds=seeds, **kw) == alone
+    assert vllm_backend.sample_many(messages[::-1], [4, 4, 4], seeds=seeds[::-1], **kw) == alone[::-1]
+    assert vllm_backend.sample_many([short, PROMPT], [4, 4], seeds=[8, 7], **kw) == [alone[1], alone[0]]
+    assert vllm_backend.sample(PROMPT, 4, seed=70, **kw) != alone[0]
+    # consecutive seeds are hashed apart: prompt 8's samples are not prompt 7's shifted by one
+    assert vllm_backend.sample(PROMPT, 4, seed=8, **kw)[:3] != alone[0][1:]
+    assert len(set(alone[0])) > 1  # n samples of one prompt are not copies
+    assert all("\n" not in t and t == t.strip() for t in alone[0] + alone[1] + alone[2])
+    assert vllm_backend.sample_many(messages[:2], [0, 4], seeds=seeds[:2], **kw) == [[], alone[1]]
+    assert vllm_backend.sample_many(messages[:2], [0, 0], seeds=seeds[:2], **kw) == [[], []]
+
+
+def test_prompt_lengths_match_transformers(vllm_backend, transformers_backend) -> None:
+    messages = [PROMPT, "Hi", build_prompt("qa", QUESTION, CONTEXT)]
+    assert vllm_backend.prompt_lengths(messages) == transformers_backend.prompt_lengths(messages)
+
+
+def test_scoring_just_sampled_prompts_does_not_compute_them_again(vllm_backend, monkeypatch) -> None:
+    """The sampling requests leave each prompt's full KV blocks in the prefix cache: score_many's prefill of those
+    prompts, and its scoring requests, compute only each prompt's last partial block; the prefill of prompts never
+    sampled computes them whole."""
+    block = vllm_backend.engine.llm_engine.vllm_config.cache_config.block_size
+    computed = []  # per engine call of score_many: prompt tokens computed, not read from the cache
+    run = vllm_backend._run
+
+    def recorded(prompts, params):
+        before = vllm_backend.prefilled_tokens
+        outs = run(prompts, params)
+        computed.append(vllm_backend.prefilled_tokens - before)
+        return outs
+
+    def fresh(tag: str) -> list[str]:  # prompts this engine has not seen
+        return [f"{tag} {k}. {PROMPT}" for k in range(3)]
+
+    continuations = ["Quelm", "Paris"]
+    n_cont = sum(len(c) for c in vllm_backend._encode_continuations(continuations))
+    sampled, unseen = fresh("Sampled prompt"), fresh("Unseen prompt")
+    vllm_backend.sample_many(sampled, [2, 2, 2], max_new_tokens=8, temperature=1.0, seeds=[1, 2, 3])
+    monkeypatch.setattr(vllm_backend, "_run", recorded)
+    cost = {}
+    for name, messages in [("sampled", sampled), ("unseen", unseen)]:
+        computed.clear()
+        vllm_backend.score_many([(m, continuations) for m in messages])
+        prefill, scoring = computed
+        cost[name] = (prefill, scoring - len(messages) * n_cont)  # the scoring requests' prompt tokens
+    total = sum(vllm_backend.prompt_lengths(sampled))
+    assert total > 3 * 3 * block  # long prompts: whole blocks to be read from the cache
+    assert cost["sampled"][0] <= 3 * block and cost["sampled"][1] <= 3 * block, cost
+    assert cost["unseen"][0] > total / 2, cost  # the control: without the sampling, the prefill computes them
+    assert cost["unseen"][1] <= 3 * block, cost
 
 
 def test_greedy_matches_transformers(vllm_backend, transformers_backend) -> None:

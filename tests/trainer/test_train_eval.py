@@ -52,7 +52,9 @@ def test_training_changed_weights_and_logged_loss(trained):
 
 def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     run, _ = trained
-    cfg = load_config(EvalConfig, run=str(run), queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]))
+    cfg = load_config(
+        EvalConfig, run=str(run), queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]), executor="local"
+    )
     metrics = evaluate_run(cfg, progress=False)
     assert set(metrics) == {"base", "trained"}
     for name in metrics:
@@ -65,6 +67,9 @@ def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     assert saved["base"]["recall@1"] == metrics["base"]["all"]["recall@1"]
     assert (run / "eval" / "report.md").read_text().startswith("# lemb evaluation")
     assert (run / "eval" / "rewards.png").stat().st_size > 1000 and (run / "eval" / "loss.png").stat().st_size > 1000
+    # each embedder ranked the queries through the retrieve stage itself
+    for name in ("base", "trained"):
+        assert (run / "eval" / name / "candidates" / "_manifest.json").exists()
 
 
 def test_normalize_answer():
