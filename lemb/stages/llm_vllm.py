@@ -76,7 +76,10 @@ class VLLMBackend(LLMBackend):
         self.name = model
         self.revision = model_fingerprint(path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        settings: dict[str, Any] = {"block_size": CPU_BLOCK_SIZE, "enforce_eager": True} if on_cpu else {}
+        # CPU: no chunked prefill. A prompt split across engine steps rewinds its seeded generator, which a CPU
+        # generator cannot do ("CPU Generator does not use offset"); a block of many queries makes such splits.
+        cpu = {"block_size": CPU_BLOCK_SIZE, "enforce_eager": True, "enable_chunked_prefill": False}
+        settings: dict[str, Any] = cpu if on_cpu else {}
         if block_size:
             settings["block_size"] = block_size
         self.engine = vllm.LLM(

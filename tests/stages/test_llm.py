@@ -183,7 +183,7 @@ def test_prompt_lengths_are_the_encoded_prompts(llm) -> None:
 
 def test_sampling_at_a_low_temperature_is_greedy(llm) -> None:
     """Near-zero temperature puts all the mass on the top token: the prefilled, left-padded, repeated cache and the
-    inverse-CDF draw must give the tokens of plain greedy decoding of each prompt."""
+    Gumbel-max draw must give the tokens of plain greedy decoding of each prompt."""
     prompts = [SHORT, MEDIUM]
     pools = llm.sample_many(prompts, [2, 1], max_new_tokens=8, temperature=1e-5, seeds=[3, 4])
     greedy = llm.greedy(prompts, max_new_tokens=8)
