@@ -215,7 +215,9 @@ def stage_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[st
         setup = time.perf_counter() - start
         default_block = stage.block_tokens
         stage.process(warm)  # first-call warm-up, not timed
-        for mode, block in (("per_query", 1), ("batched", args.block_tokens or default_block)):
+        blocks = [int(b) for b in args.block_tokens.split(",")] if args.block_tokens else [default_block]
+        modes = [("per_query", 1), ("batched", blocks[0])] + [(f"block_{b}", b) for b in blocks[1:]]
+        for mode, block in modes:
             stage.block_tokens = block
             stage.counters.clear()
             print(f"stage {backend} {mode}: labelling {len(work)} queries", flush=True)
@@ -276,7 +278,8 @@ def main() -> None:
     parser.add_argument("--stage", action="store_true", help="the whole label stage, per-query vs batched blocks")
     parser.add_argument("--stage-backends", default="transformers,vllm")
     parser.add_argument("--per-candidate", type=int, default=2, help="m samples per candidate prompt (--stage)")
-    parser.add_argument("--block-tokens", type=int, default=0, help="--stage: batched block size (0: the default)")
+    parser.add_argument("--block-tokens", default="", help="--stage: batched block sizes, comma-separated (the first "
+                        "is 'batched'; default: the stage's default)")  # fmt: skip
     args = parser.parse_args()
 
     from lemb.data.tasks import task_spec

@@ -576,8 +576,8 @@ def markdown(s: dict[str, Any]) -> str:
     out = ["\n".join(lines), ""]
     retrieve = s["stages"]["retrieve"]
     if retrieve:
-        out.append("| retrieve queries | keys step: worker ms per key | candidates step (encode + search + key texts): "
-                   "worker ms per query |")  # fmt: skip
+        out.append("| retrieve queries | keys step: worker ms per key | candidates step (encode + search + key "
+                   "texts): worker ms per query |")  # fmt: skip
         out.append("|---|---|---|")
         for size in sorted(retrieve, key=int):
             r = retrieve[size]
@@ -608,7 +608,8 @@ def markdown(s: dict[str, Any]) -> str:
         f = s["label_overhead_fraction"]
         checks.append(f"- label time outside backend calls at its largest size: {f:.1%} of wall "
                       f"({'holds' if f <= 0.10 else 'MISSED'}: <= 10%); within the shard span "
-                      f"{s['label_overhead_fraction_in_span']:.1%}, within shards {s['label_overhead_fraction_in_shards']:.1%}")  # fmt: skip
+                      f"{s['label_overhead_fraction_in_span']:.1%}, within shards "
+                      f"{s['label_overhead_fraction_in_shards']:.1%}")  # fmt: skip
     out += checks
     if s["synthetic_label_sizes"]:
         out.append(

@@ -141,8 +141,9 @@ class _GumbelMax(LogitsProcessor):
 
     Why not the inverse CDF of one uniform a step: a token in the long tail of the vocabulary owns a slice of the
     cumulative distribution about as narrow as float32 rounding, so a 1e-6 change in the logits (another batch's
-    padding) moves the pick whenever the uniform lands in the tail (measured: 6 of 168 samples of 16 tokens on 24 NQ queries). The top two
-    Gumbel-perturbed logits are typically O(1) apart, so such a change flips a pick with a probability near 1e-6."""
+    padding) moves the pick whenever the uniform lands in the tail (measured: 6 of 168 samples of 16 tokens on 24
+    NQ queries differed batched vs per query). The top two Gumbel-perturbed logits are typically O(1) apart, so such
+    a change flips a pick with a probability near 1e-6."""
 
     def __init__(self, generators: list[torch.Generator], temperature: float) -> None:
         self.generators, self.temperature = generators, temperature
@@ -172,6 +173,9 @@ def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
     return (total / len(logprobs) if reduce == "mean" else total), len(logprobs)
 
 
+PROMPT_CACHE = 8192  # prompts whose token ids a backend keeps
+
+
 class LLMBackend:
     """What every LLM backend shares: prompt rendering and tokenization (so all of them sample after and score the
     same token ids), and the methods that only combine the backend's own ones."""
@@ -193,8 +197,19 @@ class LLMBackend:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _encode_prompt(self, user_message: str) -> list[int]:
-        # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
-        return self.tokenizer(self.render(user_message), add_special_tokens=not self.has_chat_template)["input_ids"]
+        """The prompt's token ids, kept for the prompts of the last few blocks: the label stage sizes a block by its
+        prompts' tokens, then samples and scores the same prompts."""
+        cache = self.__dict__.setdefault("_prompt_ids", {})
+        ids = cache.get(user_message)
+        if ids is None:
+            if len(cache) >= PROMPT_CACHE:
+                cache.clear()
+            # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
+            rendered = self.render(user_message)
+            ids = cache[user_message] = self.tokenizer(rendered, add_special_tokens=not self.has_chat_template)[
+                "input_ids"
+            ]
+        return list(ids)
 
     def text_lengths(self, texts: Sequence[str]) -> list[int]:
         """Token count of each plain text (no special tokens; 0 for an empty one), e.g. of the samples drawn."""
