@@ -269,9 +269,21 @@ def run_stage(args: list[str], log: Path, output: Path, tries: int = 3) -> dict[
     raise RuntimeError(f"{args[0]} was killed {tries} times")
 
 
+def code_state() -> dict[str, Any]:
+    """The commit the CLI runs and how many files under lemb/ differ from it (the tree may change during a run)."""
+
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"head": git("rev-parse", "--short", "HEAD"), "lemb_changed_files": len(git("status", "--porcelain",
+            "lemb").splitlines())}  # fmt: skip
+
+
 def run_cli(args: list[str], log: Path) -> dict[str, Any]:
     """One `python -m lemb.cli ...` subprocess: wall seconds, peak RSS of the driver and of the largest Ray worker."""
     cmd = [sys.executable, "-m", "lemb.cli", *args]
+    code = code_state()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w") as out:
         out.write(" ".join(cmd) + "\n\n")
@@ -291,6 +303,7 @@ def run_cli(args: list[str], log: Path) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(args[:1])} failed (exit {proc.returncode}); log {log}:\n{tail}")
     return {
         "seconds": seconds,
+        "code": code,
         "driver_peak_rss_mb": round(watch.driver, 1),
         "worker_peak_rss_mb": round(watch.worker, 1) if watch.worker else None,
         "worker_title": watch.worker_title or None,
