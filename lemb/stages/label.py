@@ -35,8 +35,10 @@ from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
 TARGET_REQUIRED = frozenset({"qa", "icl", "chat", "lrlm"})  # tool / convsearch may train on positives alone
-# Prompt tokens per block of queries (LabelConfig.block_tokens = 0 takes these), measured in BENCHMARKS.md
-# ("label block size"): on CPU larger blocks stop paying past a few thousand tokens; a GPU wants many more.
+# Prompt tokens per block of queries (LabelConfig.block_tokens = 0 takes these). A block only has to give the
+# backend enough rows to fill its own batches (transformers: 16k KV tokens of sampling rows, 4k tokens a scoring
+# pass on CPU): 8192 prompt tokens are about 40 prompts of NQ's size. On a GPU a vLLM engine or the packed scorer
+# wants hundreds of sequences at once; 131072 tokens (about 600 prompts) has not yet been measured on one.
 BLOCK_TOKENS = {"cpu": 8192, "cuda": 131072}
 
 
