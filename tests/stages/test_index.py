@@ -46,6 +46,8 @@ def test_indexes_from_shards_split_by_task(tmp_path):
             {
                 "key_id": [f"k{i}" for i in rows],
                 "task": ["qa" if i % 2 else "tool" for i in rows],
+                "text": [f"key {i}" for i in rows],
+                "title": [None] * 10,
                 "embedding": [v[i].tolist() for i in rows],
             },
             schema=schemas.KEY_EMBEDDING,
