@@ -102,7 +102,7 @@ def build_groups(
     tables = [rewards] if isinstance(rewards, pa.Table) else rewards
     ids, tasks, rows, values, flags = [], [], [], [], []
     skipped: Counter[str] = Counter()
-    kept_texts: list[pa.Table] = []
+    texts = _TextSink(texts_file)
     offset = 0
     for table in tables:
         signal = table.select(list(SIGNAL_COLUMNS)).to_pylist()
@@ -129,23 +129,38 @@ def build_groups(
             values.append(reward + [0.0] * pad)
             flags.append([r["key_id"] in positives for r in chosen] + [False] * pad)
             chosen_rows += [r["_row"] for r in chosen]
-        kept_texts.append(table.select(list(TEXT_COLUMNS)).take(pa.array(chosen_rows, pa.int64())))
+        texts.add(table.select(list(TEXT_COLUMNS)).take(pa.array(chosen_rows, pa.int64())))
         offset += len(chosen_rows)
-    texts = _text_table(kept_texts, texts_file)
     arrays = (np.asarray(rows, dtype=np.int64).reshape(-1, group_size),
               np.asarray(values, dtype=np.float64).reshape(-1, group_size),
               np.asarray(flags, dtype=bool).reshape(-1, group_size))  # fmt: skip
-    return LabelledGroups(ids, tasks, *arrays, texts), +skipped
+    return LabelledGroups(ids, tasks, *arrays, texts.table()), +skipped
 
 
-def _text_table(parts: list[pa.Table], path: Path | None) -> pa.Table:
+class _TextSink:
+    """The chosen rows' texts, kept in memory or written shard by shard to an Arrow file (so no more than one
+    shard's texts are held) and memory-mapped from it once complete."""
+
     schema = pa.schema([pa.field(c, pa.string()) for c in TEXT_COLUMNS])
-    if path is None:
-        return pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for part in parts:
-            writer.write_table(part.cast(schema))
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # zero-copy: pages are read when a batch needs them
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.parts = path, []
+        if path is not None:
+            self.file = pa.OSFile(str(path), "wb")
+            self.writer = pa.ipc.new_file(self.file, self.schema)
+
+    def add(self, part: pa.Table) -> None:
+        if self.path is None:
+            self.parts.append(part.cast(self.schema))
+        else:
+            self.writer.write_table(part.cast(self.schema))
+
+    def table(self) -> pa.Table:
+        if self.path is None:
+            return pa.concat_tables(self.parts) if self.parts else self.schema.empty_table()
+        self.writer.close()
+        self.file.close()
+        return pa.ipc.open_file(pa.memory_map(str(self.path))).read_all()  # zero-copy: pages read per batch
 
 
 class TaskBatchSampler:
