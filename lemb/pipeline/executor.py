@@ -54,7 +54,7 @@ class Stage(ABC):
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()  # per-shard counters (rows skipped, tokens, ...)
-        self._advance: Callable[[int], None] | None = None  # set by the executor while a shard runs
+        self._advance: Callable[[float], None] | None = None  # set by the executor while a shard runs
 
     def setup(self) -> None:
         """Load models; called once per worker, before the first shard."""
@@ -62,8 +62,8 @@ class Stage(ABC):
     @abstractmethod
     def process(self, table: pa.Table) -> pa.Table: ...
 
-    def advance(self, n: int) -> None:
-        """`n` more items of the current shard are done."""
+    def advance(self, n: float) -> None:
+        """`n` more items of the current shard are done (a fraction of one while an item is under way)."""
         if self._advance is not None:
             self._advance(n)
 
@@ -112,7 +112,7 @@ class _ShardProgress:
         self.who = {"pid": os.getpid(), "host": socket.gethostname()}
         self._write()
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: float) -> None:
         self.done += n
         if time.time() - self.written >= 1.0:
             self._write()
@@ -120,7 +120,7 @@ class _ShardProgress:
     def _write(self) -> None:
         self.written = time.time()
         elapsed = self.written - self.started
-        state = {"done": self.done, "total": self.total, "started": self.started, "updated": self.written}
+        state = {"done": round(self.done, 3), "total": self.total, "started": self.started, "updated": self.written}
         write_json_atomic(self.path, {**state, **self.who, "rate": self.done / elapsed if elapsed > 0 else 0.0})
 
 
@@ -244,7 +244,7 @@ class Executor:
 
         infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
         actor_cls = ray.remote(num_cpus=s.threads, num_gpus=s.num_gpus, max_restarts=0)(_Worker)
-        queue = list(pending)
+        queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
         attempts: Counter[int] = Counter()
         failures: list[dict[str, Any]] = []
         idle = [actor_cls.remote(stage, s.threads) for _ in range(min(self._pool_size(ray), len(queue)))]
@@ -309,7 +309,7 @@ class _Bar:
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def done(self) -> int:
-        n = self.initial
+        n: float = self.initial
         for i in self.pending:
             if shard_path(self.out, i).exists():
                 n += self.plan.items(i)
@@ -318,7 +318,7 @@ class _Bar:
                 n += json.loads(progress_path(self.out, i).read_text())["done"]
             except (OSError, ValueError, KeyError):
                 pass
-        return n
+        return int(n)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.5):

@@ -62,7 +62,7 @@ def run_status(run: Path) -> str:
         for r in s["running"]:
             ago = time.time() - r["updated"]
             lines.append(
-                f"  shard {r['shard']}: {r['done']}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
+                f"  shard {r['shard']}: {int(r['done'])}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
                 f" (pid {r['pid']} on {r['host']})"
             )
     model = run / "train" / "model"

@@ -88,15 +88,20 @@ class LabelStage(Stage):
         out: list[dict[str, Any]] = []
         for block in self._blocks(schemas.by_query(table.to_pylist())):
             out += self._label_block(block)
-            self.advance(len(block))
         return pa.Table.from_pylist(out, schema=self.output_schema)
 
     def _blocks(self, queries: list[list[dict[str, Any]]]) -> list[list[list[dict[str, Any]]]]:
-        """Consecutive queries of one task whose prompts hold at most `block_tokens` tokens (at least one query)."""
+        """Consecutive queries of one task whose prompts hold about `block_tokens` tokens at most (at least one
+        query). A query's tokens are estimated from its prompts' characters at the characters per token of the
+        shard's first query: the backend tokenizes the prompts inside its own calls, once."""
         blocks: list[list[list[dict[str, Any]]]] = []
-        held = 0
+        if not queries:
+            return blocks
+        first = _prompts(queries[0])
+        chars_per_token = sum(map(len, first)) / max(1, sum(self.llm.prompt_lengths(first)))
+        held = 0.0
         for rows in queries:
-            tokens = sum(self.llm.prompt_lengths(_prompts(rows)))
+            tokens = sum(map(len, _prompts(rows))) / chars_per_token
             if blocks and blocks[-1][0][0]["task"] == rows[0]["task"] and held + tokens <= self.block_tokens:
                 blocks[-1].append(rows)
                 held += tokens
@@ -117,18 +122,21 @@ class LabelStage(Stage):
             else:
                 self.counters["queries_skipped_no_target"] += 1
                 out += [{**base, **_carried(r), "n_samples": 0, "skip_reason": "no_target"} for r in rows]
+        report = _BlockProgress(self, len(block))
         if not todo:
+            report.finish()
             return out
         prompts = [_prompts(rows) for rows in todo]
         ns = [[c.n_samples] + [c.per_candidate_samples] * len(rows) for rows in todo]
         seeds = [[derive_seed(c.seed, rows[0]["query_id"], *k) for k in _prompt_keys(rows)] for rows in todo]
-        start = time.perf_counter()
+        start, generated = time.perf_counter(), self.llm.generated_tokens
         samples = self.llm.sample_many(
-            _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds)
-        )
+            _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds),
+            progress=report.sampling,
+        )  # fmt: skip
         self.counters["sample_seconds"] += time.perf_counter() - start
         self.counters["samples_drawn"] += sum(map(len, samples))
-        self.counters["sampled_tokens"] += sum(self.llm.text_lengths(_flat(samples)))
+        self.counters["sampled_tokens"] += self.llm.generated_tokens - generated
         pools, at = [], 0
         for rows, per_query in zip(todo, prompts):
             drawn = [s for texts in samples[at : at + len(per_query)] for s in texts]
@@ -140,7 +148,9 @@ class LabelStage(Stage):
         items = [(p, [rows[0]["target"], *pool]) for rows, per_query, (pool, _) in zip(todo, prompts, pools)
                  for p in per_query]  # fmt: skip
         start = time.perf_counter()
-        scored = self.llm.score_many(items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None)
+        scored = self.llm.score_many(
+            items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None, progress=report.scoring
+        )
         self.counters["score_seconds"] += time.perf_counter() - start
         self.counters["scored_continuations"] += sum(len(conts) for _, conts in items)
         self.counters["continuation_tokens"] += sum(n for per_item in scored for _, n in per_item)
@@ -148,6 +158,7 @@ class LabelStage(Stage):
         for rows, (pool, counts) in zip(todo, pools):
             out += self._rows(rows, pool, counts, scored[at : at + len(rows) + 1])
             at += len(rows) + 1
+        report.finish()
         return out
 
     def _rows(self, rows: list[dict], pool: list[str], counts: list[int], scored: list) -> list[dict[str, Any]]:
@@ -180,6 +191,32 @@ class LabelStage(Stage):
             out.append(row)
         self.counters["queries_labelled" if n else "queries_skipped_no_competing_samples"] += 1
         return out
+
+
+class _BlockProgress:
+    """Moves the shard's progress through a block as the backend reports its calls' fractions done: sampling and
+    scoring each count for their share of the stage's time so far (half each before any is measured), so the bar
+    moves query by query through a block of many."""
+
+    def __init__(self, stage: LabelStage, queries: int) -> None:
+        self.stage, self.queries, self.reported = stage, queries, 0.0
+        sampled, scored = stage.counters["sample_seconds"], stage.counters["score_seconds"]
+        self.share = sampled / (sampled + scored) if sampled + scored > 0 else 0.5
+
+    def _to(self, fraction: float) -> None:
+        done = self.queries * min(1.0, fraction)
+        if done > self.reported:
+            self.stage.advance(done - self.reported)
+            self.reported = done
+
+    def sampling(self, fraction: float) -> None:
+        self._to(self.share * fraction)
+
+    def scoring(self, fraction: float) -> None:
+        self._to(self.share + (1 - self.share) * fraction)
+
+    def finish(self) -> None:
+        self._to(1.0)
 
 
 def _prompts(rows: list[dict[str, Any]]) -> list[str]:

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -176,6 +176,9 @@ def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
 PROMPT_CACHE = 8192  # prompts whose token ids a backend keeps
 
 
+Progress = Callable[[float], None]  # told the fraction of a call's work done
+
+
 class LLMBackend:
     """What every LLM backend shares: prompt rendering and tokenization (so all of them sample after and score the
     same token ids), and the methods that only combine the backend's own ones."""
@@ -189,6 +192,7 @@ class LLMBackend:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.generated_tokens = 0  # tokens sampled or decoded greedily (up to each row's end), for cost reports
 
     def render(self, user_message: str) -> str:
         if not self.has_chat_template:
@@ -197,8 +201,8 @@ class LLMBackend:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _encode_prompt(self, user_message: str) -> list[int]:
-        """The prompt's token ids, kept for the prompts of the last few blocks: the label stage sizes a block by its
-        prompts' tokens, then samples and scores the same prompts."""
+        """The prompt's token ids, kept for the prompts of the last few blocks: the label stage samples a block's
+        prompts, then scores the same prompts."""
         cache = self.__dict__.setdefault("_prompt_ids", {})
         ids = cache.get(user_message)
         if ids is None:
@@ -210,10 +214,6 @@ class LLMBackend:
                 "input_ids"
             ]
         return list(ids)
-
-    def text_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Token count of each plain text (no special tokens; 0 for an empty one), e.g. of the samples drawn."""
-        return [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) if t else 0 for t in texts]
 
     def _encode_continuations(self, continuations: Sequence[str]) -> list[list[int]]:
         encoded = []
@@ -232,6 +232,13 @@ class LLMBackend:
             texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
         return texts
 
+    def _texts(self, rows: list[list[int]]) -> list[str]:
+        """The cleaned texts of generated rows, counting each row's tokens up to its end (eos, or the padding that
+        fills a row which stopped before the others) into `generated_tokens`."""
+        ends = {*self.eos_ids, getattr(self, "pad_id", None)}
+        self.generated_tokens += sum(next((j for j, t in enumerate(r) if t in ends), len(r)) for r in rows)
+        return self._decode(rows)
+
     def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
         """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
         return [len(self._encode_prompt(m)) for m in user_messages]
@@ -248,13 +255,15 @@ class LLMBackend:
         temperature: float,
         seeds: Sequence[int],
         batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[str]]:
         """ns[i] samples of each prompt i (cleaned: one line, stripped) in one call.
 
         The samples of prompt i are a function of (prompt i, ns[i], seeds[i], max_new_tokens, temperature) alone:
         the other prompts of the call, their order and lengths, and how the backend splits the call (`batch_tokens`
         bounds the KV tokens one batch holds, where the backend batches itself) do not change them. So sampling a
-        block of queries in one call gives each query the samples it would get alone.
+        block of queries in one call gives each query the samples it would get alone. `progress`, if given, is
+        called with the fraction of the call's work done as parts of it finish.
         """
         raise NotImplementedError
 
@@ -274,9 +283,14 @@ class LLMBackend:
         return self.score_many([(user_message, continuations)], reduce)[0]
 
     def score_many(
-        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
+        self,
+        items: Sequence[tuple[str, list[str]]],
+        reduce: str = "mean",
+        batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[tuple[float, int]]]:
-        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass."""
+        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass;
+        `progress` as in sample_many."""
         raise NotImplementedError
 
 
@@ -389,7 +403,7 @@ class TransformersLLM(LLMBackend):
             stopping_criteria=StoppingCriteriaList([_LineStop(self.tokenizer, ids.shape[1])]),
             **decoding,
         )  # fmt: skip
-        return self._decode(out[:, ids.shape[1] :].tolist())
+        return self._texts(out[:, ids.shape[1] :].tolist())
 
     def _sample_batch_tokens(self, batch_tokens: int | None) -> int:
         return batch_tokens or SAMPLE_BATCH_TOKENS.get(self.device.type, SAMPLE_BATCH_TOKENS["cuda"])
@@ -403,6 +417,7 @@ class TransformersLLM(LLMBackend):
         temperature: float,
         seeds: Sequence[int],
         batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[str]]:
         """ns[i] samples of each prompt i, a function of (prompt i, ns[i], seeds[i], max_new_tokens, temperature).
 
@@ -423,6 +438,8 @@ class TransformersLLM(LLMBackend):
         prompts = [self._encode_prompt(user_messages[i]) for i in asked]
         budget = self._sample_batch_tokens(batch_tokens)
         weights = [ns[i] for i in asked]
+        cost = [w * (len(p) + max_new_tokens) for w, p in zip(weights, prompts)]  # KV tokens, for `progress`
+        finished = 0
         for batch in _length_batches([len(p) for p in prompts], budget, weights=weights, extra=max_new_tokens):
             batch.sort()  # the call's own order (the samples do not depend on it)
             ids, mask = self._left_pad([prompts[k] for k in batch])
@@ -446,6 +463,9 @@ class TransformersLLM(LLMBackend):
             for k in batch:
                 out[asked[k]] = texts[start : start + weights[k]]
                 start += weights[k]
+            finished += sum(cost[k] for k in batch)
+            if progress:
+                progress(finished / sum(cost))
         return out
 
     @torch.inference_mode()
@@ -460,7 +480,11 @@ class TransformersLLM(LLMBackend):
 
     @torch.inference_mode()
     def score_many(
-        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
+        self,
+        items: Sequence[tuple[str, list[str]]],
+        reduce: str = "mean",
+        batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[tuple[float, int]]]:
         """(mean or sum token log-probability, token count) of each item's continuations after its rendered prompt.
 
@@ -487,10 +511,14 @@ class TransformersLLM(LLMBackend):
         rows = [_Packed(p[shared:], c, offset=shared) for p, c in zip(prompts, conts)]
         self.prefilled_tokens += shared + sum(len(r.ids) for r in rows)
         results: list[list[tuple[float, int]]] = [[] for _ in rows]
+        finished, total = 0, sum(len(r.ids) for r in rows)
         for batch in _length_batches([len(r.ids) for r in rows], self._batch_tokens(batch_tokens)):
             cache = None if prefix is None else copy.deepcopy(prefix.past_key_values)  # a forward appends to it
             for i, lps in zip(batch, self._score_rows([rows[i] for i in batch], cache, shared)):
                 results[i] = [_reduce(lp, reduce) for lp in lps]
+            finished += sum(len(rows[i].ids) for i in batch)
+            if progress:
+                progress(finished / total)
         return results
 
     def _score_rows(self, rows: list[_Packed], cache: Any, shared: int) -> list[list[torch.Tensor]]:

@@ -17,6 +17,7 @@ Prompts that were just sampled are already in the cache: their prefill then comp
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 from lemb.errors import MissingDependency
 from lemb.pipeline.config import DEFAULT_LLM, VLLM_INSTALL
-from lemb.stages.llm import LLMBackend, _check_reduce, model_fingerprint, resolve_llm_path
+from lemb.stages.llm import LLMBackend, Progress, _check_reduce, model_fingerprint, resolve_llm_path
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,21 @@ class VLLMBackend(LLMBackend):
         self.prefilled_tokens = 0
         self.read_prefix_cache = True  # False: vLLM's default for prompt_logprobs requests (benchmarks compare)
 
-    def _run(self, prompts: list[list[int]], params: Any | list[Any]) -> list[Any]:
-        outs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    def _run(self, prompts: list[list[int]], params: Any | list[Any], progress: Progress | None = None) -> list[Any]:
+        """One engine call; `progress` is told the fraction of its requests finished as they finish."""
+        bar = _reporting_bar(progress) if progress else False
+        outs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=bar)
         # prompt tokens the engine computed (cache hits excluded), for benchmarks and cost reports
         self.prefilled_tokens += sum(len(p) - (o.num_cached_tokens or 0) for p, o in zip(prompts, outs))
         return outs
 
-    def _complete(self, prompts: list[list[int]], params: list[Any], max_new_tokens: int) -> list[list[list[int]]]:
+    def _complete(
+        self, prompts: list[list[int]], params: list[Any], max_new_tokens: int, progress: Progress | None = None
+    ) -> list[list[list[int]]]:
         """Generated token ids per prompt and sample. vLLM's stop string "\\n" also stops at a newline before any
         text, where the transformers backend goes on (a line ends after its first non-blank character): such a
         sample is continued from its newline, with its own seed, until it holds text or its budget is spent."""
-        outs = self._run(prompts, params)
+        outs = self._run(prompts, params, progress)
         rows = [[list(o.token_ids) for o in out.outputs] for out in outs]
         for _ in range(max_new_tokens):
             blank = [
@@ -137,6 +142,7 @@ class VLLMBackend(LLMBackend):
         temperature: float,
         seeds: Sequence[int],
         batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[str]]:
         """ns[i] samples of each prompt i in one engine call, a function of (prompt i, ns[i], seeds[i],
         max_new_tokens, temperature): prompt i is one request seeded with request_seed(seeds[i]). The engine
@@ -153,9 +159,9 @@ class VLLMBackend(LLMBackend):
             )
             for i in asked
         ]  # fmt: skip
-        rows = self._complete([self._encode_prompt(user_messages[i]) for i in asked], params, max_new_tokens)
+        rows = self._complete([self._encode_prompt(user_messages[i]) for i in asked], params, max_new_tokens, progress)
         for i, samples in zip(asked, rows):
-            out[i] = self._decode(samples)
+            out[i] = self._texts(samples)
         return out
 
     def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
@@ -163,7 +169,7 @@ class VLLMBackend(LLMBackend):
             return []
         params = [self.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=["\n"])] * len(user_messages)
         rows = self._complete([self._encode_prompt(m) for m in user_messages], params, max_new_tokens)
-        return [self._decode(r)[0] for r in rows]
+        return [self._texts(r)[0] for r in rows]
 
     def _scoring(self, read_cache: bool) -> Any:
         """Log-probabilities of the prompt's tokens (the target's own, before any temperature), no text."""
@@ -172,7 +178,11 @@ class VLLMBackend(LLMBackend):
         )
 
     def score_many(
-        self, items: Sequence[tuple[str, list[str]]], reduce: str = "mean", batch_tokens: int | None = None
+        self,
+        items: Sequence[tuple[str, list[str]]],
+        reduce: str = "mean",
+        batch_tokens: int | None = None,
+        progress: Progress | None = None,
     ) -> list[list[tuple[float, int]]]:
         """score() of every (prompt, continuations) pair in two engine calls: each distinct prompt prefilled once,
         then all continuations at once, reading the prompts' cached KV blocks (the engine batches by itself, so
@@ -180,11 +190,16 @@ class VLLMBackend(LLMBackend):
         _check_reduce(reduce)
         prompts = [self._encode_prompt(message) for message, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
+        jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]
+        # progress by tokens: the prefill call computes the prompts, the scoring call (mostly) the continuations
+        prefill = sum(map(len, dict.fromkeys(map(tuple, prompts)))) if self.read_prefix_cache else 0
+        share = prefill / (prefill + sum(len(c) for _, c in jobs) or 1)
         if self.read_prefix_cache:
             distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
-            self._run(distinct, self.SamplingParams(max_tokens=1, detokenize=False))
-        jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]
-        outs = self._run([prompts[i] + c for i, c in jobs], self._scoring(read_cache=self.read_prefix_cache))
+            first = (lambda f: progress(share * f)) if progress else None
+            self._run(distinct, self.SamplingParams(max_tokens=1, detokenize=False), first)
+        then = (lambda f: progress(share + (1 - share) * f)) if progress else None
+        outs = self._run([prompts[i] + c for i, c in jobs], self._scoring(read_cache=self.read_prefix_cache), then)
         # rows before a request's cached length are not computed: its continuation must start after them
         redo = [k for k, (i, _) in enumerate(jobs) if (outs[k].num_cached_tokens or 0) > len(prompts[i]) - 1]
         if redo:
@@ -197,3 +212,20 @@ class VLLMBackend(LLMBackend):
             total = sum(row[token].logprob for row, token in zip(rows, cont, strict=True))
             results[i].append((total / len(cont) if reduce == "mean" else total, len(cont)))
         return results
+
+
+def _reporting_bar(progress: Progress) -> Any:
+    """A tqdm class for `LLM.generate(use_tqdm=...)` that draws nothing and tells `progress` the fraction of the
+    call's sequences finished (the engine counts a request of n samples as n, and updates by n when it finishes)."""
+    from tqdm import tqdm
+
+    class Reporting(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "mininterval": 1e9, "dynamic_ncols": False})
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            progress(min(1.0, self.n / max(1, self.total or 1)))
+            return shown
+
+    return Reporting

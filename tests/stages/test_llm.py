@@ -326,3 +326,33 @@ def test_a_model_without_sdpa_loads_with_eager_attention_and_scores_the_same(llm
     for row_a, row_b in zip(eager.score_many(items, reduce="sum"), llm.score_many(items, reduce="sum")):
         for (a, na), (b, nb) in zip(row_a, row_b):
             assert (na, a) == (nb, pytest.approx(b, abs=1e-4))
+
+
+def test_progress_reports_each_batch_and_ends_at_one(llm) -> None:
+    """The label stage's bar moves through a block as the backend's batches finish."""
+    messages = [PROMPT, SHORT, MEDIUM]
+    lengths = llm.prompt_lengths(messages)
+    seen: list[float] = []
+    budget = max(lengths) + 4  # one sample of one prompt per generate call
+    llm.sample_many(messages, [1, 1, 1], 4, 1.0, [1, 2, 3], batch_tokens=budget, progress=seen.append)
+    assert len(seen) == 3 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and seen[0] < 1.0
+    # the fraction is by KV tokens: the longest prompt (batched first) is the largest part
+    assert seen[0] == pytest.approx((lengths[0] + 4) / sum(n + 4 for n in lengths))
+    seen.clear()
+    llm.score_many([(m, ["Quelm", "Paris"]) for m in messages], batch_tokens=max(lengths) + 2, progress=seen.append)
+    assert len(seen) == 3 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+
+
+def test_generated_tokens_count_each_row_up_to_its_end(llm) -> None:
+    eos, pad = llm.eos_ids[0], llm.pad_id
+    word = llm.tokenizer("Quelm", add_special_tokens=False)["input_ids"]
+    before = llm.generated_tokens
+    texts = llm._texts([word + [eos, eos], word + word, word + [pad, pad, pad]])
+    assert texts == ["Quelm", "QuelmQuelm", "Quelm"]
+    assert llm.generated_tokens - before == 4 * len(word)
+    before = llm.generated_tokens
+    samples = llm.sample_many([PROMPT, SHORT], [2, 3], 6, 1.0, [1, 2])
+    counted = llm.generated_tokens - before
+    # each sample's tokens, newline included when one ended it, at most the budget
+    words = sum(len(llm.tokenizer(s, add_special_tokens=False)["input_ids"]) for row in samples for s in row)
+    assert words <= counted <= 5 * 6

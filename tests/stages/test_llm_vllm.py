@@ -124,3 +124,18 @@ def test_missing_vllm_is_one_line_naming_the_install(monkeypatch) -> None:
     assert config_module.default_backend() == "transformers"
     with pytest.raises(ConfigError, match="backend 'vllm' needs vllm, which is not installed; install it with"):
         load_config(LabelConfig, backend="vllm")
+
+
+def test_progress_follows_finished_requests_and_generated_tokens_are_counted(vllm_backend) -> None:
+    messages = [PROMPT, "Name a colour.", build_prompt("qa", QUESTION, CONTEXT)]
+    seen: list[float] = []
+    before = vllm_backend.generated_tokens
+    samples = vllm_backend.sample_many(messages, [2, 2, 2], 8, 1.0, [1, 2, 3], progress=seen.append)
+    assert len(seen) == 3 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+    counted = vllm_backend.generated_tokens - before
+    words = sum(len(vllm_backend.tokenizer(s, add_special_tokens=False)["input_ids"]) for r in samples for s in r)
+    assert words <= counted <= 6 * 8
+    seen.clear()
+    vllm_backend.score_many([(m, ["blue", "red"]) for m in messages], progress=seen.append)
+    # the prompts' prefill (3 requests), then the 6 scoring requests
+    assert len(seen) == 9 and seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and 0 < seen[2] < 1
