@@ -294,8 +294,24 @@ def rescore(
 
 @app.command()
 @_user_errors
-def inspect(path: Path, top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3) -> None:
+def inspect(
+    path: Path,
+    top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3,
+    agreement: Annotated[
+        bool, typer.Option(help="For a label folder: how each reward agrees with the known positives, per task.")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="With --agreement: write the report here.")] = None,
+) -> None:
     """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
+    if agreement:
+        from lemb.stages.agreement import agreement as measure
+        from lemb.stages.agreement import agreement_table, write_json
+
+        report = measure(path)
+        typer.echo(agreement_table(report))
+        if json_out:
+            write_json(report, json_out)
+        return
     from lemb.pipeline.status import inspect_shards
 
     typer.echo(inspect_shards(path, top))

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
 from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
+from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
     ShardPlan,
     finish_stage,
@@ -192,6 +193,12 @@ class Executor:
         self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str
     ) -> dict[str, Any]:
         check_columns(pq.read_schema(plan.inputs[0]), stage.required_columns, f"{stage.name} input")
+        with StageLock(out, stage.name):
+            return self._run(stage, plan, out, config, inputs, id_column)
+
+    def _run(
+        self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str
+    ) -> dict[str, Any]:
         digest = config_hash(config, stage.fingerprint())
         done = open_stage(out, stage.name, to_dict(config), digest, inputs, plan, restart=self.settings.restart)
         save_config(config, out)

@@ -1,14 +1,20 @@
 """The shard protocol: deterministic plans, the stage manifest, atomic shard files, resume.
 
 A stage folder holds `_manifest.json` (written before any work), `part-NNNNN.parquet` (one per
-shard, renamed into place only when complete), `part-NNNNN.stats.json` (its counters), and at the
-end `_stats.json` and `_failures.jsonl` (shards that failed on their data).
+shard, renamed into place only when complete), `part-NNNNN.stats.json` (its counters, and the shard's row
+count, size in bytes and schema fingerprint, written before the rename), and at the end `_stats.json` and
+`_failures.jsonl` (shards that failed on their data).
+
+A shard counts as done only while it matches what was recorded when it was written: `verify_shard` reads its
+size and footer (no data pages), so a truncated, replaced or schema-changed file is found in milliseconds; the
+stage's rerun redoes such shards and the next stage refuses them, naming the file and the problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -25,6 +31,7 @@ import lemb
 from lemb.data.schemas import WHERE
 from lemb.errors import InputError, LembError, StageConflict
 
+log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 STATS = "_stats.json"
 FAILURES = "_failures.jsonl"
@@ -63,9 +70,7 @@ class ShardPlan:
     @classmethod
     def of_stage(cls, stage_dir: Path, id_column: str) -> ShardPlan:
         """A plan over the shards of a finished stage (label works on retrieve's candidate shards as they are)."""
-        n_shards = len(read_manifest(stage_dir)["plan"])
-        inputs = [shard_path(stage_dir, i) for i in range(n_shards)]
-        _require_done(stage_dir, inputs)
+        inputs = stage_files(stage_dir)
         shards = []
         for path in inputs:
             ids = pq.read_table(path, columns=[id_column]).column(id_column).to_pylist()
@@ -154,14 +159,46 @@ def write_shard(
     table = table.cast(schema).replace_schema_metadata({**(schema.metadata or {}), **metadata})
     try:
         pq.write_table(table, tmp)
-        written = pq.ParquetFile(tmp).metadata.num_rows  # reads the footer back
-        if written != table.num_rows:
-            raise OSError(f"{tmp}: wrote {written} rows, expected {table.num_rows}")
-        write_json_atomic(_stats_path(stage_dir, index), stats)
+        footer = pq.ParquetFile(tmp).metadata  # read back
+        if footer.num_rows != table.num_rows:
+            raise OSError(f"{tmp}: wrote {footer.num_rows} rows, expected {table.num_rows}")
+        record = {"rows": footer.num_rows, "bytes": tmp.stat().st_size,
+                  "schema": schema_fingerprint(footer.schema.to_arrow_schema())}  # fmt: skip
+        write_json_atomic(_stats_path(stage_dir, index), {**stats, "shard": record})
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """Column names and types (not the metadata)."""
+    text = ";".join(f"{f.name}:{f.type}" for f in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def verify_shard(stage_dir: Path, index: int) -> str | None:
+    """What is wrong with a finished shard, or None: its file against the row count, size and schema recorded
+    when it was written (footer and size only)."""
+    path = shard_path(stage_dir, index)
+    try:
+        record = json.loads(_stats_path(stage_dir, index).read_text()).get("shard")
+    except (OSError, ValueError):
+        return "its stats file is missing or unreadable"
+    if record is None:
+        return None  # written before shards recorded their size and schema
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes where {record['bytes']} were written (truncated or replaced)"
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException) as exc:
+        return f"not a readable Parquet file ({exc})"
+    if meta.num_rows != record["rows"]:
+        return f"{meta.num_rows} rows where {record['rows']} were written"
+    if schema_fingerprint(meta.schema.to_arrow_schema()) != record["schema"]:
+        return "its columns or types differ from those it was written with"
+    return None
 
 
 def input_fingerprint(paths: list[str | Path | None]) -> list[dict[str, Any]]:
@@ -238,7 +275,17 @@ def open_stage(
     (stage_dir / FAILURES).unlink(missing_ok=True)
     if not path.exists():
         write_json_atomic(path, manifest)
-    return {i for i in range(len(plan)) if shard_path(stage_dir, i).exists()}
+    done = set()
+    for i in range(len(plan)):
+        if not shard_path(stage_dir, i).exists():
+            continue
+        problem = verify_shard(stage_dir, i)
+        if problem:  # damaged since it was written: redone
+            log.warning("%s: %s; redoing it", shard_path(stage_dir, i), problem)
+            shard_path(stage_dir, i).unlink()
+            continue
+        done.add(i)
+    return done
 
 
 def finish_stage(stage_dir: Path, n_shards: int, failures: list[dict[str, Any]]) -> dict[str, Any]:
@@ -277,9 +324,15 @@ def _require_done(stage_dir: Path, files: list[Path]) -> None:
 
 
 def stage_files(stage_dir: Path) -> list[Path]:
-    """The shard files of a finished stage, in shard order; refuses a stage that is missing or incomplete."""
+    """The shard files of a finished stage, in shard order; refuses a stage that is missing or incomplete, or a
+    shard damaged since it was written (naming the file, the problem and the command that redoes it)."""
     files = [shard_path(stage_dir, i) for i in range(len(read_manifest(stage_dir)["plan"]))]
     _require_done(stage_dir, files)
+    for i, f in enumerate(files):
+        problem = verify_shard(stage_dir, i)
+        if problem:
+            stage = read_manifest(stage_dir)["stage"]
+            raise LembError(f"{f}: damaged: {problem}; rerun `lemb {stage}` on this run to redo it")
     return files
 
 

@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 
 from lemb.errors import LembError
-from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, shard_path
+from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, shard_path, verify_shard
 
 
 def stage_status(stage_dir: Path) -> dict:
     manifest = json.loads((stage_dir / MANIFEST).read_text())
     n = len(manifest["plan"])
-    done = [i for i in range(n) if shard_path(stage_dir, i).exists()]
+    written = [i for i in range(n) if shard_path(stage_dir, i).exists()]
+    damaged = {i: problem for i in written if (problem := verify_shard(stage_dir, i))}
+    done = [i for i in written if i not in damaged]
     failed = []
     if (stage_dir / FAILURES).exists():
         failed = [json.loads(line)["shard"] for line in (stage_dir / FAILURES).read_text().splitlines() if line]
@@ -27,7 +29,7 @@ def stage_status(stage_dir: Path) -> dict:
             tokens += sum(v for k, v in s.items() if k.endswith("_tokens"))
     running = []
     for i in range(n):
-        if i in done:
+        if i in written:
             continue
         try:
             p = json.loads(progress_path(stage_dir, i).read_text())
@@ -40,7 +42,8 @@ def stage_status(stage_dir: Path) -> dict:
         "shards": n,
         "done": len(done),
         "failed": len(failed),
-        "pending": n - len(done) - len(failed),
+        "damaged": [{"shard": i, "problem": p} for i, p in damaged.items()],
+        "pending": n - len(done) - len(failed) - len(damaged),
         "rows": int(rows),
         "tokens": int(tokens),
         "seconds": round(seconds, 1),
@@ -59,6 +62,8 @@ def run_status(run: Path) -> str:
             f"{s['stage']:<22}{s['done']:>4}/{s['shards']:<2}{s['pending']:>8}{s['failed']:>8}{s['rows']:>9}"
             f"{s['tokens']:>10}{s['seconds']:>10}  {s['config_hash']}"
         )
+        for bad in s["damaged"]:
+            lines.append(f"  shard {bad['shard']}: DAMAGED, {bad['problem']} (a rerun of the stage redoes it)")
         for r in s["running"]:
             ago = time.time() - r["updated"]
             lines.append(

@@ -8,7 +8,6 @@ by `reward_from_logprobs` (the function training uses); every other column is co
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,25 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data import schemas
-from lemb.errors import InputError, LembError
-from lemb.pipeline.shards import read_stage, shard_path, write_shard
-from lemb.stages.reward import REWARD_KINDS, reward_from_logprobs
-
-LOGPROB_FIELDS = ("target_logprob", "sample_logprobs", "baseline_target_logprob", "baseline_sample_logprobs")
-
-
-def _reward(kind: str, row: dict[str, Any], tie_tol: float, source: Path) -> float | None:
-    if row["skip_reason"] is not None:
-        return None
-    for name in LOGPROB_FIELDS:
-        values = row[name] if isinstance(row[name], list) else [row[name]]
-        if any(v is None or not math.isfinite(v) for v in values):
-            where = f"query_id {row['query_id']!r}, key_id {row['key_id']!r}"
-            raise InputError(source, where, name, f"not a finite log-probability ({row[name]})")
-    return reward_from_logprobs(
-        kind, row["target_logprob"], row["sample_logprobs"], row["sample_counts"], row["baseline_target_logprob"],
-        row["baseline_sample_logprobs"], tie_tol,
-    )  # fmt: skip
+from lemb.errors import LembError
+from lemb.pipeline.shards import shard_path, stage_files, write_shard
+from lemb.stages.reward import REWARD_KINDS, row_reward
 
 
 def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6) -> dict[str, Any]:
@@ -43,7 +26,7 @@ def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6) -> dict[str
     if kind not in REWARD_KINDS:
         raise LembError(f"--reward {kind!r}: known rewards are {', '.join(REWARD_KINDS)}")
     label_dir = Path(run) / "label"
-    read_stage(label_dir, columns=["query_id"])  # refuses a missing or unfinished label stage
+    stage_files(label_dir)  # refuses a missing, unfinished or damaged label stage
     n_shards = len(json.loads((label_dir / "_manifest.json").read_text())["plan"])
     out_dir = label_dir.parent / "rescore" / kind
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +36,7 @@ def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6) -> dict[str
         source = shard_path(label_dir, index)
         shard = pq.read_table(source)
         records = shard.to_pylist()
-        rewards = [_reward(kind, r, tie_tolerance, source) for r in records]
+        rewards = [row_reward(kind, r, tie_tolerance, source) for r in records]
         for r, value in zip(records, rewards):
             if value is not None:
                 per_task[r["task"]].append(value)

@@ -27,6 +27,7 @@ from lemb.data.tasks import instructions
 from lemb.errors import InputError
 from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder, resolve_embedder_path
 from lemb.stages.index import TaskIndex, indexes_from_shards
@@ -234,20 +235,24 @@ def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = N
     executor = Executor(config, progress)
     stats: dict[str, Any] = {}
     new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
+    lock = StageLock(out, "retrieve")
     try:
-        queries, wanted = _partition_queries(config, staging / "queries")
-        keys_dir = None
-        if config.corpus:
-            plan, key_tasks, positive_task = _partition_corpus(config, wanted, staging / "keys")
-            _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
-            keys_dir = out / "keys"
-            stats["keys"] = executor.run(EmbedKeys(config), plan, keys_dir, config, inputs, "key_id")
-        else:
-            _check_positives(queries, set(), {}, config.queries, None)
-        search = SearchQueries(config, str(keys_dir) if keys_dir else None)
-        stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
+        with lock:
+            queries, wanted = _partition_queries(config, staging / "queries")
+            keys_dir = None
+            if config.corpus:
+                plan, key_tasks, positive_task = _partition_corpus(config, wanted, staging / "keys")
+                _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
+                keys_dir = out / "keys"
+                stats["keys"] = executor.run(EmbedKeys(config), plan, keys_dir, config, inputs, "key_id")
+            else:
+                _check_positives(queries, set(), {}, config.queries, None)
+            search = SearchQueries(config, str(keys_dir) if keys_dir else None)
+            stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not (out.exists() and any(out.iterdir())):
+            lock.path.unlink(missing_ok=True)  # nothing was written: leave no trace of this run
         for d in reversed(new_dirs):
             if d.exists() and not any(d.iterdir()):
                 d.rmdir()

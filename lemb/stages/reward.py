@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lemb.errors import InputError
 
 REWARD_KINDS = ("rank", "likelihood", "improvement")
+LOGPROB_FIELDS = ("target_logprob", "sample_logprobs", "baseline_target_logprob", "baseline_sample_logprobs")
 _SPACE = re.compile(r"\s+")
 
 
@@ -82,5 +86,18 @@ def reward_from_logprobs(
     raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(REWARD_KINDS)}")
 
 
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+def row_reward(kind: str, row: Mapping[str, Any], tie_tol: float, source: object) -> float | None:
+    """The `kind` reward of one reward-shard row, recomputed from its log-probabilities; None for a row without
+    signal (`skip_reason` set). A log-probability that is missing or not finite is an InputError naming `source`,
+    the row's query and key, and the field: whichever reward is asked for, none is computed from it."""
+    if row.get("skip_reason") is not None:
+        return None
+    for name in LOGPROB_FIELDS:
+        values = row[name] if isinstance(row[name], list) else [row[name]]
+        if any(v is None or not math.isfinite(v) for v in values):
+            where = f"query_id {row['query_id']!r}, key_id {row['key_id']!r}"
+            raise InputError(source, where, name, f"not a finite log-probability ({row[name]})")
+    return reward_from_logprobs(
+        kind, row["target_logprob"], row["sample_logprobs"], row["sample_counts"], row["baseline_target_logprob"],
+        row["baseline_sample_logprobs"], tie_tol,
+    )  # fmt: skip

@@ -12,8 +12,8 @@ import pyarrow as pa
 import torch
 
 from lemb.data.schemas import by_query
-from lemb.errors import InputError, LembError
-from lemb.stages.reward import is_finite, reward_from_logprobs
+from lemb.errors import LembError
+from lemb.stages.reward import row_reward
 from lemb.trainer.losses import other_queries_mask
 
 log = logging.getLogger(__name__)
@@ -38,18 +38,6 @@ SIGNAL_COLUMNS = (
     "baseline_target_logprob", "baseline_sample_logprobs", "n_samples", "skip_reason", "positive_ids",
 )  # fmt: skip
 TEXT_COLUMNS = ("query_text", "key_text", "key_id")
-
-
-def _reward(kind: str, row: dict, tie_tol: float, source: str) -> float:
-    value = reward_from_logprobs(
-        kind, row["target_logprob"], row["sample_logprobs"], row["sample_counts"], row["baseline_target_logprob"],
-        row["baseline_sample_logprobs"], tie_tol,
-    )  # fmt: skip
-    if not is_finite(value):
-        raise InputError(
-            source, f"query_id {row['query_id']!r}, key_id {row['key_id']!r}", "reward", f"not finite ({value})"
-        )
-    return float(value)
 
 
 def _choose(rows: list[dict], positives: set[str], group_size: int) -> tuple[list[dict], int]:
@@ -121,7 +109,9 @@ def build_groups(
             if not contrastive and chosen[0]["n_samples"] == 0:
                 skipped[chosen[0]["skip_reason"] or "no_signal"] += 1
                 continue
-            reward = [0.0] * len(chosen) if contrastive else [_reward(reward_kind, r, tie_tol, source) for r in chosen]
+            reward = [0.0] * len(chosen)
+            if not contrastive:
+                reward = [float(row_reward(reward_kind, r, tie_tol, source)) for r in chosen]
             ids.append(qid)
             tasks.append(task)
             pad = group_size - len(chosen)

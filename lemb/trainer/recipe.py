@@ -6,6 +6,7 @@ save() writes a model folder that loads with sentence-transformers and with tran
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
 from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import set_threads
+from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files, write_json_atomic
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, LabelledGroups, TaskBatchSampler, build_groups, collate
@@ -257,11 +259,14 @@ def _init_distributed() -> World:
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
     recipe = TrainRecipe(config)
-    try:
-        recipe.setup()
-        recipe.train(progress)
-        if recipe.world.rank:
-            return recipe.out / "model"  # rank 0 writes the model
-        return recipe.save()
-    finally:
-        recipe.cleanup()
+    # one training job per run folder: the first process of a job holds the lock (the others are its ranks)
+    lock = StageLock(recipe.out, "train") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        try:
+            recipe.setup()
+            recipe.train(progress)
+            if recipe.world.rank:
+                return recipe.out / "model"  # rank 0 writes the model
+            return recipe.save()
+        finally:
+            recipe.cleanup()

@@ -15,6 +15,8 @@ from lemb.pipeline.shards import (
     read_stage,
     shard_of,
     shard_path,
+    stage_files,
+    verify_shard,
     write_shard,
 )
 
@@ -141,3 +143,54 @@ def test_read_stage_refuses_incomplete_stage(tmp_path):
     assert read_stage(tmp_path).num_rows == 5
     stats = finish_stage(tmp_path, 2, [])
     assert stats["rows_out"] == 5 and stats["shards_done"] == 2
+
+
+def _finished_stage(tmp_path):
+    plan = _plan([f"q{i}" for i in range(20)], 2, tmp_path / "in")
+    stage = tmp_path / "stage"
+    open_stage(stage, "label", {}, "h", [], plan)
+    for i in range(2):
+        write_shard(stage, i, _candidates(3 + i), schemas.CANDIDATE, {}, {"rows_out": 3 + i})
+    finish_stage(stage, 2, [])
+    return stage, plan
+
+
+def test_a_shard_damaged_after_it_was_written_is_refused_shown_and_redone(tmp_path):
+    from lemb.pipeline.status import run_status
+
+    stage, plan = _finished_stage(tmp_path)
+    assert verify_shard(stage, 0) is None and verify_shard(stage, 1) is None
+    good = shard_path(stage, 1).read_bytes()
+    damaged = shard_path(stage, 0)
+    damaged.write_bytes(damaged.read_bytes()[:-40])  # truncated: the footer is gone
+    assert "bytes where" in verify_shard(stage, 0)
+    with pytest.raises(LembError, match=r"part-00000.parquet: damaged: .* bytes where .*rerun `lemb label`"):
+        stage_files(stage)
+    assert "shard 0: DAMAGED" in run_status(tmp_path) and "1/2" in run_status(tmp_path)
+    # a shard replaced by another stage's file of other columns, or one with other rows
+    other = pa.table({"query_id": ["q0", "q1", "q2"]})
+    pq.write_table(other, damaged)
+    assert verify_shard(stage, 0) is not None
+    # the stage's rerun redoes exactly the damaged shard
+    assert open_stage(stage, "label", {}, "h", [], plan) == {1}
+    assert not damaged.exists() and shard_path(stage, 1).read_bytes() == good
+
+
+def test_a_shard_rewritten_with_the_same_size_but_other_rows_or_columns_is_found(tmp_path, monkeypatch):
+    import lemb.pipeline.shards as shards
+
+    stage, _ = _finished_stage(tmp_path)
+    record = json.loads((stage / "part-00000.stats.json").read_text())["shard"]
+    real_size = shards.Path.stat
+
+    def same_size(path, *a, **k):  # a file of other content but the recorded size
+        result = real_size(path, *a, **k)
+        if path.name == "part-00000.parquet":
+            return type("S", (), {"st_size": record["bytes"], "st_mode": result.st_mode})()
+        return result
+
+    pq.write_table(_candidates(5), shard_path(stage, 0))
+    monkeypatch.setattr(shards.Path, "stat", same_size)
+    assert verify_shard(stage, 0) == "5 rows where 3 were written"
+    pq.write_table(_candidates(3).drop_columns(["key_title"]), shard_path(stage, 0))
+    assert verify_shard(stage, 0) == "its columns or types differ from those it was written with"

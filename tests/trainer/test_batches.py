@@ -85,8 +85,15 @@ def test_build_groups_recomputes_reward_and_rejects_nan():
     assert groups[0].keys == ["a", "b"] and groups[0].query == "t"
     groups, _ = build_groups(_reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"]), "likelihood", 8, "src")
     assert groups[0].rewards == [-0.5, -3.0]
-    with pytest.raises(InputError, match=r"query_id 'q1', key_id 'k0', field 'reward': not finite"):
-        build_groups(_reward_rows([(float("nan"), [1]), (-3.0, [1])], ["k0"]), "likelihood", 8, "src")
+    # a non-finite log-probability is refused under every reward, not only where it would make the reward NaN
+    for kind in ("likelihood", "rank", "improvement"):
+        with pytest.raises(InputError, match=r"src.*query_id 'q1', key_id 'k0', field 'target_logprob': not a fin"):
+            build_groups(_reward_rows([(float("nan"), [1]), (-3.0, [1])], ["k0"]), kind, 8, "src")
+    bad = _reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"])
+    bad = bad.set_column(bad.schema.get_field_index("baseline_target_logprob"), "baseline_target_logprob",
+                         pa.array([float("-inf"), -2.0]))  # fmt: skip
+    with pytest.raises(InputError, match=r"key_id 'k0', field 'baseline_target_logprob'"):
+        build_groups(bad, "rank", 8, "src")
     _, skipped = build_groups(_reward_rows([(-0.5, [0]), (-3.0, [0])], ["k0"]), "rank", 8, "src")
     assert skipped == {"no_signal": 1}
     # a contrastive task trains on its positive even without samples

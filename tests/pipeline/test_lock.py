@@ -1,0 +1,64 @@
+"""One process per stage folder: a second one is refused at once, naming the holder; a killed holder frees it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from lemb.errors import LembError
+from lemb.pipeline.lock import StageLock
+
+HOLD = "import sys, time; from lemb.pipeline.lock import StageLock\nwith StageLock(sys.argv[1], 'label'):\n" \
+       "    print('held', flush=True); time.sleep(600)"  # fmt: skip
+
+
+def test_a_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_path):
+    stage = tmp_path / "run" / "label"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(stage)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LembError, match=rf"another `lemb label` is running on this folder \(pid {holder.pid} on "):
+            with StageLock(stage, "label"):
+                pass
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with StageLock(stage, "label"):  # the kernel released the dead holder's lock
+        assert json.loads((tmp_path / "run" / ".label.lock").read_text())["pid"] == os.getpid()
+    with StageLock(stage, "label"):  # and this process's own, on leaving
+        pass
+
+
+def test_label_and_a_restart_on_the_same_run_cannot_mix_their_shards(labelled_run, tmp_path):
+    """The corruption this prevents: a `--restart` with other settings rewrote the manifest under a running label,
+    which went on writing its shards into the new folder."""
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run / "retrieve", run / "retrieve")
+
+    def label(*args):
+        cmd = [sys.executable, "-m", "lemb.cli", "label", "--run", str(run), "--executor", "local", "--quiet",
+               "--per-candidate-samples", "1", *args]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = label("--n-samples", "2")
+    deadline = time.time() + 120
+    while not (run / "label" / "_manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    started = time.time()
+    second = label("--n-samples", "3", "--restart")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 1
+    assert f"another `lemb label` is running on this folder (pid {first.pid} on " in err
+    assert len(err.strip().splitlines()) == 1 and time.time() - started < 60  # one line, before any work
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    manifest = json.loads((run / "label" / "_manifest.json").read_text())
+    assert manifest["config"]["n_samples"] == 2
+    for part in sorted((run / "label").glob("part-*.parquet")):
+        assert json.loads(pq.read_schema(part).metadata[b"lemb.sampling"])["n"] == 2
