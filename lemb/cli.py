@@ -304,13 +304,14 @@ def inspect(
 ) -> None:
     """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
     if agreement:
+        from lemb.files import write_json
         from lemb.stages.agreement import agreement as measure
-        from lemb.stages.agreement import agreement_table, write_json
+        from lemb.stages.agreement import agreement_table
 
         report = measure(path)
         typer.echo(agreement_table(report))
         if json_out:
-            write_json(report, json_out)
+            write_json(json_out, report)
         return
     from lemb.pipeline.status import inspect_shards
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from lemb.files import write_json
 from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig, load_config
-from lemb.pipeline.shards import write_json_atomic
 from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
     result = evaluate(config, embedders, progress)
     out = run / "eval"
     write_report(run, out, result["metrics"])
-    write_json_atomic(out / "details.json", result["details"])
+    write_json(out / "details.json", result["details"])
     return result["metrics"]
 
 

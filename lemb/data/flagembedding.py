@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from lemb.data import schemas
 from lemb.errors import InputError
+from lemb.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,4 @@ def write_flagembedding(
         lines.append(json.dumps(out, ensure_ascii=False))
     if by_query:
         log.warning("rewards of %d queries not among the queries were not written", len(by_query))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join(line + "\n" for line in lines))

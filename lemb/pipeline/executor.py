@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
+from lemb.files import write_json
 from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
@@ -35,7 +36,6 @@ from lemb.pipeline.shards import (
     open_stage,
     progress_path,
     shard_path,
-    write_json_atomic,
     write_shard,
 )
 
@@ -122,7 +122,7 @@ class _ShardProgress:
         self.written = time.time()
         elapsed = self.written - self.started
         state = {"done": round(self.done, 3), "total": self.total, "started": self.started, "updated": self.written}
-        write_json_atomic(self.path, {**state, **self.who, "rate": self.done / elapsed if elapsed > 0 else 0.0})
+        write_json(self.path, {**state, **self.who, "rate": self.done / elapsed if elapsed > 0 else 0.0})
 
 
 def run_shard(stage: Stage, stage_dir: Path, index: int, source: Path, items: int) -> dict[str, Any]:

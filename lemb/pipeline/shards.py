@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 import lemb
 from lemb.data.schemas import WHERE
 from lemb.errors import InputError, LembError, StageConflict
+from lemb.files import atomic, move_aside, remove, write_json
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -144,31 +144,20 @@ def read_manifest(stage_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def write_json_atomic(path: Path, content: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def write_shard(
     stage_dir: Path, index: int, table: pa.Table, schema: pa.Schema, metadata: dict[str, str], stats: dict[str, Any]
 ) -> Path:
     """Write to a temporary name, check the footer and row count, then rename into place."""
-    final = shard_path(stage_dir, index)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     table = table.cast(schema).replace_schema_metadata({**(schema.metadata or {}), **metadata})
-    try:
+    with atomic(shard_path(stage_dir, index)) as tmp:
         pq.write_table(table, tmp)
         footer = pq.ParquetFile(tmp).metadata  # read back
         if footer.num_rows != table.num_rows:
             raise OSError(f"{tmp}: wrote {footer.num_rows} rows, expected {table.num_rows}")
         record = {"rows": footer.num_rows, "bytes": tmp.stat().st_size,
                   "schema": schema_fingerprint(footer.schema.to_arrow_schema())}  # fmt: skip
-        write_json_atomic(_stats_path(stage_dir, index), {**stats, "shard": record})
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+        write_json(_stats_path(stage_dir, index), {**stats, "shard": record})
+    return shard_path(stage_dir, index)
 
 
 def schema_fingerprint(schema: pa.Schema) -> str:
@@ -228,9 +217,7 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 def _discard(stage_dir: Path) -> None:
     """Move the folder aside in one rename, then delete it: a kill midway never leaves a half-deleted stage."""
-    trash = stage_dir.with_name(f".{stage_dir.name}.discarded-{os.getpid()}")
-    os.replace(stage_dir, trash)
-    shutil.rmtree(trash)
+    remove(move_aside(stage_dir, "discarded"))
 
 
 def open_stage(
@@ -274,7 +261,7 @@ def open_stage(
         stale.unlink()
     (stage_dir / FAILURES).unlink(missing_ok=True)
     if not path.exists():
-        write_json_atomic(path, manifest)
+        write_json(path, manifest)
     done = set()
     for i in range(len(plan)):
         if not shard_path(stage_dir, i).exists():
@@ -306,7 +293,7 @@ def finish_stage(stage_dir: Path, n_shards: int, failures: list[dict[str, Any]])
         "ids_in_failed_shards": sum(len(f["ids"]) for f in failures),  # reported, never silently dropped
         **totals,
     }
-    write_json_atomic(stage_dir / STATS, stats)
+    write_json(stage_dir / STATS, stats)
     if failures:
         with open(stage_dir / FAILURES, "w") as fh:
             for f in failures:

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query
-from lemb.pipeline.shards import stage_files, write_json_atomic
+from lemb.pipeline.shards import stage_files
 from lemb.stages.reward import REWARD_KINDS, row_reward
 
 ORDERS = ("retrieval", *REWARD_KINDS)
@@ -130,7 +130,3 @@ def agreement_table(report: dict[str, Any]) -> str:
         if not by_order["retrieval"]["with_positive"]:
             lines.append(f"{task:<10}(no query of this task has a positive: agreement with gold is not defined)")
     return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: Path) -> None:
-    write_json_atomic(path, report)

@@ -19,9 +19,8 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from lemb.files import atomic
 from lemb.pipeline.config import DEFAULT_LLM
 
 logger = logging.getLogger(__name__)
@@ -106,19 +106,14 @@ def _convert_packaged_gguf(name: str) -> str:
         raise RuntimeError(f"GGUF of {name} does not fit its config: missing {missing}, unexpected {unexpected}")
     model.config.architectures = [type(model).__name__]  # the GGUF config lacks it; loaders dispatch on it
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(target))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, target)
-    except OSError:
+        with atomic(Path(target)) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # the rename refuses a folder that another process put there meanwhile
         if not os.path.isdir(target):
             raise
         logger.info("%s was converted by another process meanwhile; discarding this copy", name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -13,14 +13,13 @@ Its task instructions are a table {task: {"query": ..., "key": ...}}. The export
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lemb.errors import LembError
+from lemb.files import atomic
 from lemb.stages.encoder import load_embedder
 
 FORMATS = ("flagembedding",)
@@ -85,10 +84,8 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
         f"--query_encoder {out} --pooling_method {' '.join(method)} --dense_metric cos"
         f" --query_max_length {max_length} --key_max_length {max_length}"
     )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic(out) as tmp:
+        tmp.mkdir()
         model[0].auto_model.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         if dense is not None:
@@ -103,8 +100,4 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
             "flags": flags,
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

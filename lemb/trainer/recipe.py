@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch
 from lemb.data.schemas import TASKS
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
+from lemb.files import atomic, move_aside, remove, write_json
 from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
-from lemb.pipeline.shards import stage_files, write_json_atomic
+from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, LabelledGroups, TaskBatchSampler, build_groups, collate
 from lemb.trainer.losses import compute_loss
@@ -95,10 +95,8 @@ class TrainRecipe:
             "initial_loss": self.initial_loss,
             "history": self.history,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{CHECKPOINT}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        with atomic(self.out / CHECKPOINT) as tmp:
+            torch.save(state, tmp)
 
     def _rewards_fingerprint(self) -> str:
         """The label stage's manifest (config hash, inputs, plan): relabelling changes it."""
@@ -138,8 +136,9 @@ class TrainRecipe:
         tie_tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
         contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".texts-*.arrow"):
-            stale.unlink()
+        for pattern in (".texts-*.arrow", ".*.tmp-*", ".model.old-*"):  # left by a killed run
+            for stale in self.out.glob(pattern):
+                remove(stale)
         self.texts_file = self.out / f".texts-{os.getpid()}.arrow"
         shards = (pq.read_table(f) for f in files)
         return build_groups(
@@ -207,12 +206,13 @@ class TrainRecipe:
             prompts[f"{t}_query"], prompts[f"{t}_key"] = q_instr, k_instr
         self.model.prompts = prompts
         self.model.eval()
-        tmp = self.out / f".model.tmp-{os.getpid()}"
-        self.model.save(str(tmp))
-        if path.exists():  # replace the previous model in two renames, never leaving a half-written folder
-            os.replace(path, self.out / f".model.old-{os.getpid()}")
-            shutil.rmtree(self.out / f".model.old-{os.getpid()}")
-        os.replace(tmp, path)
+        old = None
+        with atomic(path) as tmp:
+            self.model.save(str(tmp))
+            if path.exists():  # replace the previous model in two renames, never leaving a half-written folder
+                old = move_aside(path, "old")
+        if old is not None:
+            remove(old)
         with open(self.out / "log.jsonl", "w") as fh:
             for row in self.history:
                 fh.write(json.dumps(row) + "\n")
@@ -224,7 +224,7 @@ class TrainRecipe:
             "seconds": self.seconds,
             "final_loss": self.history[-1]["loss"] if self.history else None,
         }
-        write_json_atomic(self.out / "_stats.json", stats)
+        write_json(self.out / "_stats.json", stats)
         save_config(c, self.out)
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lemb.data.tasks import task_spec
-from lemb.pipeline.shards import write_json_atomic
+from lemb.files import write_json
 
 HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em")
 
@@ -93,7 +93,7 @@ def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, fl
     """Write metrics.json, report.md and the plots into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(metrics)
-    write_json_atomic(out / "metrics.json", metrics_json(metrics))
+    write_json(out / "metrics.json", metrics_json(metrics))
     paths = {"metrics": out / "metrics.json", "report": out / "report.md"}
     for key, path in (
         ("rewards_plot", plot_rewards(run / "label", out / "rewards.png")),

@@ -75,3 +75,30 @@ def test_a_gpu_asked_for_without_one_is_one_clear_error():
     assert _device("auto") == torch.device("cpu")
     with pytest.raises(LembError, match="device 'cuda:1' asked for, but torch sees no GPU"):
         _device("cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("cls", "settings", "message"),
+    [
+        (RetrieveConfig, {"queries": "q.jsonl", "batch_size": -1}, "batch_size must be >= 1, got -1"),
+        (RetrieveConfig, {"queries": "q.jsonl", "max_length": 0}, "max_length must be >= 1, got 0"),
+        (RetrieveConfig, {"queries": "q.jsonl", "nprobe": 0}, "nprobe must be >= 1"),
+        (TrainConfig, {"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0"),
+        (TrainConfig, {"warmup": 1.5}, "warmup must be a fraction of the steps in [0, 1), got 1.5"),
+        (TrainConfig, {"save_every": -5}, "save_every must be >= 0"),
+        (TrainConfig, {"max_length": 0}, "max_length must be >= 1"),
+        (LabelConfig, {"num_gpus": -1.0}, "num_gpus must be >= 0"),
+    ],
+)
+def test_settings_that_would_fail_inside_workers_are_refused_before_any_work(cls, settings, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(cls, **settings)
+
+
+def test_a_config_path_that_is_no_text_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(LabelConfig, tmp_path)
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"n_samples: 4\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 13\)"):
+        load_config(LabelConfig, binary)

@@ -80,9 +80,9 @@ def test_write_shard_is_atomic_and_carries_metadata(tmp_path):
 
 
 def test_failure_after_the_temporary_file_is_written_leaves_nothing(tmp_path, monkeypatch):
-    import lemb.pipeline.shards as shards
+    import lemb.files as files
 
-    real_replace = shards.os.replace
+    real_replace = files.os.replace
 
     def failing_replace(src, dst):
         if str(dst).endswith(".parquet"):
@@ -90,7 +90,7 @@ def test_failure_after_the_temporary_file_is_written_leaves_nothing(tmp_path, mo
             raise OSError("disk went away")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(shards.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk went away"):
         write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
     assert not shard_path(tmp_path, 0).exists()
