@@ -42,12 +42,13 @@ import numpy as np
 log = logging.getLogger("replicate")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # replaced by --data
 SPLIT_SEED = "lemb-replicate"
-QA_VARIANTS = {  # name -> (reward, loss)
+QA_VARIANTS = {  # name -> (reward, loss): the paper's 2 x 2 ablation, and contrastive on the gold passages
     "contrastive": ("rank", "contrastive"),
     "likelihood_kl": ("likelihood", "kl"),
+    "likelihood_graded": ("likelihood", "graded"),
+    "rank_kl": ("rank", "kl"),
     "rank_graded": ("rank", "graded"),
 }
-REWARD_KINDS = ("rank", "likelihood", "improvement")
 
 
 # ---------------------------------------------------------------- pure helpers (tested)
@@ -64,29 +65,6 @@ def split_by_hash(ids: Iterable[str], dev_fraction: float, salt: str = SPLIT_SEE
     dev = [i for i in ordered if hash_fraction(i, salt) < dev_fraction]
     dev_set = set(dev)
     return [i for i in ordered if i not in dev_set], dev
-
-
-def tie_rank(value: float, others: Iterable[float], tol: float = 1e-9) -> float:
-    """1 + #others above `value` + 0.5 * #others tied with it (lemb's rank convention)."""
-    others = list(others)
-    return 1.0 + sum(o > value + tol for o in others) + 0.5 * sum(abs(o - value) <= tol for o in others)
-
-
-def gold_agreement(scores: dict[str, float], gold: set[str], tol: float = 1e-9) -> tuple[float, float] | None:
-    """(gold first, reciprocal rank of gold) for one query's candidate scores (higher = better).
-
-    Ties are split: k candidates sharing the top score with one gold among them count 1/k towards
-    "gold first"; the gold's rank is 1 + #above + 0.5 * #tied. With several gold candidates the best
-    one counts. None when no gold is among the candidates.
-    """
-    present = [g for g in gold if g in scores]
-    if not present:
-        return None
-    best = max(scores.values())
-    top = [k for k, v in scores.items() if v >= best - tol]
-    first = sum(k in gold for k in top) / len(top)
-    rank = min(tie_rank(scores[g], [v for k, v in scores.items() if k != g], tol) for g in present)
-    return first, 1.0 / rank
 
 
 def alias_answer_scores(answer: str, aliases: list[str]) -> tuple[float, float]:
@@ -263,60 +241,16 @@ def prepare_qa(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     return {"paths": paths, "dev": dev, "aliases": aliases, "split": split}
 
 
-def reward_gold_agreement(label_dir: Path, queries: dict[str, dict], tie_tol: float) -> dict[str, dict[str, float]]:
-    """For each reward (and the base retrieval order): how often the gold passage comes first, and its MRR.
-
-    Over the labelled training queries that carry a signal and have a gold passage among their candidates.
-    """
-    from lemb.pipeline.shards import read_stage
-    from lemb.stages.reward import reward_from_logprobs
-
-    by_query: dict[str, list[dict]] = defaultdict(list)
-    for row in read_stage(label_dir).to_pylist():
-        by_query[row["query_id"]].append(row)
-    values: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for qid, rows in by_query.items():
-        if rows[0]["n_samples"] == 0:
-            continue
-        gold = set(queries[qid]["positive_ids"])
-        orders = {"base_retrieval": {r["key_id"]: -float(r["retrieval_rank"]) for r in rows}}
-        for kind in REWARD_KINDS:
-            orders[kind] = {
-                r["key_id"]: reward_from_logprobs(
-                    kind,
-                    r["target_logprob"],
-                    r["sample_logprobs"],
-                    r["sample_counts"],
-                    r["baseline_target_logprob"],
-                    r["baseline_sample_logprobs"],
-                    tie_tol,
-                )  # fmt: skip
-                for r in rows
-            }
-        for name, scores in orders.items():
-            agreement = gold_agreement(scores, gold, tol=tie_tol if name == "rank" else 1e-9)
-            if agreement is not None:
-                values[name].append(agreement)
-    return {
-        name: {
-            "gold_first": float(np.mean([a for a, _ in pairs])),
-            "gold_mrr": float(np.mean([b for _, b in pairs])),
-            "queries": len(pairs),
-        }
-        for name, pairs in values.items()
-    }
-
-
 def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
     from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
+    from lemb.stages.agreement import agreement as label_agreement
     from lemb.stages.llm import TransformersLLM
     from lemb.trainer.evaluate import LLMJudge, answer_metrics
 
     data = prepare_qa(args, out / "qa" / "data")
     shared = out / "qa" / "shared"
     label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock, "qa")
-    train_queries = {q["query_id"]: q for q in map(json.loads, data["paths"]["train"].read_text().splitlines())}
-    agreement = reward_gold_agreement(shared / "label", train_queries, 1e-6)
+    agreement = label_agreement(shared / "label")["tasks"]["qa"]  # what `lemb inspect --agreement` prints
 
     models = {"base": DEFAULT_EMBEDDER}
     for name, (reward, loss) in QA_VARIANTS.items():
@@ -550,9 +484,12 @@ def qa_markdown(qa: dict[str, Any]) -> str:
         "Reward vs gold passage on the labelled training questions (candidates of the base retrieval):",
         "",
         md_table(
-            ["ordering", "gold first", "MRR of gold", "queries"],
-            [[k, v["gold_first"], v["gold_mrr"], v["queries"]] for k, v in qa["reward_gold_agreement"].items()],
-        ),
+            ["ordering", "gold first", "MRR of gold", "tied pairs", "no signal", "queries with gold"],
+            [
+                [k, v["gold_first"], v["mrr"], v["tied_pair_share"], v["no_signal"], v["with_positive"]]
+                for k, v in qa["reward_gold_agreement"].items()
+            ],
+        ),  # fmt: skip
         "",
         "Paired bootstrap (2,000 resamples of dev questions), 95% interval of the difference:",
         "",

@@ -162,6 +162,9 @@ def train(
     run: Run = None,
     config: Config = None,
     threads: Threads = None,
+    restart: Annotated[
+        Optional[bool], typer.Option("--restart", help="Discard an earlier or unfinished training run of this folder.")
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Graded distillation of the embedder from the run's reward shards; saves <run>/train/model."""
@@ -184,6 +187,7 @@ def train(
         device=device,
         run=run,
         threads=threads,
+        restart=restart,
     )
     path = run_train(cfg, progress=not quiet)
     typer.echo(f"model: {path}")

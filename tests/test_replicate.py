@@ -3,8 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "replicate.py"
 _spec = importlib.util.spec_from_file_location("replicate", _PATH)
 rep = importlib.util.module_from_spec(_spec)
@@ -22,21 +20,6 @@ def test_split_is_stable_disjoint_and_prefix_closed():
     assert set(train) <= set(more_train) and set(dev) <= set(more_dev)
     assert all(rep.hash_fraction(i) < 0.2 for i in dev) and all(rep.hash_fraction(i) >= 0.2 for i in train)
     assert rep.hash_fraction("nq-1") == rep.hash_fraction("nq-1") != rep.hash_fraction("nq-1", salt="other")
-
-
-def test_gold_agreement_counts_ties_and_best_gold():
-    assert rep.gold_agreement({"g": 0.9, "a": 0.5, "b": 0.1}, {"g"}) == (1.0, 1.0)
-    first, rr = rep.gold_agreement({"g": 0.5, "a": 0.9, "b": 0.1}, {"g"})
-    assert (first, rr) == (0.0, 0.5)
-    # gold tied with one other at the top: half a "first", rank 1.5
-    first, rr = rep.gold_agreement({"g": 0.9, "a": 0.9, "b": 0.1}, {"g"})
-    assert first == 0.5 and rr == pytest.approx(1 / 1.5)
-    # all tied (no information): 1/3 first, rank 2
-    first, rr = rep.gold_agreement({"g": 1.0, "a": 1.0, "b": 1.0}, {"g"})
-    assert first == pytest.approx(1 / 3) and rr == pytest.approx(0.5)
-    # two golds: the better one counts
-    assert rep.gold_agreement({"g1": 0.2, "g2": 0.8, "a": 0.5}, {"g1", "g2"}) == (1.0, 1.0)
-    assert rep.gold_agreement({"a": 1.0}, {"g"}) is None
 
 
 def test_alias_answer_scores():

@@ -169,7 +169,7 @@ class TrainConfig(RunSettings):
     gradient_checkpointing: bool = False  # recompute the encoder's activations in backward (less memory, ~30% slower)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     seed: int = 0
-    save_every: int = 50  # checkpoint every N steps (0: never); `resume` continues from the last one
+    save_every: int | None = None  # checkpoint every N steps (0: never; None: min(50, steps // 4), at least 1)
     resume: bool = False
 
     def problems(self) -> list[str]:
@@ -192,14 +192,21 @@ class TrainConfig(RunSettings):
             out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup < 1:
             out.append(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.save_every < 0:
+        if self.save_every is not None and self.save_every < 0:
             out.append(f"save_every must be >= 0 (0: never), got {self.save_every}")
         for name in ("lr", "tau", "alpha"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
         bad = [t for t in self.task_weights if t not in TASKS]
+        if self.resume and self.restart:
+            out.append("resume and restart exclude each other: --resume continues a run, --restart starts over")
         out += [f"task_weights: unknown task {t!r}" for t in bad]
         return out
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints: `save_every`, or by default a few per run whatever its length."""
+        return self.save_every if self.save_every is not None else max(1, min(50, self.steps // 4))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from lemb.data.schemas import TASKS
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json
-from lemb.pipeline.config import TrainConfig, config_hash, save_config, to_dict
+from lemb.pipeline.config import EXECUTION_ONLY, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
@@ -191,7 +191,8 @@ class TrainRecipe:
             self.history.append({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
             bar.set_postfix({"task": task, "loss": f"{loss:.4f}"}, refresh=False)
             bar.update(1)
-            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps and self.world.rank == 0:
+            every = c.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < c.steps and self.world.rank == 0:
                 self.save_checkpoint(step + 1)
         bar.close()
         self.seconds = time.perf_counter() - start
@@ -229,6 +230,33 @@ class TrainRecipe:
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path
 
+    def should_run(self) -> bool:
+        """Whether to train, from what the run folder holds: an unfinished run's checkpoint is resumed (--resume)
+        or discarded (--restart), never silently; a finished run with the same settings is left as it is."""
+        c = self.config
+        checkpoint, model, saved = self.out / CHECKPOINT, self.out / "model", self.out / "config.yaml"
+        if c.restart:
+            return True  # setup clears the earlier run's checkpoint, stats and log; save replaces its model
+        if checkpoint.exists():
+            if not c.resume:
+                raise StageConflict(
+                    f"{checkpoint}: an unfinished training run is here; pass --resume to continue it or --restart"
+                    " to start over"
+                )
+            return True
+        if not model.exists():
+            return True
+        old = load_config(TrainConfig, saved) if saved.exists() else None
+        if old is not None and config_hash(old) == config_hash(c):
+            log.info("%s: already trained with these settings; --restart trains again", model)
+            return False
+        changed = "its settings are unknown" if old is None else "it was trained with other settings ("
+        if old is not None:
+            was, now = to_dict(old), to_dict(c)
+            changed += "; ".join(f"{k}: {was[k]!r} -> {now[k]!r}" for k in sorted(now) if was.get(k) != now[k]
+                                 and k not in EXECUTION_ONLY) + ")"  # fmt: skip
+        raise StageConflict(f"{model}: {changed}; pass --restart to train again")
+
     def cleanup(self) -> None:
         """Drop the memory-mapped text file of the run's groups."""
         texts_file = getattr(self, "texts_file", None)
@@ -262,6 +290,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     # one training job per run folder: the first process of a job holds the lock (the others are its ranks)
     lock = StageLock(recipe.out, "train") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
+        if not recipe.should_run():
+            return recipe.out / "model"
         try:
             recipe.setup()
             recipe.train(progress)

@@ -71,3 +71,42 @@ def test_resume_with_changed_settings_refuses(labelled_run, tmp_path):
     same.setup()
     assert same.start_step == 2
     assert train(load_config(TrainConfig, run=str(run), resume=True, **SETTINGS), progress=False).exists()
+
+
+def test_train_never_discards_a_run_silently(labelled_run, tmp_path):
+    run = _copy_run(labelled_run, tmp_path / "run")
+    recipe = TrainRecipe(load_config(TrainConfig, run=str(run), **SETTINGS))
+    recipe.setup()
+    recipe.save_checkpoint(2)
+    checkpoint = run / "train" / CHECKPOINT
+    # an unfinished run's checkpoint: a fresh start is refused, naming both ways on
+    with pytest.raises(StageConflict, match=r"an unfinished training run is here; pass --resume .* or --restart"):
+        train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
+    assert checkpoint.exists()
+    (run / "train" / ".model.tmp-99999").mkdir()  # left by a run killed while saving its model
+    model = train(load_config(TrainConfig, run=str(run), resume=True, **SETTINGS), progress=False)
+    assert not checkpoint.exists() and not (run / "train" / ".model.tmp-99999").exists()
+    weights = (model / "model.safetensors").stat().st_mtime_ns
+    # a finished run: --resume (or the same command again) says so and leaves the model as it is, exit 0
+    done = subprocess.run(_train_cmd(run, "--resume", "--config", str(_group_config(tmp_path))), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already trained with these settings" in done.stderr
+    assert (model / "model.safetensors").stat().st_mtime_ns == weights
+    # other settings on a finished run: refused, naming the change; --restart trains again
+    with pytest.raises(StageConflict, match=r"trained with other settings \(lr: 0.0001 -> 0.0003\); pass --restart"):
+        train(load_config(TrainConfig, run=str(run), **{**SETTINGS, "lr": 3e-4}), progress=False)
+    train(load_config(TrainConfig, run=str(run), restart=True, **{**SETTINGS, "lr": 3e-4}), progress=False)
+    assert (model / "model.safetensors").stat().st_mtime_ns != weights
+
+
+def _group_config(tmp_path):
+    path = tmp_path / "group.yaml"
+    path.write_text("group_size: 2\n")
+    return path
+
+
+@pytest.mark.parametrize(("steps", "every"), [(3, 1), (8, 2), (100, 25), (1000, 50)])
+def test_the_default_checkpoint_interval_gives_a_few_checkpoints_for_any_length(steps, every):
+    assert load_config(TrainConfig, steps=steps).checkpoint_every == every
+    assert load_config(TrainConfig, steps=steps, save_every=0).checkpoint_every == 0
