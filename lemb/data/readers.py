@@ -54,6 +54,8 @@ def _iter_raw(path: Path, batch_rows: int):
     """(location, record) pairs, read a batch at a time (JSONL line by line, Parquet by record batch)."""
     if not path.exists():
         raise InputError(path, "file", None, "not found")
+    if path.is_dir():
+        raise InputError(path, "file", None, "is a directory, not a JSONL or Parquet file")
     if path.suffix == ".parquet":
         try:
             parquet = pq.ParquetFile(path)
@@ -65,8 +67,16 @@ def _iter_raw(path: Path, batch_rows: int):
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(path, "file", None, f"not a readable Parquet file ({exc})") from None
         return
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except PermissionError:
+        raise InputError(path, "file", None, "permission denied") from None
+    with fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, f"line {n}", None, f"not UTF-8 text (byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
             try:

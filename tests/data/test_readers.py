@@ -64,3 +64,25 @@ def test_parquet_missing_column(tmp_path):
     pq.write_table(pa.table({"key_id": ["k1"], "task": ["qa"]}), tmp_path / "k.parquet")
     with pytest.raises(InputError, match=r"row 1 \(key_id 'k1'\), field 'text': missing"):
         read_keys(tmp_path / "k.parquet")
+
+
+def test_a_directory_non_utf8_bytes_and_an_unreadable_file_are_one_line_each(tmp_path, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(InputError, match=r"corpus: file: is a directory, not a JSONL or Parquet file"):
+        read_keys(tmp_path / "corpus")
+    good = json.dumps({"key_id": "k1", "task": "qa", "text": "fine"})
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(good.encode() + b"\n" + b'{"key_id": "k2", "task": "qa", "text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl: line 2: not UTF-8 text \(byte 43 of the line\)"):
+        read_keys(latin)
+    locked = _jsonl(tmp_path, [json.loads(good)], "locked.jsonl")
+    real_open = open
+
+    def refuse(path, *args, **kwargs):  # what open() raises on a file without read permission (tests run as root)
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(InputError, match=r"locked.jsonl: file: permission denied"):
+        read_keys(locked)

@@ -194,3 +194,18 @@ def test_a_shard_rewritten_with_the_same_size_but_other_rows_or_columns_is_found
     assert verify_shard(stage, 0) == "5 rows where 3 were written"
     pq.write_table(_candidates(3).drop_columns(["key_title"]), shard_path(stage, 0))
     assert verify_shard(stage, 0) == "its columns or types differ from those it was written with"
+
+
+def test_a_full_disk_while_a_shard_is_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import lemb.pipeline.shards as shards
+
+    def fill_the_disk(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.pq, "write_table", fill_the_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
+    assert list(tmp_path.iterdir()) == []
