@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from lemb.errors import LembError
+from lemb.errors import Interrupted, LembError
 
 app = typer.Typer(
     add_completion=False,
@@ -40,13 +41,25 @@ def _user_errors(fn):
         from lemb.pipeline.executor import quiet_libraries
 
         quiet_libraries()
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
         except (LembError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            name = signal.Signals(signum).name
+            typer.echo(f"interrupted ({name}): finished work is kept; run the same command again to resume", err=True)
+            raise typer.Exit(128 + signum) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 def _common(run, executor, address, workers, threads, shards, restart) -> dict[str, Any]:

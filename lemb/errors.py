@@ -23,6 +23,15 @@ class StageConflict(LembError):
     """A rerun whose config or inputs differ from the output already on disk."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): the stage stops, keeping its finished shards. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` takes it for a shard's failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class MissingDependency(LembError):
     def __init__(self, module: str, install: str) -> None:
         super().__init__(f"{module} is not installed; install it with: {install}")

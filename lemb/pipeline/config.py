@@ -309,6 +309,12 @@ EXECUTION_ONLY = frozenset(
 )
 
 
+# where a stage's input files lie: their content is fingerprinted with the stage's inputs instead, so that a run
+# folder moved or copied with its data, or a stage started from another directory, is the same run
+INPUT_PATHS = frozenset({"queries", "corpus"})
+UNHASHED = EXECUTION_ONLY | INPUT_PATHS
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -316,7 +322,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 def config_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     """Hash of what determines a stage's output: its settings (execution settings excluded) and `extra`
     (the prompt templates or instruction tables in force, the model's fingerprint)."""
-    content = {k: v for k, v in to_dict(config).items() if k not in EXECUTION_ONLY}
+    content = {k: v for k, v in to_dict(config).items() if k not in UNHASHED}
     content["_extra"] = extra or {}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

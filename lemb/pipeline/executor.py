@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
-from lemb.errors import LembError, MissingDependency
-from lemb.files import write_json
+from lemb.errors import Interrupted, LembError, MissingDependency
+from lemb.files import remove, write_json
 from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
@@ -209,7 +209,11 @@ class Executor:
         if pending:
             with _Bar(stage, plan, out, pending, self.progress):
                 runner = self._run_local if self.settings.executor == "local" else self._run_ray
-                failures = runner(stage, plan, out, pending)
+                try:
+                    failures = runner(stage, plan, out, pending)
+                except (KeyboardInterrupt, Interrupted):
+                    _abandon(out)
+                    raise
         for f in failures:
             f["ids"] = plan.shard_ids(f["shard"], id_column)
         stats = finish_stage(out, len(plan), failures)
@@ -252,10 +256,22 @@ class Executor:
         infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
         actor_cls = ray.remote(num_cpus=s.threads, num_gpus=s.num_gpus, max_restarts=0)(_Worker)
         queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
-        attempts: Counter[int] = Counter()
-        failures: list[dict[str, Any]] = []
         idle = [actor_cls.remote(stage, s.threads) for _ in range(min(self._pool_size(ray), len(queue)))]
         running: dict[Any, tuple[int, Any]] = {}
+        try:
+            return self._drain(ray, stage, plan, out, queue, idle, running, actor_cls, infrastructure)
+        except (KeyboardInterrupt, Interrupted):
+            for actor in [*idle, *(a for _, a in running.values())]:
+                ray.kill(actor)  # in-flight shards are abandoned; the stage's rerun does them
+            if s.address is None:
+                ray.shutdown()  # the local cluster this process started goes with it
+            raise
+
+    def _drain(self, ray, stage, plan, out, queue, idle, running, actor_cls, infrastructure) -> list[dict[str, Any]]:
+        """Keep every actor busy until the queue is empty; retry shards whose actor died."""
+        s = self.settings
+        attempts: Counter[int] = Counter()
+        failures: list[dict[str, Any]] = []
         while queue or running:
             while queue and idle:
                 actor, index = idle.pop(), queue.pop(0)
@@ -285,6 +301,12 @@ class Executor:
         for actor in idle:
             ray.kill(actor)
         return failures
+
+
+def _abandon(stage_dir: Path) -> None:
+    """After an interrupt: remove what in-flight shards left (temporary files, progress files)."""
+    for leftover in [*stage_dir.glob(".*.tmp-*"), *stage_dir.glob("part-*.progress.json")]:
+        remove(leftover)
 
 
 def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import lemb
 from lemb.data.schemas import WHERE
 from lemb.errors import InputError, LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json
+from lemb.pipeline.config import UNHASHED
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -190,27 +191,44 @@ def verify_shard(stage_dir: Path, index: int) -> str | None:
     return None
 
 
+FINGERPRINT_BLOCK = 1 << 16
+
+
 def input_fingerprint(paths: list[str | Path | None]) -> list[dict[str, Any]]:
+    """Each input's absolute path (for messages) and what identifies its content wherever it lies: its size and
+    a hash of its first and last 64 KiB. A run folder copied or moved with its inputs matches; an edited file
+    does not (an edit that keeps the size and both ends is not seen: the price of not reading whole corpora)."""
     out = []
     for p in paths:
         if p is None:
             continue
-        st = Path(p).stat()
-        out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        path = Path(p)
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(FINGERPRINT_BLOCK))
+            if size > FINGERPRINT_BLOCK:
+                fh.seek(max(FINGERPRINT_BLOCK, size - FINGERPRINT_BLOCK))
+                digest.update(fh.read())
+        out.append({"path": str(path.resolve()), "size": size, "content": digest.hexdigest()[:16]})
     return out
+
+
+def _same_content(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    if "content" not in old:  # a manifest of an earlier version: path, size and mtime
+        return old["path"] == new["path"] and old["size"] == new["size"]
+    return (old["size"], old["content"]) == (new["size"], new["content"])
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     changed = sorted(
         k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k)
     )
-    parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed]
-    old_in = {i["path"]: i for i in old["inputs"]}
-    for item in new["inputs"]:
-        before = old_in.get(item["path"])
-        if before is None:
-            parts.append(f"new input {item['path']}")
-        elif (before["size"], before["mtime_ns"]) != (item["size"], item["mtime_ns"]):
+    parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed if k not in UNHASHED]
+    if len(old["inputs"]) != len(new["inputs"]):
+        parts.append(f"inputs: {len(old['inputs'])} -> {len(new['inputs'])} files")
+    for before, item in zip(old["inputs"], new["inputs"]):
+        if not _same_content(before, item):
             parts.append(f"input changed since the first run: {item['path']}")
     return "; ".join(parts) or "shard plan differs"
 
@@ -243,9 +261,8 @@ def open_stage(
     if path.exists():
         old = json.loads(path.read_text())
         same = old["config_hash"] == config_hash and old["plan"] == plan.describe()
-        same = same and [(i["path"], i["size"], i["mtime_ns"]) for i in old["inputs"]] == [
-            (i["path"], i["size"], i["mtime_ns"]) for i in manifest["inputs"]
-        ]
+        same = same and len(old["inputs"]) == len(manifest["inputs"])
+        same = same and all(_same_content(a, b) for a, b in zip(old["inputs"], manifest["inputs"]))
         if not same and not restart:
             raise StageConflict(
                 f"{stage_dir}: earlier output was made with other settings or inputs"

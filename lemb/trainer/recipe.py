@@ -23,7 +23,7 @@ from lemb.data.schemas import TASKS
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json
-from lemb.pipeline.config import EXECUTION_ONLY, TrainConfig, config_hash, load_config, save_config, to_dict
+from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
@@ -112,7 +112,8 @@ class TrainRecipe:
             )
         if state["config_hash"] != config_hash(self.config):
             old, new = state["config"], to_dict(self.config)
-            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
+                       if old.get(k) != new.get(k) and k not in UNHASHED]  # fmt: skip
             raise StageConflict(
                 f"{self.out / CHECKPOINT}: made with other settings ({'; '.join(changed)});"
                 " drop --resume to start over"
@@ -254,7 +255,7 @@ class TrainRecipe:
         if old is not None:
             was, now = to_dict(old), to_dict(c)
             changed += "; ".join(f"{k}: {was[k]!r} -> {now[k]!r}" for k in sorted(now) if was.get(k) != now[k]
-                                 and k not in EXECUTION_ONLY) + ")"  # fmt: skip
+                                 and k not in UNHASHED) + ")"  # fmt: skip
         raise StageConflict(f"{model}: {changed}; pass --restart to train again")
 
     def cleanup(self) -> None:
