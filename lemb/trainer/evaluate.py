@@ -104,7 +104,16 @@ def retrieval_metrics(
     if not qrels or not names:
         return {}
     judged = {q["query_id"] for q in queries if q["positive_ids"]}
-    run = [ir_measures.ScoredDoc(qid, kid, s) for qid, found in ranking.items() if qid in judged for kid, s in found]
+    # Every metric scores the list in the order the LLM sees it (the retrieve stage's rank order, ties among equal
+    # scores already broken there): each key's score is its position from the end, so no evaluation backend
+    # breaks a tie its own way (ir-measures sends RR to one that breaks ties by doc id ascending, trec_eval's
+    # R and nDCG descending).
+    run = [
+        ir_measures.ScoredDoc(qid, kid, float(len(found) - i))
+        for qid, found in ranking.items()
+        if qid in judged
+        for i, (kid, _) in enumerate(found)
+    ]
     measures = {name: ir_measures.parse_measure(_ir_measure(name)) for name in names}
     per_query: dict[str, dict[str, float]] = defaultdict(dict)
     for m in ir_measures.iter_calc(list(measures.values()), qrels, run):
