@@ -220,6 +220,11 @@ def stage_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[st
         for mode, block in modes:
             stage.block_tokens = block
             stage.counters.clear()
+            if hasattr(stage.llm, "engine"):
+                # every variant labels the same queries: an earlier variant's cached KV blocks (its prompts, the
+                # continuations it scored) would serve the next one, which a real run never sees
+                stage.llm.engine.reset_prefix_cache()
+                stage.llm.rescored_requests = 0
             print(f"stage {backend} {mode}: labelling {len(work)} queries", flush=True)
             start = time.perf_counter()
             result = stage.process(table)
@@ -237,6 +242,7 @@ def stage_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[st
                 "score_seconds": c["score_seconds"], "prompts": prompts, "prompt_tokens": prompt_tokens,
                 "sampled_tokens": c["sampled_tokens"], "scored_tokens": c["continuation_tokens"],
                 "useful_flops": useful, "setup_seconds": setup,
+                "rescored_requests": getattr(stage.llm, "rescored_requests", None),
             }  # fmt: skip
             labels[f"{backend}_{mode}"] = pl.from_arrow(result).sort(["query_id", "retrieval_rank"])
         del stage
