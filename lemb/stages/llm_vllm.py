@@ -94,10 +94,6 @@ class VLLMBackend(LLMBackend):
         except OSError:
             eos = None
         self._init_codec(tokenizer, eos)
-        cache = self.engine.llm_engine.vllm_config.cache_config
-        self.block_size = cache.block_size or CPU_BLOCK_SIZE
-        # tokens the engine's KV cache holds (sized by the engine at start-up; unknown: no parts)
-        self.kv_tokens = (cache.num_gpu_blocks or 0) * self.block_size or 1 << 40
         self.prefilled_tokens = 0
         self.rescored_requests = 0  # scoring requests run again without the cache (their hit reached too far)
         self.read_prefix_cache = True  # False: vLLM's default for prompt_logprobs requests (benchmarks compare)
@@ -203,28 +199,12 @@ class VLLMBackend(LLMBackend):
         batch_tokens: int | None = None,
         progress: Progress | None = None,
     ) -> list[list[tuple[float, int]]]:
-        """score() of every (prompt, continuations) pair: each distinct prompt prefilled once, then its
-        continuations, reading the prompts' cached KV blocks. Items go to the engine in parts whose prompts and
-        continuations fill at most half its KV cache, so that a part's prompt blocks are still cached when its
-        scoring requests run (a block of many queries at once would evict them and every request would compute
-        its prompt again). The engine batches within a part by itself, so `batch_tokens` is not used."""
+        """score() of every (prompt, continuations) pair in two engine calls: each distinct prompt prefilled once,
+        then all continuations at once, reading the prompts' cached KV blocks (the engine batches by itself, so
+        `batch_tokens` is not used)."""
         _check_reduce(reduce)
         prompts = [self._encode_prompt(message) for message, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
-        cost = [len(p) + sum(len(c) + self.block_size for c in cs) for p, cs in zip(prompts, conts)]
-        results: list[list[tuple[float, int]]] = []
-        done, total = 0.0, sum(cost) or 1
-        for part in _parts(cost, self.kv_tokens // 2):
-            share = sum(cost[i] for i in part) / total
-            report = (lambda f, at=done, share=share: progress(at + share * f)) if progress else None
-            results += self._score_part([prompts[i] for i in part], [conts[i] for i in part], reduce, report)
-            done += share
-        return results
-
-    def _score_part(
-        self, prompts: list[list[int]], conts: list[list[list[int]]], reduce: str, progress: Progress | None
-    ) -> list[list[tuple[float, int]]]:
-        """Two engine calls: the distinct prompts prefilled, then every continuation reading their cache."""
         jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]
         # progress by tokens: the prefill call computes the prompts, the scoring call (mostly) the continuations
         prefill = sum(map(len, dict.fromkeys(map(tuple, prompts)))) if self.read_prefix_cache else 0
@@ -242,26 +222,12 @@ class VLLMBackend(LLMBackend):
             again = self._run([prompts[jobs[k][0]] + jobs[k][1] for k in redo], self._scoring(read_cache=False))
             for k, out in zip(redo, again):
                 outs[k] = out
-        results: list[list[tuple[float, int]]] = [[] for _ in prompts]
+        results: list[list[tuple[float, int]]] = [[] for _ in items]
         for (i, cont), out in zip(jobs, outs):
             rows = out.prompt_logprobs[len(prompts[i]) :]
             total = sum(row[token].logprob for row, token in zip(rows, cont, strict=True))
             results[i].append((total / len(cont) if reduce == "mean" else total, len(cont)))
         return results
-
-
-def _parts(cost: list[int], budget: int) -> list[list[int]]:
-    """Consecutive indices whose costs sum to at most `budget` (an item over it is a part alone)."""
-    parts: list[list[int]] = []
-    held = 0
-    for i, c in enumerate(cost):
-        if parts and held + c <= budget:
-            parts[-1].append(i)
-            held += c
-        else:
-            parts.append([i])
-            held = c
-    return parts
 
 
 def _reporting_bar(progress: Progress) -> Any:
