@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -168,7 +169,10 @@ def init_ray(address: str | None) -> Any:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:
             kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free
+        handler = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, **kwargs)
+        if threading.current_thread() is threading.main_thread() and callable(handler):
+            signal.signal(signal.SIGTERM, handler)  # ray.init replaces it with sys.exit(15): the CLI's stops cleanly
     return ray
 
 
