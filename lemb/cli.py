@@ -47,8 +47,9 @@ def _user_errors(fn):
         except (LembError, FileNotFoundError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        except (KeyboardInterrupt, Interrupted) as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        except KeyboardInterrupt as exc:
+            # Ray's blocking calls re-raise a plain KeyboardInterrupt for any signal: the handler noted which
+            signum = exc.signum if isinstance(exc, Interrupted) else (_RECEIVED[-1] if _RECEIVED else signal.SIGINT)
             name = signal.Signals(signum).name
             typer.echo(f"interrupted ({name}): finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(128 + signum) from None
@@ -58,7 +59,11 @@ def _user_errors(fn):
     return wrapper
 
 
+_RECEIVED: list[int] = []
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 

@@ -23,9 +23,10 @@ class StageConflict(LembError):
     """A rerun whose config or inputs differ from the output already on disk."""
 
 
-class Interrupted(BaseException):
-    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C): the stage stops, keeping its finished shards. A
-    BaseException, like KeyboardInterrupt, so that no `except Exception` takes it for a shard's failure."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption): the stage stops as on Ctrl-C, keeping its finished shards. A
+    KeyboardInterrupt, so that no `except Exception` takes it for a shard's failure and Ray's blocking calls let
+    it through as they let Ctrl-C through."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
