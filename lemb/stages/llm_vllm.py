@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 # Measured on 2 vCPUs (BENCHMARKS.md): float32 and eager mode; in-process engine (no engine-core process: about
 # 20 s less start-up per worker); a 1 GiB KV cache holds a shard's prompts for this size of model.
 CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-SAMPLING_SALT = "lemb-sampling"  # sampling requests share cached KV blocks only among themselves
 CPU_BLOCK_SIZE = 32  # KV block (tokens): the CPU kernels prefer multiples of 32; smaller blocks cache more of a prompt
 
 
@@ -98,30 +97,21 @@ class VLLMBackend(LLMBackend):
         self.rescored_requests = 0  # scoring requests run again without the cache (their hit reached too far)
         self.read_prefix_cache = True  # False: vLLM's default for prompt_logprobs requests (benchmarks compare)
 
-    def _run(
-        self, prompts: list[list[int]], params: Any | list[Any], progress: Progress | None = None, salt: str = ""
-    ) -> list[Any]:
-        """One engine call; `progress` is told the fraction of its requests finished as they finish. Requests with
-        a `salt` share cached KV blocks only with requests of the same salt."""
+    def _run(self, prompts: list[list[int]], params: Any | list[Any], progress: Progress | None = None) -> list[Any]:
+        """One engine call; `progress` is told the fraction of its requests finished as they finish."""
         bar = _reporting_bar(progress) if progress else False
-        requests = [{"prompt_token_ids": p, **({"cache_salt": salt} if salt else {})} for p in prompts]
-        outs = self.engine.generate(requests, params, use_tqdm=bar)
+        outs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=bar)
         # prompt tokens the engine computed (cache hits excluded), for benchmarks and cost reports
         self.prefilled_tokens += sum(len(p) - (o.num_cached_tokens or 0) for p, o in zip(prompts, outs))
         return outs
 
     def _complete(
-        self,
-        prompts: list[list[int]],
-        params: list[Any],
-        max_new_tokens: int,
-        progress: Progress | None = None,
-        salt: str = "",
+        self, prompts: list[list[int]], params: list[Any], max_new_tokens: int, progress: Progress | None = None
     ) -> list[list[list[int]]]:
         """Generated token ids per prompt and sample. vLLM's stop string "\\n" also stops at a newline before any
         text, where the transformers backend goes on (a line ends after its first non-blank character): such a
         sample is continued from its newline, with its own seed, until it holds text or its budget is spent."""
-        outs = self._run(prompts, params, progress, salt)
+        outs = self._run(prompts, params, progress)
         rows = [[list(o.token_ids) for o in out.outputs] for out in outs]
         for _ in range(max_new_tokens):
             blank = [
@@ -139,7 +129,7 @@ class VLLMBackend(LLMBackend):
                 seed = None if p.seed is None else p.seed + 7919 * (j + 1) + len(rows[i][j])
                 again.append(p.clone())
                 again[-1].n, again[-1].seed, again[-1].max_tokens = 1, seed, max_new_tokens - len(rows[i][j])
-            more = self._run([prompts[i] + rows[i][j] for i, j in blank], again, salt=salt)
+            more = self._run([prompts[i] + rows[i][j] for i, j in blank], again)
             for (i, j), out in zip(blank, more):
                 rows[i][j] += list(out.outputs[0].token_ids)
                 outs[i].outputs[j] = out.outputs[0]
@@ -170,11 +160,7 @@ class VLLMBackend(LLMBackend):
             )
             for i in asked
         ]  # fmt: skip
-        # Salted: the blocks a sample fills (the prompt's last partial block and the sample's tokens) would
-        # otherwise be read by the request that scores that sample, whose log-probabilities then lack the
-        # cached positions, and it would run again without the cache. Scoring prefills its prompts itself.
-        prompts = [self._encode_prompt(user_messages[i]) for i in asked]
-        rows = self._complete(prompts, params, max_new_tokens, progress, SAMPLING_SALT)
+        rows = self._complete([self._encode_prompt(user_messages[i]) for i in asked], params, max_new_tokens, progress)
         for i, samples in zip(asked, rows):
             out[i] = self._texts(samples)
         return out

@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lemb.cli import app
+from lemb.data import schemas
 from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig, load_config
-from lemb.pipeline.shards import read_stage
+from lemb.pipeline.shards import read_stage, write_shard
 from lemb.stages.label_plan import format_plan, param_count, plan_label
 from lemb.stages.llm import resolve_llm_path
 from lemb.stages.rescore import rescore
@@ -55,7 +56,8 @@ def test_rescore_names_the_file_row_and_field_of_a_bad_logprob(labelled_run, tmp
     rows = table.to_pylist()
     bad = next(r for r in rows if r["skip_reason"] is None)
     bad["target_logprob"] = math.nan
-    pq.write_table(table.from_pylist(rows, schema=table.schema), shard)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    write_shard(run / "label", 0, table.from_pylist(rows, schema=table.schema), schemas.REWARD, meta, {})
     with pytest.raises(InputError, match=rf"part-00000.parquet: query_id '{bad['query_id']}'.*'target_logprob'"):
         rescore(run, "rank")
     with pytest.raises(LembError, match="known rewards are rank, likelihood, improvement"):
