@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from lemb.cli import app
 from lemb.data.readers import read_keys, read_queries
 from lemb.data.schemas import TASKS, history_key_id
 from lemb.data.tasks import task_spec
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = ["nq_oracle", "sst2", "msc", "gutenberg", "toolalpaca", "trec_cast"]
-runner = CliRunner()
 pytestmark = pytest.mark.slow
 
 
 def lemb(*args: str) -> str:
-    result = runner.invoke(app, [*args])
-    assert result.exit_code == 0, result.stderr
+    """One CLI command in its own process, as a user runs it (an in-process vLLM engine would inherit the
+    distributed state that earlier tests' engines left in the test process)."""
+    result = subprocess.run([sys.executable, "-m", "lemb.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
