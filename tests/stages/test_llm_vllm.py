@@ -87,9 +87,9 @@ def test_scoring_just_sampled_prompts_does_not_compute_them_again(vllm_backend, 
     computed = []  # per engine call of score_many: prompt tokens computed, not read from the cache
     run = vllm_backend._run
 
-    def recorded(prompts, params):
+    def recorded(prompts, params, *rest):
         before = vllm_backend.prefilled_tokens
-        outs = run(prompts, params)
+        outs = run(prompts, params, *rest)
         computed.append(vllm_backend.prefilled_tokens - before)
         return outs
 
