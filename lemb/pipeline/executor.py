@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
-from lemb.errors import Interrupted, LembError, MissingDependency
-from lemb.files import remove, write_json
+from lemb.errors import LembError, MissingDependency
+from lemb.files import write_json
 from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
@@ -36,6 +36,7 @@ from lemb.pipeline.shards import (
     finish_stage,
     open_stage,
     progress_path,
+    remove_leftovers,
     shard_path,
     write_shard,
 )
@@ -215,8 +216,8 @@ class Executor:
                 runner = self._run_local if self.settings.executor == "local" else self._run_ray
                 try:
                     failures = runner(stage, plan, out, pending)
-                except (KeyboardInterrupt, Interrupted):
-                    _abandon(out)
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
+                    remove_leftovers(out)  # what in-flight shards left
                     raise
         for f in failures:
             f["ids"] = plan.shard_ids(f["shard"], id_column)
@@ -264,7 +265,7 @@ class Executor:
         running: dict[Any, tuple[int, Any]] = {}
         try:
             return self._drain(ray, stage, plan, out, queue, idle, running, actor_cls, infrastructure)
-        except (KeyboardInterrupt, Interrupted):
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
             for actor in [*idle, *(a for _, a in running.values())]:
                 ray.kill(actor)  # in-flight shards are abandoned; the stage's rerun does them
             if s.address is None:
@@ -305,12 +306,6 @@ class Executor:
         for actor in idle:
             ray.kill(actor)
         return failures
-
-
-def _abandon(stage_dir: Path) -> None:
-    """After an interrupt: remove what in-flight shards left (temporary files, progress files)."""
-    for leftover in [*stage_dir.glob(".*.tmp-*"), *stage_dir.glob("part-*.progress.json")]:
-        remove(leftover)
 
 
 def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:

@@ -274,8 +274,7 @@ def open_stage(
         # output without a manifest cannot be trusted (a killed --restart, or files from elsewhere)
         _discard(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*stage_dir.glob(".*.tmp-*"), *stage_dir.glob("part-*.progress.json")]:  # left by a killed process
-        stale.unlink()
+    remove_leftovers(stage_dir)  # left by a killed or interrupted process
     (stage_dir / FAILURES).unlink(missing_ok=True)
     if not path.exists():
         write_json(path, manifest)
@@ -290,6 +289,12 @@ def open_stage(
             continue
         done.add(i)
     return done
+
+
+def remove_leftovers(stage_dir: Path) -> None:
+    """Temporary files and progress files of shards that did not finish."""
+    for leftover in [*stage_dir.glob(".*.tmp-*"), *stage_dir.glob("part-*.progress.json")]:
+        remove(leftover)
 
 
 def finish_stage(stage_dir: Path, n_shards: int, failures: list[dict[str, Any]]) -> dict[str, Any]:
