@@ -270,7 +270,9 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
     errors = [f"{k!r} {RETIRED[k]}" for k in data if k in RETIRED]
     errors += [f"unknown setting {k!r}" for k in data if k not in names and k not in RETIRED]
     errors += [
-        f"{k} must be {hints[k]}, got {data[k]!r}" for k in data if k in names and not _type_ok(data[k], hints[k])
+        f"{k} must be {_type_name(hints[k])}, got {data[k]!r}"
+        for k in data
+        if k in names and not _type_ok(data[k], hints[k])
     ]
     if errors:
         raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
@@ -281,6 +283,11 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
     if errors:
         raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
     return config
+
+
+def _type_name(hint: Any) -> str:
+    """`int`, `str | None`, `dict[str, float]`: a type as the user would write it in YAML's terms."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 # settings that earlier versions wrote into config.yaml, and what replaced them

@@ -256,41 +256,38 @@ class Executor:
     def _run_ray(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
         s = self.settings
         ray = init_ray(s.address)
-        from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
-
-        infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
-        actor_cls = ray.remote(num_cpus=s.threads, num_gpus=s.num_gpus, max_restarts=0)(_Worker)
         queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
-        idle = [actor_cls.remote(stage, s.threads) for _ in range(min(self._pool_size(ray), len(queue)))]
-        running: dict[Any, tuple[int, Any]] = {}
+        pool = _ActorPool(ray, stage, s, size=min(self._pool_size(ray), len(queue)))
         try:
-            return self._drain(ray, stage, plan, out, queue, idle, running, actor_cls, infrastructure)
+            return self._drain(ray, plan, out, queue, pool)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
-            for actor in [*idle, *(a for _, a in running.values())]:
-                ray.kill(actor)  # in-flight shards are abandoned; the stage's rerun does them
+            pool.stop()  # in-flight shards are abandoned; the stage's rerun does them
             if s.address is None:
                 ray.shutdown()  # the local cluster this process started goes with it
             raise
+        finally:
+            pool.stop()
 
-    def _drain(self, ray, stage, plan, out, queue, idle, running, actor_cls, infrastructure) -> list[dict[str, Any]]:
-        """Keep every actor busy until the queue is empty; retry shards whose actor died."""
+    def _drain(self, ray: Any, plan: ShardPlan, out: Path, queue: list[int], pool: _ActorPool) -> list[dict[str, Any]]:
+        """Keep every started actor busy until the queue is empty; retry shards whose actor (or node) died."""
         s = self.settings
         attempts: Counter[int] = Counter()
         failures: list[dict[str, Any]] = []
-        while queue or running:
-            while queue and idle:
-                actor, index = idle.pop(), queue.pop(0)
-                task = actor.run.remote(str(out), index, str(plan.inputs[index]), plan.items(index))
-                running[task] = (index, actor)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            index, actor = running.pop(ready[0])
+        while queue or pool.running:
+            while queue and pool.idle:
+                index = queue.pop(0)
+                pool.submit(index, str(out), str(plan.inputs[index]), plan.items(index))
+            ref = pool.wait()
+            if ref in pool.starting:
+                pool.started(ref)
+                continue
+            index, actor = pool.running.pop(ref)
             try:
-                ray.get(ready[0])
-                idle.append(actor)
-            except infrastructure as exc:
+                ray.get(ref)
+                pool.idle.append(actor)
+            except pool.infrastructure as exc:
                 attempts[index] += 1
-                ray.kill(actor)
-                idle.append(actor_cls.remote(stage, s.threads))
+                pool.replace(actor)
                 if attempts[index] > s.max_retries:
                     failures.append(_failure(index, exc, attempts[index]))
                 else:
@@ -302,10 +299,71 @@ class Executor:
                 if isinstance(cause, LembError):
                     raise LembError(str(cause).splitlines()[-1]) from None
                 failures.append(_failure(index, cause))
-                idle.append(actor)
-        for actor in idle:
-            ray.kill(actor)
+                pool.idle.append(actor)
         return failures
+
+
+class _ActorPool:
+    """Ray actors of one stage (one model copy each). A shard goes only to an actor that has started (its setup
+    done): after a node is lost, the replacement of its actor may wait for resources the cluster no longer has,
+    while the actors still alive take the queue. Actors are owned by the driver: they die with it."""
+
+    def __init__(self, ray: Any, stage: Stage, settings: RunSettings, size: int) -> None:
+        from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
+
+        self.ray, self.stage, self.threads = ray, stage, settings.threads
+        self.max_start_failures = settings.max_retries + size
+        self.start_failures = 0
+        self.infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
+        self.actor_cls = ray.remote(num_cpus=settings.threads, num_gpus=settings.num_gpus, max_restarts=0)(_Worker)
+        self.starting: dict[Any, Any] = {}  # ready-ref -> actor whose setup is under way (or waits for resources)
+        self.idle: list[Any] = []
+        self.running: dict[Any, tuple[int, Any]] = {}  # task ref -> (shard, actor)
+        for _ in range(size):
+            self._start()
+
+    def _start(self) -> None:
+        actor = self.actor_cls.remote(self.stage, self.threads)
+        self.starting[actor.__ray_ready__.remote()] = actor
+
+    def submit(self, index: int, out: str, source: str, items: int) -> None:
+        actor = self.idle.pop()
+        self.running[actor.run.remote(out, index, source, items)] = (index, actor)
+
+    def wait(self) -> Any:
+        ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1)
+        return ready[0]
+
+    def started(self, ref: Any) -> None:
+        actor = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.infrastructure as exc:
+            if getattr(exc, "actor_init_failed", False):  # the stage's setup raised: every worker would
+                raise LembError(f"{self.stage.name}: worker setup failed: {_last_line(exc)}") from None
+            self.start_failures += 1  # its process or its node went away before it was ready
+            if self.start_failures > self.max_start_failures:
+                raise LembError(
+                    f"{self.stage.name}: workers keep dying before they start: {_last_line(exc)}"
+                ) from None
+            log.warning("a worker died before it started (%s); starting another", type(exc).__name__)
+            self.replace(actor)
+            return
+        self.idle.append(actor)
+
+    def replace(self, actor: Any) -> None:
+        self.ray.kill(actor)
+        self._start()
+
+    def stop(self) -> None:
+        for actor in [*self.idle, *self.starting.values(), *(a for _, a in self.running.values())]:
+            self.ray.kill(actor)
+        self.idle, self.starting, self.running = [], {}, {}
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:

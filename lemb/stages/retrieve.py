@@ -113,6 +113,8 @@ class SearchQueries(_EncodingStage):
         else:
             index = self.indexes[task]
         top_ids, top_scores = index.search(q, self.config.top_k)
+        if len(top_ids) < self.config.top_k:
+            self.counters["queries_short_of_top_k"] += 1  # the pool holds fewer keys than top_k
         if self.config.add_positives:
             missing = [p for p in query["positive_ids"] if p not in top_ids and p in index.position][: len(top_ids)]
             if missing:  # the lowest-ranked candidates make room for the known positives
@@ -222,6 +224,13 @@ def _partition_corpus(config: RetrieveConfig, wanted: set[str], folder: Path) ->
     return plan, key_tasks, positive_task
 
 
+def _warn_short_pools(stats: dict[str, Any], top_k: int) -> None:
+    short = int(stats.get("queries_short_of_top_k", 0))
+    if short:
+        log.warning("top_k %d is larger than the candidate pool of %d queries: they have fewer candidates "
+                    "(counted as queries_short_of_top_k in the stage stats)", top_k, short)  # fmt: skip
+
+
 def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
     """Run both steps into `out` (default `<run>/retrieve`); returns their stats.
 
@@ -249,6 +258,7 @@ def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = N
                 _check_positives(queries, set(), {}, config.queries, None)
             search = SearchQueries(config, str(keys_dir) if keys_dir else None)
             stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
+            _warn_short_pools(stats["candidates"], config.top_k)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not (out.exists() and any(out.iterdir())):

@@ -106,6 +106,25 @@ def test_ray_retries_a_dead_worker_and_records_data_errors(tmp_path):
         ray.shutdown()
 
 
+class BrokenSetupStage(EchoStage):
+    def setup(self) -> None:
+        raise ValueError("no model at /models/x on this node")
+
+
+@pytest.mark.slow
+def test_ray_worker_whose_setup_raises_stops_the_stage_in_one_line(tmp_path):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with pytest.raises(LembError, match=r"^echo: worker setup failed: ValueError: no model at /models/x") as err:
+            _run(tmp_path, [f"q{i}" for i in range(6)], "ray", BrokenSetupStage(), workers=2)
+        assert "\n" not in str(err.value)
+        assert not list((tmp_path / "echo").glob("part-*.parquet"))
+    finally:
+        ray.shutdown()
+
+
 def test_every_shard_takes_the_worker_path_and_the_run_is_recorded(tmp_path):
     # 2 ids over 3 shards: at least one shard is empty; it too is written by a set-up stage
     stats = _run(tmp_path, ["q1", "q2"], "local")

@@ -173,3 +173,20 @@ def test_batched_labelling_equals_labelling_each_query_alone_default_backend(lab
     # the fixture run labelled in blocks with the default backend (vLLM where installed)
     batched = pl.from_arrow(read_stage(labelled_run / "label")).sort(["query_id", "retrieval_rank"])
     _assert_same_labels(batched, _relabel(labelled_run, tmp_path / "alone", block_tokens=1))
+
+
+def test_top_k_above_the_pool_warns_with_the_count(tiny_data, tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = load_config(
+        RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]), top_k=50, run=str(run),
+        executor="local", shards=1,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="lemb.stages.retrieve"):
+        stats = retrieve(cfg, False)
+    assert stats["candidates"]["queries_short_of_top_k"] == len(QUERIES)
+    assert f"top_k 50 is larger than the candidate pool of {len(QUERIES)} queries" in caplog.text
+    cands = pl.from_arrow(read_stage(run / "retrieve" / "candidates"))
+    pools = {t: sum(k["task"] == t for k in CORPUS) for t in {k["task"] for k in CORPUS}}
+    for q in QUERIES:  # each query has its whole pool: every key of its task, or its whole history
+        n = len(q["history"]) if q["task"] == "chat" else pools[q["task"]]
+        assert cands.filter(pl.col("query_id") == q["query_id"]).height == n
