@@ -6,7 +6,7 @@ answer) and a pool of N = 8 samples of the bare prompt, all scored under every c
 once (transformers sampler, fixed seed) so every variant scores the same continuations. Variants, in one process,
 one after another, one thread:
 
-  naive         every prompt + continuation its own sequence, batched (TransformersLLM.score_naive)
+  naive         every prompt + continuation its own sequence, batched (TransformersBackend.score_naive)
   transformers  lemb's transformers backend: one packed row per prompt (the prompt once, then its continuations,
                 each masked to see only the prompt and itself), the prompts' common prefix cached once per call
   vllm          lemb's vLLM backend: all of a query's requests in one engine call, prompts read from the prefix cache
@@ -289,18 +289,19 @@ def main() -> None:
     args = parser.parse_args()
 
     from lemb.data.tasks import task_spec
-    from lemb.pipeline.config import DEFAULT_LLM
     from lemb.pipeline.executor import set_threads
-    from lemb.stages.llm import TransformersLLM, resolve_llm_path
+    from lemb.stages.llm.hf import TransformersBackend
+    from lemb.stages.models import resolve_model_path
+    from lemb.vocabulary import DEFAULT_LLM
 
     set_threads(args.threads)
     llm_name = args.llm or DEFAULT_LLM
     if args.random_init:
-        llm_name = random_init_llm(resolve_llm_path(llm_name), args.dtype)
+        llm_name = random_init_llm(resolve_model_path(llm_name, "LLM"), args.dtype)
     n_queries = args.queries or (4 if args.quick else 16)
     work = make_workload(args.data, n_queries, args.candidates)
     if args.stage:
-        out = stage_throughput(args, resolve_llm_path(llm_name), work)
+        out = stage_throughput(args, resolve_model_path(llm_name, "LLM"), work)
         out["workload"] = {"llm": llm_name, "dtype": args.dtype, "queries": n_queries, "candidates": args.candidates,
                            "n_samples": args.samples, "per_candidate_samples": args.per_candidate,
                            "threads": args.threads, "cpus": os.cpu_count()}  # fmt: skip
@@ -309,7 +310,7 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=1))
         return
     variants = args.variants.split(",")
-    tf = TransformersLLM(llm_name, dtype=args.dtype)
+    tf = TransformersBackend(llm_name, dtype=args.dtype)
     device = tf.device.type
     # the machine's practical limit: the best of dense-matmul runs taken between the variants (the machine is shared)
     peaks = [matmul_flops(device, args.dtype)]
@@ -318,7 +319,7 @@ def main() -> None:
         sorted({s for s in tf.sample(w["bare"], args.samples, budget, 1.0, seed=i) if s} - {w["target"]})
         for i, w in enumerate(work)
     ]
-    body, head = model_shape(resolve_llm_path(llm_name))
+    body, head = model_shape(resolve_model_path(llm_name, "LLM"))
     prompt_tokens = [[len(tf._encode_prompt(p)) for p in w["prompts"]] for w in work]
     cont_tokens = [[len(c) for c in tf._encode_continuations([w["target"], *pool])] for w, pool in zip(work, pools)]
     # necessary FLOPs: body over each prompt once and every continuation token; vocabulary only where predicted
@@ -343,7 +344,7 @@ def main() -> None:
 
         torch.cuda.empty_cache()
     if "vllm" in variants:
-        from lemb.stages.llm_vllm import VLLMBackend
+        from lemb.stages.llm.vllm_engine import VLLMBackend
 
         peaks.append(matmul_flops(device, args.dtype))
         start = time.perf_counter()

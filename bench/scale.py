@@ -124,8 +124,7 @@ def build_models(folder: Path) -> tuple[str, str]:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    from lemb.stages.encoder import resolve_embedder_path
-    from lemb.stages.llm import resolve_llm_path
+    from lemb.stages.models import resolve_model_path
 
     llm_dir, emb_dir = folder / "tiny-llm", folder / "tiny-embedder"
     if not (llm_dir / "config.json").exists():
@@ -133,11 +132,11 @@ def build_models(folder: Path) -> tuple[str, str]:
 
         from lemb.data.tasks import TASK_SPECS
 
-        src = resolve_llm_path("smollm2-135m-instruct")
+        src = resolve_model_path("smollm2-135m-instruct", "LLM")
         # a byte-level BPE of 2,048 tokens trained on the synthetic vocabulary, with the default LLM's special tokens
         # and chat template: with its 49,152-token vocabulary, the vocabulary projection and softmax of a hidden-64
         # model would be nearly all of label's cost, where the point is to see the pipeline's own
-        words, _ = _vocabulary(resolve_embedder_path("all-minilm-l6-v2"))
+        words, _ = _vocabulary(resolve_model_path("all-minilm-l6-v2", "embedder"))
         texts = [" ".join(words[i : i + 64]) for i in range(0, min(len(words), 40_000), 64)]
         texts += [spec.prompt + "\n" + spec.bare_prompt for spec in TASK_SPECS.values()]
         tokenizer = AutoTokenizer.from_pretrained(src).train_new_from_iterator(texts, vocab_size=2048)
@@ -156,7 +155,7 @@ def build_models(folder: Path) -> tuple[str, str]:
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos).save_pretrained(tmp)
         tmp.rename(llm_dir)
     if not (emb_dir / "config.json").exists():
-        src = resolve_embedder_path("all-minilm-l6-v2")
+        src = resolve_model_path("all-minilm-l6-v2", "embedder")
         base = json.loads((Path(src) / "config.json").read_text())
         config = BertConfig(
             vocab_size=base["vocab_size"], hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -68,9 +68,9 @@ def make_groups(rows: list[dict]) -> list:
 
 def model_path(args: argparse.Namespace) -> str:
     """The model to train: as given, or (--random-init) its architecture with fresh weights, saved once."""
-    from lemb.stages.encoder import resolve_embedder_path
+    from lemb.stages.models import resolve_model_path
 
-    path = resolve_embedder_path(args.model)
+    path = resolve_model_path(args.model, "embedder")
     if not args.random_init:
         return path
     from transformers import AutoConfig, AutoModel, AutoTokenizer

@@ -110,7 +110,7 @@ class Clock:
 
 
 def run_settings(args: argparse.Namespace, run: Path) -> dict[str, Any]:
-    return {"run": str(run), "executor": args.executor, "threads": args.threads, "shards": args.shards}
+    return {"run": str(run), "executor": args.executor, "threads": args.threads}
 
 
 def retrieve_and_label(args: argparse.Namespace, run: Path, queries: Path, corpus: Path, clock: Clock, tag: str):
@@ -123,7 +123,14 @@ def retrieve_and_label(args: argparse.Namespace, run: Path, queries: Path, corpu
     clock(
         f"{tag}/retrieve",
         lambda: retrieve(
-            load_config(RetrieveConfig, queries=str(queries), corpus=str(corpus), top_k=args.top_k, **common),
+            load_config(
+                RetrieveConfig,
+                queries=str(queries),
+                corpus=str(corpus),
+                top_k=args.top_k,
+                shards=args.shards,
+                **common,
+            ),  # fmt: skip
             progress=False,
         ),
     )
@@ -155,7 +162,8 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
         group_size=args.top_k,
         seed=args.seed,
         save_every=0,
-        **run_settings(args, run),
+        run=str(run),
+        threads=args.threads,
         **settings,
     )
     return str(clock(tag, lambda: train(config, progress=False)))
@@ -242,10 +250,10 @@ def prepare_qa(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
-    from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
     from lemb.stages.agreement import agreement as label_agreement
-    from lemb.stages.llm import TransformersLLM
+    from lemb.stages.llm.hf import TransformersBackend
     from lemb.trainer.evaluate import LLMJudge, answer_metrics
+    from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
     data = prepare_qa(args, out / "qa" / "data")
     shared = out / "qa" / "shared"
@@ -260,7 +268,7 @@ def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]
 
     dev = data["dev"]
     llm_dev = dev[: args.dev_llm]
-    judge = LLMJudge(TransformersLLM(DEFAULT_LLM), 24)
+    judge = LLMJudge(TransformersBackend(DEFAULT_LLM), 24)
     metrics: dict[str, dict[str, float]] = {}
     per_query: dict[str, dict[str, dict[str, float]]] = {}
     for name, model in models.items():
@@ -361,9 +369,9 @@ MT_MAIN_METRIC = {
 
 
 def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
-    from lemb.pipeline.config import DEFAULT_EMBEDDER, DEFAULT_LLM
-    from lemb.stages.llm import TransformersLLM
+    from lemb.stages.llm.hf import TransformersBackend
     from lemb.trainer.evaluate import TaskEvaluator
+    from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
     data = prepare_multitask(args, out / "multitask" / "data")
     shared = out / "multitask" / "shared"
@@ -378,7 +386,7 @@ def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[st
 
     from lemb.trainer.evaluate import Ranked
 
-    evaluator = TaskEvaluator(TransformersLLM(DEFAULT_LLM), k=1)  # LLM outputs are cached across models
+    evaluator = TaskEvaluator(TransformersBackend(DEFAULT_LLM), k=1)  # LLM outputs are cached across models
     metrics: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for name, model in models.items():
         kinds = [name.removeprefix("only_")] if name.startswith("only_") else list(MT_KINDS)

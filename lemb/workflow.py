@@ -55,22 +55,30 @@ def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, prog
     s = DEMO_SETTINGS[size]
     files = write_demo(out / "data", size=size)
     run = out / "run"
-    common = {"run": str(run), "executor": executor, "threads": threads, "shards": 4, "restart": True}
+    common = {"run": str(run), "threads": threads}
+    sharded = {**common, "executor": executor}
+    data = {"corpus": str(files["corpus"]), "shards": 4}
     retrieve(
-        load_config(
-            RetrieveConfig, queries=str(files["train"]), corpus=str(files["corpus"]), top_k=s["top_k"], **common
-        ),
+        load_config(RetrieveConfig, queries=str(files["train"]), top_k=s["top_k"], restart=True, **data, **sharded),
         progress,
     )
     label(
-        load_config(LabelConfig, n_samples=s["n_samples"], per_candidate_samples=s["per_candidate_samples"], **common),
+        load_config(
+            LabelConfig,
+            n_samples=s["n_samples"],
+            per_candidate_samples=s["per_candidate_samples"],
+            restart=True,
+            **sharded,
+        ),  # fmt: skip
         progress,
     )
     train(
-        load_config(TrainConfig, steps=s["steps"], batch_size=s["batch_size"], group_size=s["top_k"], **common),
+        load_config(
+            TrainConfig, steps=s["steps"], batch_size=s["batch_size"], group_size=s["top_k"], restart=True, **common
+        ),  # fmt: skip
         progress,
     )
-    eval_config = load_config(EvalConfig, queries=str(files["heldout"]), corpus=str(files["corpus"]), **common)
+    eval_config = load_config(EvalConfig, queries=str(files["heldout"]), **data, **sharded)
     metrics = evaluate_run(eval_config, progress=progress)
     paths = write_report(run, out, metrics)
     log.info("demo report: %s", paths["report"])

@@ -84,10 +84,15 @@ def labelled_run(tiny_data, tmp_path_factory):
     from lemb.stages.retrieve import retrieve
 
     run = tmp_path_factory.mktemp("run")
-    common = {"run": str(run), "executor": "local", "shards": 2}
+    common = {"run": str(run), "executor": "local"}
     retrieve(
         load_config(
-            RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]), top_k=2, **common
+            RetrieveConfig,
+            queries=str(tiny_data["queries"]),
+            corpus=str(tiny_data["corpus"]),
+            top_k=2,
+            shards=2,
+            **common,
         ),
         progress=False,
     )

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from lemb.data.readers import read_keys, read_queries
-from lemb.data.schemas import TASKS, history_key_id
+from lemb.data.schemas import history_key_id
 from lemb.data.tasks import task_spec
+from lemb.vocabulary import TASKS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = ["nq_oracle", "sst2", "msc", "gutenberg", "toolalpaca", "trec_cast"]
@@ -41,14 +42,14 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("six")
     data, run = root / "data", root / "run"
     lemb("convert", *SOURCES, "--data", str(DATA), "--out", str(data), "--limit", "2", "--max-keys", "12")
-    local = ["--run", str(run), "--executor", "local", "--shards", "2", "--quiet"]
+    local = ["--run", str(run), "--executor", "local", "--quiet"]
     files = ["--queries", str(data / "queries.jsonl"), "--corpus", str(data / "corpus.jsonl")]
-    lemb("retrieve", *files, "--top-k", "2", *local)
+    lemb("retrieve", *files, "--top-k", "2", "--shards", "2", *local)
     lemb("label", "--n-samples", "2", "--per-candidate-samples", "0", *local)
     # tasks are drawn at random per batch; with seed 2 the first 12 batches hold every task
     (root / "train.yaml").write_text(yaml.safe_dump({"seed": 2}))
     lemb("train", "--steps", "12", "--batch-size", "2", "--config", str(root / "train.yaml"), *local[:2], "--quiet")
-    lemb("eval", *files, *local)
+    lemb("eval", *files, "--shards", "2", *local)
     return run
 
 
@@ -108,12 +109,12 @@ def test_each_task_reports_its_own_metrics(run):
 
 def test_perplexity_is_of_the_target_with_the_top_retrieved_history_item(run):
     from lemb.data.tasks import build_prompt
-    from lemb.stages.llm import TransformersLLM
+    from lemb.stages.llm.hf import TransformersBackend
 
     details = json.loads((run / "eval" / "details.json").read_text())["trained"]
     queries = read_queries(run.parent / "data" / "queries.jsonl").to_pylist()
     q = next(q for q in queries if q["task"] == "lrlm")
     top = details["ranking"][q["query_id"]][0][0]
     prompt = build_prompt("lrlm", q["text"], q["history"][int(top.rsplit("#h", 1)[1])])
-    expected = TransformersLLM().score(prompt, [q["target"]], reduce="sum")[0]
+    expected = TransformersBackend().score(prompt, [q["target"]], reduce="sum")[0]
     assert details["target_logprobs"][q["query_id"]] == pytest.approx(list(expected), rel=1e-6)

@@ -34,6 +34,7 @@ import pyarrow as pa
 from lemb.data import schemas
 from lemb.errors import InputError
 from lemb.files import write_text
+from lemb.vocabulary import PER_QUERY_TASKS, TASKS
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,8 @@ def read_flagembedding(path: str | Path, task: str | None = None) -> tuple[list[
             raise InputError(path, where, "task", "missing; pass task=")
         if task is not None and qtask != task:
             raise InputError(path, where, "task", f"{qtask!r} in a file read as {task!r}")
-        if qtask not in schemas.TASKS:
-            raise InputError(path, where, "task", f"unknown task {qtask!r}; known: {', '.join(schemas.TASKS)}")
+        if qtask not in TASKS:
+            raise InputError(path, where, "task", f"unknown task {qtask!r}; known: {', '.join(TASKS)}")
         qid = _query_id(item, qtask, index)
         if qid in seen:
             raise InputError(path, where, "query_id", f"duplicate id {qid!r}")
@@ -126,7 +127,7 @@ def read_flagembedding(path: str | Path, task: str | None = None) -> tuple[list[
         answers = _strings(path, where, item, "answers")
         pos, neg = _strings(path, where, item, "pos"), _strings(path, where, item, "neg")
         history = _strings(path, where, item, "history") if "history" in item else None
-        if qtask in schemas.PER_QUERY_TASKS:
+        if qtask in PER_QUERY_TASKS:
             if history is None:  # lrlm: pos + neg are the earlier chunks
                 history, slots = pos + neg, list(range(len(pos) + len(neg)))
             elif pos or neg:  # lemb's form for a candidate subset of the history
@@ -211,7 +212,7 @@ def write_flagembedding(
         out: dict[str, Any] = {"query_id": qid, "task": task, "query": q["text"]}
         if q.get("target") is not None:
             out["answers"] = [q["target"]]
-        if task in schemas.PER_QUERY_TASKS:
+        if task in PER_QUERY_TASKS:
             slot = {schemas.history_key_id(qid, i): i for i in range(len(history))}
             unknown = [k for k in list(cands) + known if k not in slot]
             if unknown:

@@ -16,11 +16,7 @@ import pyarrow.parquet as pq
 from lemb.data import schemas
 from lemb.errors import InputError
 from lemb.files import atomic
-
-
-def _load_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs; the location is 'line N' for JSONL and 'row N' for Parquet."""
-    return list(_iter_raw(path, 65_536))
+from lemb.vocabulary import PER_QUERY_TASKS, TASKS
 
 
 def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Schema, id_field: str) -> dict[str, Any]:
@@ -45,8 +41,8 @@ def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Sch
         raise InputError(path, label, "text", "empty text")
     if not clean[id_field].strip():
         raise InputError(path, label, id_field, "empty id")
-    if clean["task"] not in schemas.TASKS:
-        raise InputError(path, label, "task", f"unknown task {clean['task']!r}; known: {', '.join(schemas.TASKS)}")
+    if clean["task"] not in TASKS:
+        raise InputError(path, label, "task", f"unknown task {clean['task']!r}; known: {', '.join(TASKS)}")
     return clean
 
 
@@ -116,7 +112,7 @@ def iter_keys(path: str | Path, batch_rows: int = 10_000):
 
 
 def _check_history(path: Path, record: dict[str, Any]) -> None:
-    if record["task"] in schemas.PER_QUERY_TASKS and not record["history"]:
+    if record["task"] in PER_QUERY_TASKS and not record["history"]:
         raise InputError(path, f"query_id {record['query_id']!r}", "history", f"task {record['task']} needs a history")
 
 
@@ -129,7 +125,7 @@ def _read(path: str | Path, schema: pa.Schema, id_field: str) -> pa.Table:
     path = Path(path)
     seen: dict[str, str] = {}
     records = []
-    for where, raw in _load_rows(path):
+    for where, raw in _iter_raw(path, 65_536):
         rec = _check_record(path, where, raw, schema, id_field)
         if rec[id_field] in seen:
             raise InputError(path, where, id_field, f"duplicate id {rec[id_field]!r} (first at {seen[rec[id_field]]})")

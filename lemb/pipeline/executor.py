@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
 from lemb.files import write_json
-from lemb.pipeline.config import RunSettings, config_hash, save_config, to_dict
+from lemb.pipeline.config import Cluster, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
     ShardPlan,
@@ -191,8 +191,8 @@ class Executor:
     `inputs` are the files the stage's output depends on (fingerprinted in the manifest); `id_column` names the
     ids that failure records list."""
 
-    def __init__(self, settings: RunSettings, progress: bool = True) -> None:
-        self.settings, self.progress = settings, progress
+    def __init__(self, cluster: Cluster, restart: bool = False, progress: bool = True) -> None:
+        self.settings, self.restart, self.progress = cluster, restart, progress
 
     def run(
         self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str
@@ -205,7 +205,7 @@ class Executor:
         self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str
     ) -> dict[str, Any]:
         digest = config_hash(config, stage.fingerprint())
-        done = open_stage(out, stage.name, to_dict(config), digest, inputs, plan, restart=self.settings.restart)
+        done = open_stage(out, stage.name, to_dict(config), digest, inputs, plan, restart=self.restart)
         save_config(config, out)
         pending = [i for i in range(len(plan)) if i not in done]
         if done:
@@ -308,7 +308,7 @@ class _ActorPool:
     done): after a node is lost, the replacement of its actor may wait for resources the cluster no longer has,
     while the actors still alive take the queue. Actors are owned by the driver: they die with it."""
 
-    def __init__(self, ray: Any, stage: Stage, settings: RunSettings, size: int) -> None:
+    def __init__(self, ray: Any, stage: Stage, settings: Cluster, size: int) -> None:
         from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
         self.ray, self.stage, self.threads = ray, stage, settings.threads

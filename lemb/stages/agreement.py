@@ -27,10 +27,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query
+from lemb.files import write_json
 from lemb.pipeline.shards import stage_files
-from lemb.stages.reward import REWARD_KINDS, row_reward
+from lemb.stages.reward import row_reward
+from lemb.vocabulary import REWARDS
 
-ORDERS = ("retrieval", *REWARD_KINDS)
+ORDERS = ("retrieval", *REWARDS)
 COLUMNS = (
     "query_id", "task", "key_id", "retrieval_rank", "positive_ids", "skip_reason", "target_logprob",
     "sample_logprobs", "sample_counts", "baseline_target_logprob", "baseline_sample_logprobs",
@@ -107,7 +109,7 @@ def agreement(label_dir: Path) -> dict[str, Any]:
             positive = [r["key_id"] in positives for r in rows]
             tally = tallies[rows[0]["task"]]
             tally["retrieval"].add([-float(r["retrieval_rank"]) for r in rows], positive, EXACT)
-            for kind in REWARD_KINDS:
+            for kind in REWARDS:
                 rewards = [row_reward(kind, r, tol, path) for r in rows]
                 values = [0.0] * len(rows) if None in rewards else [float(v) for v in rewards]
                 tally[kind].add(values, positive, tol if kind == "likelihood" else EXACT)
@@ -130,3 +132,11 @@ def agreement_table(report: dict[str, Any]) -> str:
         if not by_order["retrieval"]["with_positive"]:
             lines.append(f"{task:<10}(no query of this task has a positive: agreement with gold is not defined)")
     return "\n".join(lines)
+
+
+def agreement_report(label_dir: Path, json_out: Path | None = None) -> str:
+    """`lemb inspect LABEL --agreement`: the table, and the report as JSON where asked."""
+    report = agreement(label_dir)
+    if json_out:
+        write_json(json_out, report)
+    return agreement_table(report)

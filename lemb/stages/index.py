@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lemb.errors import MissingDependency
-
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+from lemb.vocabulary import INDEX_KINDS
 
 
 def faiss_module() -> Any:

@@ -97,11 +97,11 @@ class LabelStage(Stage):
         blocks: list[list[list[dict[str, Any]]]] = []
         if not queries:
             return blocks
-        first = _prompts(queries[0])
+        first = query_prompts(queries[0])
         chars_per_token = sum(map(len, first)) / max(1, sum(self.llm.prompt_lengths(first)))
         held = 0.0
         for rows in queries:
-            tokens = sum(map(len, _prompts(rows))) / chars_per_token
+            tokens = sum(map(len, query_prompts(rows))) / chars_per_token
             if blocks and blocks[-1][0][0]["task"] == rows[0]["task"] and held + tokens <= self.block_tokens:
                 blocks[-1].append(rows)
                 held += tokens
@@ -126,7 +126,7 @@ class LabelStage(Stage):
         if not todo:
             report.finish()
             return out
-        prompts = [_prompts(rows) for rows in todo]
+        prompts = [query_prompts(rows) for rows in todo]
         ns = [[c.n_samples] + [c.per_candidate_samples] * len(rows) for rows in todo]
         seeds = [[derive_seed(c.seed, rows[0]["query_id"], *k) for k in _prompt_keys(rows)] for rows in todo]
         start, generated = time.perf_counter(), self.llm.generated_tokens
@@ -219,7 +219,7 @@ class _BlockProgress:
         self._to(1.0)
 
 
-def _prompts(rows: list[dict[str, Any]]) -> list[str]:
+def query_prompts(rows: list[dict[str, Any]]) -> list[str]:
     """The query's bare prompt, then one prompt per candidate."""
     first = rows[0]
     return [build_prompt(first["task"], first["query_text"], None)] + [
@@ -256,10 +256,12 @@ def candidates_plan(run: Path) -> ShardPlan:
 
 
 def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
-    from lemb.stages.llm import resolve_llm_path
+    from lemb.stages.models import resolve_model_path
 
-    resolve_llm_path(config.llm)  # a missing model fails here, not in every worker
+    resolve_model_path(config.llm, "LLM")  # a missing model fails here, not in every worker
     run = Path(config.run)
     plan = candidates_plan(run)
     inputs = [run / "retrieve" / "candidates" / MANIFEST]
-    return Executor(config, progress).run(LabelStage(config), plan, run / "label", config, inputs, "query_id")
+    return Executor(config.cluster, config.restart, progress).run(
+        LabelStage(config), plan, run / "label", config, inputs, "query_id"
+    )

@@ -22,7 +22,7 @@ from lemb.data.schemas import by_query
 from lemb.data.tasks import task_spec
 from lemb.pipeline.config import LabelConfig
 from lemb.pipeline.executor import set_threads
-from lemb.stages.label import LabelStage, _prompts, candidates_plan
+from lemb.stages.label import LabelStage, candidates_plan, query_prompts
 
 
 def param_count(path: str) -> int | None:
@@ -45,7 +45,7 @@ def _calibrate(config: LabelConfig, queries: list[list[dict[str, Any]]], n: int)
     """Seconds and counters per query from the real stage on the first n + 1 queries that carry a target, each
     labelled on its own (a block of one query: the slowest case, so the estimate is an upper bound)."""
     chosen = [rows for rows in queries if (rows[0]["target"] or "").strip()][: n + 1]
-    set_threads(config.threads)
+    set_threads(config.cluster.threads)
     stage = LabelStage(config)
     start = time.perf_counter()
     stage.setup()
@@ -74,9 +74,10 @@ def _calibrate(config: LabelConfig, queries: list[list[dict[str, Any]]], n: int)
 def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from lemb.stages.llm import LLMBackend, resolve_llm_path
+    from lemb.stages.llm import LLMBackend
+    from lemb.stages.models import resolve_model_path
 
-    path = resolve_llm_path(config.llm)
+    path = resolve_model_path(config.llm, "LLM")
     codec = LLMBackend()
     codec._init_codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code), None)
     c, m = config.n_samples, config.per_candidate_samples
@@ -91,7 +92,7 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
             if not (rows[0]["target"] or "").strip():
                 continue
             labelled += 1
-            messages = _prompts(rows)
+            messages = query_prompts(rows)
             prompts += len(messages)
             prompt_tokens += sum(codec.prompt_lengths(messages))
             samples += c + m * len(rows)
@@ -121,8 +122,9 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
         plan["llm_tokens"] = round(tokens)
         if plan["parameters"]:
             plan["flops"] = 2.0 * plan["parameters"] * tokens
-        cluster = (os.cpu_count() or 1) // config.threads
-        workers = max(1, config.workers or (1 if config.executor == "local" else cluster))
+        c = config.cluster
+        cluster = (os.cpu_count() or 1) // c.threads
+        workers = max(1, c.workers or (1 if c.executor == "local" else cluster))
         plan["workers"] = workers
         per_worker = cal["seconds_per_query"] * labelled / workers
         plan["wall_seconds"] = cal["setup_seconds"] + cal["warmup_seconds"] + per_worker

@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 from lemb.data import schemas
 from lemb.errors import LembError
 from lemb.pipeline.shards import shard_path, stage_files, write_shard
-from lemb.stages.reward import REWARD_KINDS, row_reward
+from lemb.stages.reward import row_reward
+from lemb.vocabulary import REWARDS
 
 
 def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6) -> dict[str, Any]:
     """Write `<run>/rescore/<kind>/` and return its summary: rows, rows with a reward, mean reward per task."""
-    if kind not in REWARD_KINDS:
-        raise LembError(f"--reward {kind!r}: known rewards are {', '.join(REWARD_KINDS)}")
+    if kind not in REWARDS:
+        raise LembError(f"--reward {kind!r}: known rewards are {', '.join(REWARDS)}")
     label_dir = Path(run) / "label"
     stage_files(label_dir)  # refuses a missing, unfinished or damaged label stage
     n_shards = len(json.loads((label_dir / "_manifest.json").read_text())["plan"])

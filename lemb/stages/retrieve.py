@@ -29,8 +29,10 @@ from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import ShardPlan, partition
-from lemb.stages.encoder import Encoder, resolve_embedder_path
+from lemb.stages.encoder import Encoder
 from lemb.stages.index import TaskIndex, indexes_from_shards
+from lemb.stages.models import resolve_model_path
+from lemb.vocabulary import PER_QUERY_TASKS, TASKS
 
 log = logging.getLogger(__name__)
 ENCODE_BLOCK = 1024  # texts encoded between two progress reports
@@ -45,7 +47,7 @@ class _EncodingStage(Stage):
         self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"instructions": {t: instructions(self.config.instructions, t) for t in schemas.TASKS}}
+        return {"instructions": {t: instructions(self.config.instructions, t) for t in TASKS}}
 
     def _encode(self, texts: list[str], instruction: str) -> np.ndarray:
         """Encode in blocks, reporting progress after each."""
@@ -108,7 +110,7 @@ class SearchQueries(_EncodingStage):
         self.indexes = indexes_from_shards(Path(self.keys_dir), c.index, **options)
 
     def _rank(self, q: np.ndarray, task: str, query: dict[str, Any]) -> tuple[list[str], list[float]]:
-        if task in schemas.PER_QUERY_TASKS:
+        if task in PER_QUERY_TASKS:
             index = history_index(self.encoder, query, instructions(self.config.instructions, task)[1])
         else:
             index = self.indexes[task]
@@ -140,7 +142,7 @@ class SearchQueries(_EncodingStage):
                 out["query_text"] += [query["text"]] * n
                 out["target"] += [query["target"]] * n
                 out["positive_ids"] += [query["positive_ids"]] * n
-                if task in schemas.PER_QUERY_TASKS:
+                if task in PER_QUERY_TASKS:
                     out["key_text"] += [query["history"][int(k.rsplit("#h", 1)[1])] for k in ids]
                 else:
                     out["key_text"] += [None] * n  # filled from the key shards below
@@ -179,7 +181,7 @@ def _check_positives(
         lengths = pc.list_value_length(table.column("history")).to_pylist()
         for q, n_history in zip(table.select(["query_id", "task", "positive_ids"]).to_pylist(), lengths):
             where = f"query_id {q['query_id']!r}"
-            if q["task"] in schemas.PER_QUERY_TASKS:
+            if q["task"] in PER_QUERY_TASKS:
                 valid = {schemas.history_key_id(q["query_id"], i) for i in range(n_history or 0)}
                 bad = [p for p in q["positive_ids"] if p not in valid]
             elif q["task"] not in key_tasks:
@@ -199,7 +201,7 @@ def _partition_queries(config: RetrieveConfig, folder: Path) -> tuple[ShardPlan,
     def batches():
         for batch in iter_queries(config.queries):
             for task, ids in zip(batch.column("task").to_pylist(), batch.column("positive_ids").to_pylist()):
-                if task not in schemas.PER_QUERY_TASKS:
+                if task not in PER_QUERY_TASKS:
                     wanted.update(ids)
             yield batch
 
@@ -231,17 +233,19 @@ def _warn_short_pools(stats: dict[str, Any], top_k: int) -> None:
                     "(counted as queries_short_of_top_k in the stage stats)", top_k, short)  # fmt: skip
 
 
-def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+def retrieve(
+    config: RetrieveConfig, progress: bool = True, out: Path | None = None, warn_short_pools: bool = True
+) -> dict[str, Any]:
     """Run both steps into `out` (default `<run>/retrieve`); returns their stats.
 
     Queries and corpus stream through the record checks into per-shard input files (a hidden folder beside the
     output, removed at the end), so neither the driver nor a worker holds more than a shard of either; every
     input is validated before anything is embedded."""
-    resolve_embedder_path(config.embedder)  # a missing model fails here, not in every worker
+    resolve_model_path(config.embedder, "embedder")  # a missing model fails here, not in every worker
     out = Path(config.run) / "retrieve" if out is None else out
     staging = out / ".input"
     inputs = [Path(p) for p in (config.queries, config.corpus) if p]
-    executor = Executor(config, progress)
+    executor = Executor(config.cluster, config.restart, progress)
     stats: dict[str, Any] = {}
     new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
     lock = StageLock(out, "retrieve")
@@ -258,7 +262,8 @@ def retrieve(config: RetrieveConfig, progress: bool = True, out: Path | None = N
                 _check_positives(queries, set(), {}, config.queries, None)
             search = SearchQueries(config, str(keys_dir) if keys_dir else None)
             stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
-            _warn_short_pools(stats["candidates"], config.top_k)
+            if warn_short_pools:  # eval ranks to a fixed depth: short pools are expected there
+                _warn_short_pools(stats["candidates"], config.top_k)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not (out.exists() and any(out.iterdir())):

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lemb.errors import InputError
+from lemb.vocabulary import REWARDS
 
-REWARD_KINDS = ("rank", "likelihood", "improvement")
 LOGPROB_FIELDS = ("target_logprob", "sample_logprobs", "baseline_target_logprob", "baseline_sample_logprobs")
 _SPACE = re.compile(r"\s+")
 
@@ -50,11 +50,11 @@ def build_pool(samples: Sequence[str], target: str) -> tuple[list[str], list[int
 
 
 def rank_of_target(
-    target_score: float, sample_scores: Sequence[float], counts: Sequence[int], tie_tol: float = 1e-6
+    target_score: float, sample_scores: Sequence[float], counts: Sequence[int], tie_tolerance: float = 1e-6
 ) -> float:
     """1 + #samples scoring above the target + 0.5 * #samples tied with it (weighted by multiplicity)."""
-    above = sum(c for s, c in zip(sample_scores, counts, strict=True) if s > target_score + tie_tol)
-    tied = sum(c for s, c in zip(sample_scores, counts, strict=True) if abs(s - target_score) <= tie_tol)
+    above = sum(c for s, c in zip(sample_scores, counts, strict=True) if s > target_score + tie_tolerance)
+    tied = sum(c for s, c in zip(sample_scores, counts, strict=True) if abs(s - target_score) <= tie_tolerance)
     return 1.0 + above + 0.5 * tied
 
 
@@ -72,21 +72,21 @@ def reward_from_logprobs(
     counts: Sequence[int],
     baseline_target_logprob: float,
     baseline_sample_logprobs: Sequence[float],
-    tie_tol: float = 1e-6,
+    tie_tolerance: float = 1e-6,
 ) -> float:
-    """Any of the REWARD_KINDS from the raw log-probabilities kept in a reward shard."""
+    """Any of the REWARDS from the raw log-probabilities kept in a reward shard."""
     if kind == "likelihood":
         return float(target_logprob)
     n = int(sum(counts))
-    rank = rank_of_target(target_logprob, sample_logprobs, counts, tie_tol)
+    rank = rank_of_target(target_logprob, sample_logprobs, counts, tie_tolerance)
     if kind == "rank":
         return rank_reward(rank, n)
     if kind == "improvement":
-        return rank_of_target(baseline_target_logprob, baseline_sample_logprobs, counts, tie_tol) - rank
-    raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(REWARD_KINDS)}")
+        return rank_of_target(baseline_target_logprob, baseline_sample_logprobs, counts, tie_tolerance) - rank
+    raise ValueError(f"unknown reward kind {kind!r}; known: {', '.join(REWARDS)}")
 
 
-def row_reward(kind: str, row: Mapping[str, Any], tie_tol: float, source: object) -> float | None:
+def row_reward(kind: str, row: Mapping[str, Any], tie_tolerance: float, source: object) -> float | None:
     """The `kind` reward of one reward-shard row, recomputed from its log-probabilities; None for a row without
     signal (`skip_reason` set). A log-probability that is missing or not finite is an InputError naming `source`,
     the row's query and key, and the field: whichever reward is asked for, none is computed from it."""
@@ -99,5 +99,5 @@ def row_reward(kind: str, row: Mapping[str, Any], tie_tol: float, source: object
             raise InputError(source, where, name, f"not a finite log-probability ({row[name]})")
     return reward_from_logprobs(
         kind, row["target_logprob"], row["sample_logprobs"], row["sample_counts"], row["baseline_target_logprob"],
-        row["baseline_sample_logprobs"], tie_tol,
+        row["baseline_sample_logprobs"], tie_tolerance,
     )  # fmt: skip

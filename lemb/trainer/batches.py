@@ -78,7 +78,7 @@ def build_groups(
     reward_kind: str,
     group_size: int,
     source: str,
-    tie_tol: float = 1e-6,
+    tie_tolerance: float = 1e-6,
     positives_only: frozenset[str] = frozenset(),
     texts_file: Path | None = None,
 ) -> tuple[LabelledGroups, Counter[str]]:
@@ -111,7 +111,7 @@ def build_groups(
                 continue
             reward = [0.0] * len(chosen)
             if not contrastive:
-                reward = [float(row_reward(reward_kind, r, tie_tol, source)) for r in chosen]
+                reward = [float(row_reward(reward_kind, r, tie_tolerance, source)) for r in chosen]
             ids.append(qid)
             tasks.append(task)
             pad = group_size - len(chosen)

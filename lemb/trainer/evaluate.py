@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query
 from lemb.data.tasks import build_prompt, task_spec
-from lemb.pipeline.config import EvalConfig, RetrieveConfig, RunSettings, load_config
+from lemb.pipeline.config import EvalConfig, RetrieveConfig, load_config
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.shards import stage_files
 from lemb.stages.retrieve import retrieve
@@ -67,13 +67,13 @@ def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True,
     """Rank `config.queries` over `config.corpus` with `model` by running the retrieve stage into `out` (the same
     encode -> index -> top-K as training's candidates; no positives added), then read its candidate shards."""
     out = Path(out)
-    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(RunSettings)}
     retrieve_config = load_config(
-        RetrieveConfig, **{**settings, "restart": True}, queries=config.queries, corpus=config.corpus,
+        RetrieveConfig, run=config.run, cluster=dataclasses.asdict(config.cluster), shards=config.shards, restart=True,
+        queries=config.queries, corpus=config.corpus,
         embedder=model, instructions=config.instructions, top_k=depth, add_positives=False,
         batch_size=config.batch_size, max_length=config.max_length,
     )  # fmt: skip
-    retrieve(retrieve_config, progress, out=out)
+    retrieve(retrieve_config, progress, out=out, warn_short_pools=False)
     ranking: dict[str, list[tuple[str, float]]] = {}
     queries, key_text = [], {}
     for path in stage_files(out / "candidates"):
@@ -227,7 +227,7 @@ class TaskEvaluator:
 def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = True) -> dict[str, Any]:
     """{embedder name: {"all": metrics, "<task>": metrics}} plus per-query rankings and answers; each embedder's
     ranking is a retrieve run under `<run>/eval/<name>/`."""
-    set_threads(config.threads)
+    set_threads(config.cluster.threads)
     llm = None
     evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)
     results: dict[str, Any] = {}
@@ -236,9 +236,9 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
         ranked = rank(config, model, Path(config.run) / "eval" / name, progress)
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
         if llm is None and config.answer_k > 0 and needs_llm:
-            from lemb.stages.llm import TransformersLLM
+            from lemb.stages.llm.hf import TransformersBackend
 
-            llm = TransformersLLM(config.llm)
+            llm = TransformersBackend(config.llm)
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
         log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
         results[name], details[name] = evaluator.run(ranked)

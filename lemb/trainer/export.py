@@ -101,3 +101,11 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def export(model_path: Path, out: Path, fmt: str) -> tuple[Path, str]:
+    """`lemb export`: the model in the layout `fmt` names; returns the folder and the flags its users pass."""
+    if fmt not in FORMATS:
+        raise LembError(f"--format {fmt!r}: known formats are {', '.join(FORMATS)}")
+    path = export_flagembedding(model_path, out)
+    return path, json.loads((path / "export.json").read_text())["flags"]

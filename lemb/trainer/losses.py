@@ -17,10 +17,13 @@ the query's own candidates, which would otherwise be false negatives).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("graded", "kl", "contrastive")
+from lemb.vocabulary import LOSSES
+
 NEG_INF = float("-inf")
 
 
@@ -120,22 +123,18 @@ def contrastive_loss(
     return per_query[has_pos].mean()
 
 
-def compute_loss(
-    name: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    rewards: torch.Tensor,
-    valid: torch.Tensor,
-    positive: torch.Tensor,
-    tau: float,
-    alpha: float,
-    in_batch: bool,
-    in_batch_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+Loss = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def make_loss(name: str, tau: float, alpha: float, in_batch: bool) -> Loss:
+    """A task's loss, built once: a function of the query and key embeddings and the collated batch (its
+    `rewards`, `valid`, `positive` and `in_batch_mask` tensors)."""
     if name == "graded":
-        return graded_loss(q, k, rewards, valid, tau=tau, alpha=alpha, in_batch=in_batch, in_batch_mask=in_batch_mask)
+        return lambda q, k, b: graded_loss(q, k, b["rewards"], b["valid"], tau=tau, alpha=alpha, in_batch=in_batch,
+                                           in_batch_mask=b["in_batch_mask"])  # fmt: skip
     if name == "kl":
-        return kl_loss(q, k, rewards, valid, tau=tau, alpha=alpha)
+        return lambda q, k, b: kl_loss(q, k, b["rewards"], b["valid"], tau=tau, alpha=alpha)
     if name == "contrastive":
-        return contrastive_loss(q, k, positive, valid, tau=tau, in_batch=in_batch, in_batch_mask=in_batch_mask)
+        return lambda q, k, b: contrastive_loss(q, k, b["positive"], b["valid"], tau=tau, in_batch=in_batch,
+                                                in_batch_mask=b["in_batch_mask"])  # fmt: skip
     raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")

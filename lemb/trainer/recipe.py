@@ -19,21 +19,49 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from lemb.data.schemas import TASKS
 from lemb.data.tasks import instructions, task_spec
 from lemb.errors import LembError, StageConflict
-from lemb.files import atomic, move_aside, remove, write_json
+from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, LabelledGroups, TaskBatchSampler, build_groups, collate
-from lemb.trainer.losses import compute_loss
+from lemb.trainer.losses import make_loss
 from lemb.trainer.step import Precision, World, backward_step
+from lemb.vocabulary import TASKS
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"  # one row per step: step, task, loss, lr
+
+
+class TrainLog:
+    """The training log, a row per step written as the step ends. A resumed run first drops the rows past its
+    checkpoint (steps a killed run did after it), so the log of a resumed run equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool = True) -> None:
+        self.last: dict[str, Any] | None = None
+        self.fh = None
+        if not enabled:
+            return
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+        write_text(path, "".join(line + "\n" for line in kept))  # in one rename: a kill here loses no row
+        self.fh = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.last = row
+        if self.fh is not None:
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 class TrainRecipe:
@@ -70,14 +98,16 @@ class TrainRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (c.steps - s) / max(c.steps - warmup, 1)))
         )
+        self.losses = {t: make_loss(self._loss_name(t), c.tau, c.alpha, task_spec(t).in_batch_negatives)
+                       for t in sorted(set(self.tasks))}  # fmt: skip
         self.initial_loss: dict[str, float] = {}  # for self-paced scheduling
-        self.history: list[dict[str, Any]] = []
         self.start_step = 0
         if c.resume and (self.out / CHECKPOINT).exists():
             self.load_checkpoint()
         elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
-            for stale in (CHECKPOINT, "config.yaml", "_stats.json", "log.jsonl"):
+            for stale in (CHECKPOINT, "config.yaml", "_stats.json", LOG):
                 (self.out / stale).unlink(missing_ok=True)
+        self.train_log = TrainLog(self.out / LOG, self.start_step, enabled=self.world.rank == 0)
 
     def save_checkpoint(self, step: int) -> None:
         """Everything a resumed run needs to continue bit for bit: weights, optimizer, schedule, step, RNG."""
@@ -93,7 +123,6 @@ class TrainRecipe:
             "grad_scaler": self.precision.scaler.state_dict() if self.precision.scaler else {},
             "rewards": self._rewards_fingerprint(),
             "initial_loss": self.initial_loss,
-            "history": self.history,
         }
         with atomic(self.out / CHECKPOINT) as tmp:
             torch.save(state, tmp)
@@ -126,7 +155,7 @@ class TrainRecipe:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.initial_loss, self.history, self.start_step = state["initial_loss"], state["history"], state["step"]
+        self.initial_loss, self.start_step = state["initial_loss"], state["step"]
         log.info("resuming from step %d of %d", self.start_step, self.config.steps)
 
     def _load_groups(self) -> tuple[LabelledGroups, Any]:
@@ -134,7 +163,7 @@ class TrainRecipe:
         label_dir = self.run / "label"
         files = stage_files(label_dir)
         meta = pq.read_schema(files[0]).metadata or {}
-        tie_tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
+        tie_tolerance = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
         contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")
         self.out.mkdir(parents=True, exist_ok=True)
         for pattern in (".texts-*.arrow", ".*.tmp-*", ".model.old-*"):  # left by a killed run
@@ -143,7 +172,7 @@ class TrainRecipe:
         self.texts_file = self.out / f".texts-{os.getpid()}.arrow"
         shards = (pq.read_table(f) for f in files)
         return build_groups(
-            shards, self.config.reward, self.config.group_size, str(label_dir), tie_tol=tie_tol,
+            shards, self.config.reward, self.config.group_size, str(label_dir), tie_tolerance=tie_tolerance,
             positives_only=contrastive, texts_file=self.texts_file,
         )  # fmt: skip
 
@@ -154,15 +183,11 @@ class TrainRecipe:
         """Forward and backward of one one-task batch; gradients accumulate in the model."""
         c = self.config
         task = batch[0].task
-        spec = task_spec(task)
         q_instr, k_instr = instructions(c.instructions, task)
         data = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch, c.group_size).items()}
 
         def loss_fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-            return compute_loss(
-                self._loss_name(task), q, k, data["rewards"], data["valid"], data["positive"],
-                tau=c.tau, alpha=c.alpha, in_batch=spec.in_batch_negatives, in_batch_mask=data["in_batch_mask"],
-            )  # fmt: skip
+            return self.losses[task](q, k, data)
 
         def scale(loss: float) -> float:
             if not c.self_paced:
@@ -189,7 +214,7 @@ class TrainRecipe:
             task, loss = self._step(batch)
             self.precision.step(self.optimizer)
             self.scheduler.step()
-            self.history.append({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            self.train_log.write({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
             bar.set_postfix({"task": task, "loss": f"{loss:.4f}"}, refresh=False)
             bar.update(1)
             every = c.checkpoint_every
@@ -215,16 +240,13 @@ class TrainRecipe:
                 old = move_aside(path, "old")
         if old is not None:
             remove(old)
-        with open(self.out / "log.jsonl", "w") as fh:
-            for row in self.history:
-                fh.write(json.dumps(row) + "\n")
         stats = {
             "steps": c.steps,
             "groups": len(self.groups),
             "groups_per_task": {t: self.tasks.count(t) for t in tasks},
             "queries_left_out": dict(self.skipped),
             "seconds": self.seconds,
-            "final_loss": self.history[-1]["loss"] if self.history else None,
+            "final_loss": self.train_log.last["loss"] if self.train_log.last else None,
         }
         write_json(self.out / "_stats.json", stats)
         save_config(c, self.out)
@@ -259,7 +281,9 @@ class TrainRecipe:
         raise StageConflict(f"{model}: {changed}; pass --restart to train again")
 
     def cleanup(self) -> None:
-        """Drop the memory-mapped text file of the run's groups."""
+        """Close the training log; drop the memory-mapped text file of the run's groups."""
+        if getattr(self, "train_log", None) is not None:
+            self.train_log.close()
         texts_file = getattr(self, "texts_file", None)
         if texts_file is not None:
             self.groups = None

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from lemb.data.schemas import TASKS
 from lemb.data.tasks import INSTRUCTION_PRESETS, METRICS, TASK_SPECS, instructions
 from lemb.errors import ConfigError
 from lemb.pipeline.config import RetrieveConfig, TrainConfig, load_config
 from lemb.trainer.evaluate import perplexity, retrieval_metrics
+from lemb.vocabulary import TASKS
 
 
 def test_user_table_overrides_named_tasks_and_keeps_the_preset_for_others():

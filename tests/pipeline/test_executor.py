@@ -11,7 +11,7 @@ import pytest
 
 from lemb.data import schemas
 from lemb.errors import LembError
-from lemb.pipeline.config import RunSettings
+from lemb.pipeline.config import Cluster
 from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.shards import partition_table, read_stage
 
@@ -65,9 +65,11 @@ def _work(ids):
 
 
 def _run(tmp_path, ids, executor, stage=None, **settings):
-    cfg = RunSettings(run=str(tmp_path), executor=executor, shards=3, **settings)
+    cluster = Cluster(executor=executor, **settings)
     plan = partition_table(_work(ids), "query_id", 3, tmp_path / "input")
-    return Executor(cfg, progress=False).run(stage or EchoStage(), plan, tmp_path / "echo", cfg, [], "query_id")
+    return Executor(cluster, progress=False).run(
+        stage or EchoStage(), plan, tmp_path / "echo", cluster, [], "query_id"
+    )
 
 
 def test_local_data_error_is_recorded_and_the_other_shards_finish(tmp_path):

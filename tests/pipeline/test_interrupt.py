@@ -62,21 +62,26 @@ def test_label_on_ray_stops_cleanly_and_resumes(labelled_run, tmp_path, signum):
     assert len(list(stage.glob("part-*.parquet"))) == 2
 
 
-def test_retrieve_and_train_stop_cleanly_on_ctrl_c(labelled_run, tiny_data, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_retrieve_stops_cleanly(tiny_data, tmp_path, signum):
     run = tmp_path / "run"
     cmd = _lemb("retrieve", "--run", str(run), "--queries", str(tiny_data["queries"]), "--corpus",
                 str(tiny_data["corpus"]), "--executor", "local", "--top-k", "2", "--shards", "2")  # fmt: skip
-    code, err = _interrupt_when(cmd, lambda: any((run / "retrieve").rglob("part-*.progress.json")), signal.SIGINT)
-    assert code == 130 and "interrupted (SIGINT)" in err, err[-2000:]
+    code, err = _interrupt_when(cmd, lambda: any((run / "retrieve").rglob("part-*.progress.json")), signum)
+    assert code == 128 + signum and f"interrupted ({signal.Signals(signum).name})" in err, err[-2000:]
     assert all(_no_leftovers(d) for d in (run / "retrieve").iterdir() if d.is_dir())
     assert not (run / "retrieve" / ".input").exists()  # the per-shard input files are removed too
-    shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_train_stops_cleanly_keeping_its_checkpoint(labelled_run, tmp_path, signum):
+    run = tmp_path / "run"
     shutil.copytree(labelled_run / "retrieve", run / "retrieve")
     shutil.copytree(labelled_run / "label", run / "label")
     train = _lemb("train", "--run", str(run), "--steps", "400", "--batch-size", "2", "--save-every", "1")
     checkpoint = run / "train" / "checkpoint.pt"
-    code, err = _interrupt_when(train, checkpoint.exists, signal.SIGTERM)
-    assert code == 143 and "interrupted (SIGTERM)" in err, err[-2000:]
+    code, err = _interrupt_when(train, checkpoint.exists, signum)
+    assert code == 128 + signum and f"interrupted ({signal.Signals(signum).name})" in err, err[-2000:]
     leftovers = [p.name for p in (run / "train").iterdir() if p.name.startswith(".")]
     assert checkpoint.exists() and leftovers == [], leftovers  # the texts file and any temporary file are gone
     assert os.path.getsize(checkpoint) > 0

@@ -10,8 +10,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from lemb.pipeline.config import default_backend
 from lemb.pipeline.shards import read_stage
+from lemb.vocabulary import default_backend
 
 
 def _run_until(cmd, ready, extra_wait=0.0, timeout=300):
@@ -52,16 +52,15 @@ def _kill_at_three_points_then_finish(cmd, stage_dir):
 
 
 def _lemb(command, run, *args):
-    """`lemb COMMAND --run RUN ARGS`, in-process executor, 4 shards, no progress bars."""
-    return [sys.executable, "-m", "lemb.cli", command, "--run", str(run), "--executor", "local", "--shards", "4",
-            "--quiet", *args]  # fmt: skip
+    """`lemb COMMAND --run RUN ARGS`, in-process executor, no progress bars."""
+    return [sys.executable, "-m", "lemb.cli", command, "--run", str(run), "--executor", "local", "--quiet", *args]
 
 
 @pytest.mark.slow
 def test_retrieve_killed_and_rerun_equals_uninterrupted(tiny_data, tmp_path):
     def cmd(run):
         return _lemb("retrieve", run, "--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
-                     "--top-k", "2")  # fmt: skip
+                     "--top-k", "2", "--shards", "4")  # fmt: skip
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True)
     _kill_at_three_points_then_finish(cmd(tmp_path / "killed"), tmp_path / "killed" / "retrieve" / "candidates")

@@ -23,10 +23,10 @@ def test_a_moved_run_and_its_data_resume_from_another_directory(labelled_run, ti
     other_cwd = tmp_path / "somewhere" / "else"
     other_cwd.mkdir(parents=True)
     # relative paths from a working directory the first run never saw
-    common = ["--executor", "local", "--quiet", "--shards", "2"]
+    common = ["--executor", "local", "--quiet"]
     retrieve = _lemb(other_cwd, "retrieve", "--run", "../../elsewhere/run", "--queries", "../../elsewhere/data/"
                      + tiny_data["queries"].name, "--corpus", str(data / tiny_data["corpus"].name), "--top-k", "2",
-                     *common)  # fmt: skip
+                     "--shards", "2", *common)  # fmt: skip
     assert retrieve.returncode == 0, retrieve.stderr[-2000:]
     label = _lemb(other_cwd, "label", "--run", str(moved / "run"), "--n-samples", "3", "--per-candidate-samples",
                   "1", *common)  # fmt: skip
@@ -38,7 +38,7 @@ def test_a_moved_run_and_its_data_resume_from_another_directory(labelled_run, ti
     edited = data / tiny_data["queries"].name
     edited.write_text(edited.read_text().replace("Zorbia", "Zorbya"))
     again = _lemb(other_cwd, "retrieve", "--run", str(moved / "run"), "--queries", str(edited), "--corpus",
-                  str(data / tiny_data["corpus"].name), "--top-k", "2", *common)  # fmt: skip
+                  str(data / tiny_data["corpus"].name), "--top-k", "2", "--shards", "2", *common)  # fmt: skip
     assert again.returncode == 1 and "input changed since the first run" in again.stderr
 
 

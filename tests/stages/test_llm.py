@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import lemb.stages.llm as llm_module
-from lemb.pipeline.config import DEFAULT_LLM
 from lemb.pipeline.executor import set_threads
-from lemb.stages.llm import TransformersLLM, _common_prefix, _length_batches, _Packed, clean_sample, resolve_llm_path
+from lemb.stages.llm.base import clean_sample
+from lemb.stages.llm.hf import TransformersBackend, _common_prefix, _length_batches, _Packed
+from lemb.stages.models import resolve_model_path
+from lemb.vocabulary import DEFAULT_LLM
 
 PROMPT = (
     "Context: Quelm is the capital and largest city of Zorbia, a small landlocked country in the northern "
@@ -26,13 +28,13 @@ CONTINUATIONS = [
 
 
 @pytest.fixture(scope="module")
-def llm() -> TransformersLLM:
+def llm() -> TransformersBackend:
     set_threads(1)
-    return TransformersLLM(DEFAULT_LLM)
+    return TransformersBackend(DEFAULT_LLM)
 
 
 @pytest.fixture(scope="module")
-def shared_scores(llm: TransformersLLM) -> dict[str, list[tuple[float, int]]]:
+def shared_scores(llm: TransformersBackend) -> dict[str, list[tuple[float, int]]]:
     return {reduce: llm.score(PROMPT, CONTINUATIONS, reduce=reduce) for reduce in ("mean", "sum")}
 
 
@@ -217,7 +219,7 @@ def test_sampling_prints_no_warnings_and_ignores_the_models_generation_config(ll
     import json
     import warnings
 
-    source = resolve_llm_path(DEFAULT_LLM)
+    source = resolve_model_path(DEFAULT_LLM, "LLM")
     for name in os.listdir(source):
         if name != "generation_config.json":
             os.symlink(os.path.join(source, name), tmp_path / name)
@@ -225,7 +227,7 @@ def test_sampling_prints_no_warnings_and_ignores_the_models_generation_config(ll
         config = json.load(f)
     config.update(do_sample=True, temperature=0.3, top_k=2, top_p=0.5, repetition_penalty=3.0, no_repeat_ngram_size=2)
     (tmp_path / "generation_config.json").write_text(json.dumps(config))
-    tuned = TransformersLLM(str(tmp_path))
+    tuned = TransformersBackend(str(tmp_path))
     capfd.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -276,13 +278,13 @@ def test_render_uses_the_chat_template(llm) -> None:
 def test_resolve_llm_path(tmp_path) -> None:
     missing = os.path.join(str(tmp_path), "no-such-model")
     with pytest.raises(FileNotFoundError, match="no-such-model") as info:
-        resolve_llm_path(missing)
+        resolve_model_path(missing, "LLM")
     assert missing in str(info.value)
     with pytest.raises(FileNotFoundError):
-        resolve_llm_path("./also-missing")
-    assert resolve_llm_path(str(tmp_path)) == str(tmp_path)
-    assert resolve_llm_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert os.path.isfile(os.path.join(resolve_llm_path(DEFAULT_LLM), "config.json"))
+        resolve_model_path("./also-missing", "LLM")
+    assert resolve_model_path(str(tmp_path), "LLM") == str(tmp_path)
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct", "LLM") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert os.path.isfile(os.path.join(resolve_model_path(DEFAULT_LLM, "LLM"), "config.json"))
 
 
 def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> None:
@@ -297,7 +299,7 @@ def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> No
     monkeypatch.setattr(llm, "sliding_window", 40)  # the first prompt alone is longer
     calls = []
     monkeypatch.setattr(
-        llm, "score_naive", lambda *a, **k: calls.append(a) or TransformersLLM.score_naive(llm, *a, **k)
+        llm, "score_naive", lambda *a, **k: calls.append(a) or TransformersBackend.score_naive(llm, *a, **k)
     )
     windowed = llm.score_many(items, reduce="sum")
     assert len(calls) == 2, "a window shorter than an item sends every item down the per-sequence path"
@@ -320,7 +322,7 @@ def test_a_model_without_sdpa_loads_with_eager_attention_and_scores_the_same(llm
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(no_sdpa))
-    eager = TransformersLLM(DEFAULT_LLM)
+    eager = TransformersBackend(DEFAULT_LLM)
     assert eager.model.config._attn_implementation == "eager"
     items = [(PROMPT, CONTINUATIONS), ("Say a city.", CONTINUATIONS[2:])]
     for row_a, row_b in zip(eager.score_many(items, reduce="sum"), llm.score_many(items, reduce="sum")):

@@ -7,9 +7,11 @@ import pytest
 from lemb.data.tasks import build_prompt
 from lemb.errors import ConfigError
 from lemb.pipeline import config as config_module
-from lemb.pipeline.config import DEFAULT_LLM, LabelConfig, load_config
+from lemb.pipeline.config import LabelConfig, load_config
 from lemb.pipeline.executor import set_threads
-from lemb.stages.llm import TransformersLLM, load_llm
+from lemb.stages.llm import load_llm
+from lemb.stages.llm.hf import TransformersBackend
+from lemb.vocabulary import DEFAULT_LLM
 from tests.stages.test_llm import CONTINUATIONS, PROMPT
 
 pytest.importorskip("vllm")
@@ -25,8 +27,8 @@ def vllm_backend():
 
 
 @pytest.fixture(scope="module")
-def transformers_backend() -> TransformersLLM:
-    return TransformersLLM(DEFAULT_LLM)
+def transformers_backend() -> TransformersBackend:
+    return TransformersBackend(DEFAULT_LLM)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,11 @@ def test_greedy_matches_transformers(vllm_backend, transformers_backend) -> None
 
 
 def test_missing_vllm_is_one_line_naming_the_install(monkeypatch) -> None:
+    import lemb.vocabulary as vocabulary
+
+    monkeypatch.setattr(vocabulary, "vllm_installed", lambda: False)
     monkeypatch.setattr(config_module, "vllm_installed", lambda: False)
-    assert config_module.default_backend() == "transformers"
+    assert vocabulary.default_backend() == "transformers"
     with pytest.raises(ConfigError, match="backend 'vllm' needs vllm, which is not installed; install it with"):
         load_config(LabelConfig, backend="vllm")
 

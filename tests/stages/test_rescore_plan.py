@@ -14,7 +14,7 @@ from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig, load_config
 from lemb.pipeline.shards import read_stage, write_shard
 from lemb.stages.label_plan import format_plan, param_count, plan_label
-from lemb.stages.llm import resolve_llm_path
+from lemb.stages.models import resolve_model_path
 from lemb.stages.rescore import rescore
 from lemb.stages.reward import rank_of_target
 
@@ -79,7 +79,7 @@ def test_dry_run_counts_the_plan_and_writes_nothing(labelled_run, tmp_path):
     assert (plan["queries"], plan["queries_with_target"], plan["pairs"], plan["prompts"]) == (4, 4, 8, 12)
     assert plan["samples"] == 4 * (3 + 1 * 2)
     assert plan["prompt_tokens"] > 12 * 20
-    assert plan["parameters"] == param_count(resolve_llm_path(cfg.llm)) > 100_000_000
+    assert plan["parameters"] == param_count(resolve_model_path(cfg.llm, "LLM")) > 100_000_000
     result = CliRunner().invoke(app, ["label", "--run", str(run), "--dry-run", "--calibrate", "0"])
     assert result.exit_code == 0, result.output
     assert "(query, candidate) pairs" in result.output and "12" in result.output

@@ -105,8 +105,8 @@ def test_build_groups_recomputes_reward_and_rejects_nan():
 
 def test_build_groups_uses_the_label_tie_tolerance():
     rows = _reward_rows([(-1.0005, [1])])  # the sample scores -1.0: above the target by 5e-4
-    strict, _ = build_groups(rows, "rank", 8, "src", tie_tol=1e-6)
-    loose, _ = build_groups(rows, "rank", 8, "src", tie_tol=1e-3)
+    strict, _ = build_groups(rows, "rank", 8, "src", tie_tolerance=1e-6)
+    loose, _ = build_groups(rows, "rank", 8, "src", tie_tolerance=1e-3)
     assert strict[0].rewards == [0.0] and loose[0].rewards == [0.5]
 
 

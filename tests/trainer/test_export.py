@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lemb.cli import app
-from lemb.stages.encoder import embedding_dim, load_embedder, resolve_embedder_path
+from lemb.stages.encoder import embedding_dim, load_embedder
+from lemb.stages.models import resolve_model_path
 from lemb.trainer.export import export_flagembedding, st_modules
 
 TEXTS = ["Represent this query for retrieving relevant documents: who wrote hamlet", "a passage about the tides"]
@@ -60,7 +61,7 @@ def test_cls_pooling_with_a_dense_layer_maps_to_the_dense_pooler(tmp_path):
 
     models = st_modules()
 
-    encoder = models.Transformer(resolve_embedder_path("all-minilm-l6-v2"), max_seq_length=64)
+    encoder = models.Transformer(resolve_model_path("all-minilm-l6-v2", "embedder"), max_seq_length=64)
     dim = embedding_dim(encoder)
     torch.manual_seed(0)
     dense = models.Dense(dim, dim, bias=False, activation_function=torch.nn.Identity())
@@ -85,7 +86,7 @@ def test_pooling_without_equivalent_is_refused(tmp_path):
 
     models = st_modules()
 
-    encoder = models.Transformer(resolve_embedder_path("all-minilm-l6-v2"), max_seq_length=64)
+    encoder = models.Transformer(resolve_model_path("all-minilm-l6-v2", "embedder"), max_seq_length=64)
     model = SentenceTransformer(modules=[encoder, models.Pooling(embedding_dim(encoder), "max")])
     model.save(str(tmp_path / "model"))
     with pytest.raises(Exception, match="no FlagEmbedding equivalent"):

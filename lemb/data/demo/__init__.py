@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lemb.data.demo.chat import CHAT_DISTRACTORS, _make_chat
-from lemb.data.demo.names import _Namer
-from lemb.data.demo.qa import PLAIN_PER_ATTRIBUTE, QA_ECHO_SHARE, QA_PER_COUNTRY, _make_qa
-from lemb.data.demo.tool import TOOL_EXTRA_REALMS, _make_tool
+from lemb.data.demo.chat import CHAT_DISTRACTORS, make_chat
+from lemb.data.demo.names import Namer
+from lemb.data.demo.qa import PLAIN_PER_ATTRIBUTE, QA_ECHO_SHARE, QA_PER_COUNTRY, make_qa
+from lemb.data.demo.tool import TOOL_EXTRA_REALMS, make_tool
 from lemb.data.schemas import history_key_id
 
 __all__ = [
@@ -74,11 +74,11 @@ def make_demo(size: str = "tiny", seed: int = 0) -> DemoData:
         raise ValueError(f"unknown demo size {size!r}; known: {', '.join(SIZES)}")
     n = SIZES[size]
     rng = random.Random(seed)
-    namer = _Namer(rng)
+    namer = Namer(rng)
     keys: list[dict[str, Any]] = []
     train: list[dict[str, Any]] = []
     heldout: list[dict[str, Any]] = []
-    for task, maker in (("qa", _make_qa), ("tool", _make_tool)):
+    for task, maker in (("qa", make_qa), ("tool", make_tool)):
         texts, splits = maker(rng, namer, n[task])
         if len(set(texts)) != len(texts):  # pragma: no cover - guarded by the unique names
             raise AssertionError(f"duplicate {task} key texts")
@@ -97,7 +97,7 @@ def make_demo(size: str = "tiny", seed: int = 0) -> DemoData:
                         "history": [],
                     }
                 )
-    splits = _make_chat(rng, namer, n["chat"])
+    splits = make_chat(rng, namer, n["chat"])
     for split_name, queries, out in (("train", splits[0], train), ("heldout", splits[1], heldout)):
         for i, q in enumerate(queries):
             qid = f"chat-{split_name}-{i:04d}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lemb.data.demo.names import _Namer
+from lemb.data.demo.names import Namer
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ _FILLERS = (
 )
 
 
-def _slot_subject(slot: _Slot, namer: _Namer) -> str:
+def _slot_subject(slot: _Slot, namer: Namer) -> str:
     if slot.kind == "pet":
         return namer.word(1, suffix=namer.rng.choice(_CREATURES))
     if slot.kind == "friend_town":
@@ -126,11 +126,11 @@ def _slot_subject(slot: _Slot, namer: _Namer) -> str:
     return ""
 
 
-def _slot_value(slot: _Slot, namer: _Namer) -> str:
+def _slot_value(slot: _Slot, namer: Namer) -> str:
     return namer.name(2)
 
 
-def _make_chat(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> list[list[dict]]:
+def make_chat(rng: random.Random, namer: Namer, n: tuple[int, int]) -> list[list[dict]]:
     splits: list[list[dict]] = []
     for n_queries in n:
         queries = []

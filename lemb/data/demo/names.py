@@ -12,7 +12,7 @@ _CODAS = ["", "", "", "n", "r", "l", "m", "k", "x", "sh"]
 
 
 @dataclass
-class _Namer:
+class Namer:
     """Syllable-built names, never repeated within one world."""
 
     rng: random.Random
@@ -39,7 +39,7 @@ class _Namer:
 _COUNTRY_SUFFIXES = ("ia", "ora", "eth", "ovia")
 
 
-def _country(namer: _Namer) -> tuple[str, str]:
+def make_country(namer: Namer) -> tuple[str, str]:
     """(stem, country name): "zorb", "Zorbia"."""
     while True:
         stem = namer.word(2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lemb.data.demo.names import _country, _Namer
+from lemb.data.demo.names import Namer, make_country
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,13 @@ PLAIN_PER_ATTRIBUTE = 2  # facts nobody asks about stated in the questions' word
 QA_ECHO_SHARE = 0.7  # share of the asked facts with an echo key
 
 
-def _make_qa(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
+def make_qa(rng: random.Random, namer: Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
     """(key texts, [train queries, held-out queries]); a query's gold key is in `positive_texts`."""
     key_texts: list[str] = []
     splits: list[list[dict]] = []
     for n_queries in n:
         n_entities = -(-n_queries // QA_PER_COUNTRY)
-        entities = [_country(namer)[1] for _ in range(n_entities)]
+        entities = [make_country(namer)[1] for _ in range(n_entities)]
         facts = {(e, a.name): namer.name(2) for e in entities for a in _ATTRIBUTES}
         asked = []
         for e in entities:

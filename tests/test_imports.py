@@ -1,0 +1,82 @@
+"""The import graph of `lemb/`, read from the source: layers import only downward and no module imports itself
+through others. Ground modules (errors, files, vocabulary) import no other lemb module; above them
+data < pipeline < stages < trainer < workflow / commands / cli."""
+
+import ast
+from pathlib import Path
+
+import lemb
+
+ROOT = Path(lemb.__file__).parent
+GROUND = {"lemb", "lemb.errors", "lemb.files", "lemb.vocabulary"}
+LAYERS = ["data", "pipeline", "stages", "trainer", "top"]
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every lemb module `path` imports, at module level or inside functions (lazy imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("lemb"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lemb"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = {_module(p): p for p in ROOT.rglob("*.py")}
+    return {m: {i for i in _imports(p) if i in paths and i != m} for m, p in paths.items()}
+
+
+def _layer(module: str) -> int:
+    if module in GROUND:
+        return -1
+    part = module.split(".")[1]
+    return LAYERS.index(part) if part in LAYERS else LAYERS.index("top")
+
+
+def test_layers_import_only_downward():
+    upward = [(m, i) for m, deps in _graph().items() for i in deps if _layer(i) > _layer(m)]
+    assert upward == []
+    ground = [(m, i) for m, deps in _graph().items() if m in GROUND for i in deps if i not in GROUND]
+    assert ground == []
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    private = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lemb"):
+                private += [f"{_module(path)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
+def test_one_function_replaces_files():
+    callers = [p.relative_to(ROOT.parent) for p in ROOT.rglob("*.py") if "os.replace(" in p.read_text()]
+    assert [str(p) for p in callers] == ["lemb/files.py"]
