@@ -164,6 +164,7 @@ class TrainConfig:
     lr: float = setting(2e-5, "Peak learning rate.")
     warmup: float = setting(0.1, "Linear warm-up, as a fraction of the steps.")
     weight_decay: float = setting(0.01, "AdamW weight decay.")
+    max_grad_norm: float = setting(0.0, "Clip the gradients to this total norm before each step (0: no clipping).")
     tau: float = setting(0.01, "Temperature of the cosine similarity (DESIGN.md).")
     alpha: float = setting(0.1, "Temperature of the reward weights softmax(r / alpha).")
     task_weights: dict[Task, float] = setting(factory=dict, help="{task: weight}; empty: mix tasks by their size.")
@@ -183,8 +184,9 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             out.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         out += _at_least_one(self, "threads", "group_size", "batch_size", "steps", "max_length")
-        if self.weight_decay < 0:
-            out.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup < 1:
             out.append(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup}")
         if self.save_every is not None and self.save_every < 0:

@@ -212,7 +212,7 @@ class TrainRecipe:
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
             task, loss = self._step(batch)
-            self.precision.step(self.optimizer)
+            self.precision.step(self.optimizer, c.max_grad_norm)
             self.scheduler.step()
             self.train_log.write({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
             bar.set_postfix({"task": task, "loss": f"{loss:.4f}"}, refresh=False)

@@ -67,7 +67,14 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0) -> None:
+        """One optimizer step; with `max_grad_norm` > 0 the gradients are first clipped to that total norm (after
+        unscaling, with fp16)."""
+        if max_grad_norm > 0:
+            if self.scaler:
+                self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()

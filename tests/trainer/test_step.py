@@ -185,3 +185,27 @@ def test_padding_stops_at_the_model_limit_and_skips_unpadded_layouts():
     assert pad_features(features, 64, pad_id=0, limit=77) is features
     flat = {"input_ids": torch.ones(5, dtype=torch.long), "offsets": torch.tensor([0, 2])}
     assert pad_features(flat, 64, pad_id=0) is flat
+
+
+def test_max_grad_norm_clips_the_step_and_is_a_train_option():
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+    from lemb.errors import ConfigError
+    from lemb.pipeline.config import TrainConfig, load_config
+
+    def sgd_update(max_grad_norm):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 3)
+        before = [p.detach().clone() for p in layer.parameters()]
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+        (layer(torch.randn(5, 4)) ** 2).sum().mul(100).backward()  # a gradient of norm well above 0.5
+        Precision.make("fp32", torch.device("cpu")).step(optimizer, max_grad_norm)
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(layer.parameters(), before)]).norm().item()
+
+    assert sgd_update(0.0) > 1.0
+    assert sgd_update(0.5) == pytest.approx(0.5, rel=1e-4)  # SGD at lr 1 moves by the clipped gradient
+    assert load_config(TrainConfig, max_grad_norm=0.5).max_grad_norm == 0.5
+    with pytest.raises(ConfigError, match="max_grad_norm must be >= 0, got -1.0"):
+        load_config(TrainConfig, max_grad_norm=-1)
+    assert "--max-grad-norm" in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
