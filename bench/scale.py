@@ -364,7 +364,7 @@ def synthesize_labels(run: Path, llm: str, seed: int = 0) -> dict[str, Any]:
                     "target_logprob": values[0], "target_tokens": len(r["target"].split()) + 1,
                     "samples": pool, "sample_counts": counts, "sample_logprobs": values[1:],
                     "baseline_target_logprob": baseline[0], "baseline_sample_logprobs": baseline[1:],
-                    "n_samples": drawn,
+                    "pool_size": drawn,
                     "rank": rank_of_target(values[0], values[1:], counts),
                     "reward": reward_from_logprobs("rank", values[0], values[1:], counts, baseline[0], baseline[1:]),
                     "baseline_rank": rank_of_target(baseline[0], baseline[1:], counts),

@@ -415,11 +415,11 @@ def label_summary(label_dir: Path) -> dict[str, dict[str, float]]:
     """Per task: labelled queries, queries without a signal, mean rank-aware reward."""
     from lemb.pipeline.shards import read_stage
 
-    rows = read_stage(label_dir, ["query_id", "task", "n_samples", "reward"]).to_pylist()
+    rows = read_stage(label_dir, ["query_id", "task", "pool_size", "reward"]).to_pylist()
     out: dict[str, dict[str, float]] = {}
     for task in sorted({r["task"] for r in rows}):
         part = [r for r in rows if r["task"] == task]
-        signal = {r["query_id"] for r in part if r["n_samples"]}
+        signal = {r["query_id"] for r in part if r["pool_size"]}
         rewards = [r["reward"] for r in part if r["reward"] is not None]
         out[task] = {
             "queries": len({r["query_id"] for r in part}),

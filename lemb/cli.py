@@ -132,7 +132,7 @@ def rescore(
     """Recompute rewards from the log-probabilities in the label shards (no LLM); writes <run>/rescore/<reward>/."""
     from lemb.stages.rescore import rescore as run_rescore
 
-    s = run_rescore(run, reward, tie_tolerance)
+    s = run_rescore(run, reward, tie_tolerance, progress=True)
     means = ", ".join(f"{task} {value:.3f}" for task, value in s["mean_reward"].items()) or "none"
     typer.echo(f"{s['reward']} rewards: {s['rows']} rows ({s['rows_with_reward']} with signal; mean per task: {means})"
                f" in {s['out']}")  # fmt: skip

@@ -74,7 +74,7 @@ REWARD = pa.schema(
         pa.field("baseline_target_logprob", pa.float64()),  # score of O without any candidate
         pa.field("baseline_sample_logprobs", pa.list_(pa.float64())),
         pa.field("rank", pa.float64()),  # 1 + #above + 0.5 * #tied
-        pa.field("n_samples", pa.int32(), nullable=False),  # pool size N after dropping; 0 = no signal
+        pa.field("pool_size", pa.int32(), nullable=False),  # N: competitors after dropping copies of O; 0 = no signal
         pa.field("reward", pa.float64()),  # (N + 1 - rank) / N; null when the query carries no signal
         pa.field("baseline_rank", pa.float64()),
         pa.field("skip_reason", pa.string()),  # why the query carries no signal (null when it does)

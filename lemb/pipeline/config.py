@@ -228,6 +228,16 @@ class EvalConfig:
         return out + _at_least_one(self, "shards", "max_new_tokens", "batch_size", "max_length")
 
 
+@dataclass
+class RescoreConfig:
+    run: str = setting("runs/default", "Run folder with a finished label stage.")
+    reward: Reward = setting("rank", "The reward recomputed from the label shards' log-probabilities.")
+    tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
+
+    def problems(self) -> list[str]:
+        return [] if self.tie_tolerance >= 0 else [f"tie_tolerance must be >= 0, got {self.tie_tolerance}"]
+
+
 def type_problems(name: str, value: Any, hint: Any) -> list[str]:
     """What is wrong with `value` as a `hint` (Literal choices, tables' keys and values included); [] if nothing."""
     origin = typing.get_origin(hint)

@@ -58,6 +58,7 @@ class Stage(ABC):
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()  # per-shard counters (rows skipped, tokens, ...)
         self._advance: Callable[[float], None] | None = None  # set by the executor while a shard runs
+        self.source: Path | None = None  # the input file of the shard being processed (for messages)
 
     def setup(self) -> None:
         """Load models; called once per worker, before the first shard."""
@@ -134,7 +135,7 @@ def run_shard(stage: Stage, stage_dir: Path, index: int, source: Path, items: in
     start = time.perf_counter()
     stage.counters.clear()
     progress = _ShardProgress(stage_dir, index, items)
-    stage._advance = progress.advance
+    stage._advance, stage.source = progress.advance, source
     try:
         out = stage.process(table) if table.num_rows else stage.output_schema.empty_table()
         stats = {"rows_in": table.num_rows, "rows_out": out.num_rows, "seconds": time.perf_counter() - start}
@@ -142,7 +143,7 @@ def run_shard(stage: Stage, stage_dir: Path, index: int, source: Path, items: in
         metadata = {"lemb.stage": stage.name, **stage.metadata()}
         write_shard(stage_dir, index, out, stage.output_schema, metadata, stats)
     finally:
-        stage._advance = None
+        stage._advance, stage.source = None, None
         progress.path.unlink(missing_ok=True)
     return stats
 

@@ -112,7 +112,7 @@ def inspect_shards(path: Path, top: int = 3) -> str:
                 out.append("rows without signal by reason:")
                 out.append(str(skipped.group_by("skip_reason").len()))
         shown = [
-            c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "n_samples") if c in df.columns
+            c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "pool_size") if c in df.columns
         ]
         out.append(f"top {top} by {value}:")
         out.append(str(valid.sort(value, descending=True).head(top).select(shown)))

@@ -121,7 +121,7 @@ class LabelStage(Stage):
                 todo.append(rows)
             else:
                 self.counters["queries_skipped_no_target"] += 1
-                out += [{**base, **_carried(r), "n_samples": 0, "skip_reason": "no_target"} for r in rows]
+                out += [{**base, **_carried(r), "pool_size": 0, "skip_reason": "no_target"} for r in rows]
         report = _BlockProgress(self, len(block))
         if not todo:
             report.finish()
@@ -178,7 +178,7 @@ class LabelStage(Stage):
                 "sample_logprobs": values[1:],
                 "baseline_target_logprob": baseline[0],
                 "baseline_sample_logprobs": baseline[1:],
-                "n_samples": n,
+                "pool_size": n,
             }
             if n == 0:  # every sample was empty or equal to the target: the LLM needs no help
                 row["skip_reason"] = "no_competing_samples"

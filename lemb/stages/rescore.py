@@ -1,57 +1,78 @@
 """`lemb rescore`: another reward from the log-probabilities a label run kept, without calling the LLM.
 
-Each label shard is read on its own and written again to `<run>/rescore/<kind>/` with the `reward` column recomputed
-by `reward_from_logprobs` (the function training uses); every other column is copied. Rows without signal
-(`skip_reason` set) keep a null reward, as in the label stage.
+A stage like the others (manifest, resume, per-shard stats, a lock on its folder): each label shard is read on its
+own and written again to `<run>/rescore/<reward>/` with the `reward` column recomputed by `row_reward` (the function
+training uses); every other column is copied. Rows without signal (`skip_reason` set) keep a null reward.
 """
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lemb.data import schemas
 from lemb.errors import LembError
-from lemb.pipeline.shards import shard_path, stage_files, write_shard
+from lemb.files import write_json
+from lemb.pipeline.config import Cluster, RescoreConfig, load_config
+from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.shards import MANIFEST, ShardPlan, stage_files
 from lemb.stages.reward import row_reward
 from lemb.vocabulary import REWARDS
 
 
-def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6) -> dict[str, Any]:
+class RescoreStage(Stage):
+    name = "rescore"
+    unit = "queries"
+    required_columns = tuple(schemas.REWARD.names)
+    output_schema = schemas.REWARD
+
+    def __init__(self, config: RescoreConfig, label_metadata: dict[str, str]) -> None:
+        super().__init__()
+        self.config, self.label_metadata = config, label_metadata
+        self.name = f"rescore/{config.reward}"  # one stage folder per reward kind
+
+    def process(self, table: pa.Table) -> pa.Table:
+        c = self.config
+        rewards = [row_reward(c.reward, r, c.tie_tolerance, self.source) for r in table.to_pylist()]
+        self.counters["rows_with_reward"] += sum(r is not None for r in rewards)
+        self.advance(len(set(table.column("query_id").to_pylist())))
+        return table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
+
+    def metadata(self) -> dict[str, str]:
+        c = self.config
+        return {**self.label_metadata, "lemb.reward": c.reward, "lemb.tie_tolerance": repr(c.tie_tolerance)}
+
+
+def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6, progress: bool = False) -> dict[str, Any]:
     """Write `<run>/rescore/<kind>/` and return its summary: rows, rows with a reward, mean reward per task."""
     if kind not in REWARDS:
         raise LembError(f"--reward {kind!r}: known rewards are {', '.join(REWARDS)}")
-    label_dir = Path(run) / "label"
-    stage_files(label_dir)  # refuses a missing, unfinished or damaged label stage
-    n_shards = len(json.loads((label_dir / "_manifest.json").read_text())["plan"])
-    out_dir = label_dir.parent / "rescore" / kind
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_task: dict[str, list[float]] = defaultdict(list)
-    rows = 0
-    for index in range(n_shards):
-        source = shard_path(label_dir, index)
-        shard = pq.read_table(source)
-        records = shard.to_pylist()
-        rewards = [row_reward(kind, r, tie_tolerance, source) for r in records]
-        for r, value in zip(records, rewards):
-            if value is not None:
-                per_task[r["task"]].append(value)
-        table = shard.set_column(shard.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
-        metadata = {k.decode(): v.decode() for k, v in (shard.schema.metadata or {}).items()}
-        metadata.update({"lemb.reward": kind, "lemb.tie_tolerance": repr(tie_tolerance)})
-        write_shard(out_dir, index, table, schemas.REWARD, metadata, {"rows_out": len(records)})
-        rows += len(records)
+    config = load_config(RescoreConfig, run=str(run), reward=kind, tie_tolerance=tie_tolerance)
+    label_dir = Path(config.run) / "label"
+    plan = ShardPlan.of_stage(label_dir, "query_id")  # refuses a missing, unfinished or damaged label stage
+    meta = pq.read_schema(plan.inputs[0]).metadata or {}
+    label_metadata = {k.decode(): v.decode() for k, v in meta.items() if k.decode().startswith("lemb.")}
+    out = label_dir.parent / "rescore" / config.reward
+    stage = RescoreStage(config, label_metadata)
+    # a derived output, cheap to remake: other settings (or relabelled shards) simply redo it
+    stats = Executor(Cluster(executor="local"), restart=True, progress=progress).run(
+        stage, plan, out, config, [label_dir / MANIFEST], "query_id"
+    )
+    per_task: dict[str, list[float]] = {}
+    for path in stage_files(out):
+        part = pq.read_table(path, columns=["task", "reward"]).filter(pc.is_valid(pc.field("reward")))
+        for task, value in zip(part.column("task").to_pylist(), part.column("reward").to_pylist()):
+            per_task.setdefault(task, []).append(value)
     summary = {
-        "reward": kind,
-        "rows": rows,
+        "reward": config.reward,
+        "rows": int(stats.get("rows_out", 0)),
         "rows_with_reward": sum(map(len, per_task.values())),
         "mean_reward": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
-        "out": str(out_dir),
+        "out": str(out),
     }
-    (out_dir / "_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "_summary.json", summary)
     return summary

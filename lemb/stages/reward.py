@@ -58,11 +58,11 @@ def rank_of_target(
     return 1.0 + above + 0.5 * tied
 
 
-def rank_reward(rank: float, n_samples: int) -> float:
+def rank_reward(rank: float, pool_size: int) -> float:
     """(N + 1 - rank) / N: 1.0 when O beats every sample, 0.0 when every sample beats O."""
-    if n_samples <= 0:
+    if pool_size <= 0:
         raise ValueError("rank reward needs at least one pooled sample")
-    return (n_samples + 1 - rank) / n_samples
+    return (pool_size + 1 - rank) / pool_size
 
 
 def reward_from_logprobs(

@@ -35,7 +35,7 @@ class Group:
 # what grouping reads of a label shard; the texts stay on disk until a batch needs them
 SIGNAL_COLUMNS = (
     "query_id", "task", "key_id", "retrieval_rank", "target_logprob", "sample_logprobs", "sample_counts",
-    "baseline_target_logprob", "baseline_sample_logprobs", "n_samples", "skip_reason", "positive_ids",
+    "baseline_target_logprob", "baseline_sample_logprobs", "pool_size", "skip_reason", "positive_ids",
 )  # fmt: skip
 TEXT_COLUMNS = ("query_text", "key_text", "key_id")
 
@@ -106,7 +106,7 @@ def build_groups(
             if contrastive and not positives & {r["key_id"] for r in chosen}:
                 skipped["no_positive_among_candidates"] += 1
                 continue
-            if not contrastive and chosen[0]["n_samples"] == 0:
+            if not contrastive and chosen[0]["pool_size"] == 0:
                 skipped[chosen[0]["skip_reason"] or "no_signal"] += 1
                 continue
             reward = [0.0] * len(chosen)

@@ -23,7 +23,7 @@ def _row(query_id, task, key_id, rank, target_lp, positives, baseline_lp=-2.5, s
         "samples": ["a", "b"], "sample_counts": [1, 1], "sample_logprobs": list(samples) if counted else None,
         "baseline_target_logprob": baseline_lp if counted else None,
         "baseline_sample_logprobs": list(samples) if counted else None,
-        "n_samples": 2 if counted else 0, "skip_reason": skip, "query_text": "q", "target": "t",
+        "pool_size": 2 if counted else 0, "skip_reason": skip, "query_text": "q", "target": "t",
         "positive_ids": positives, "key_text": key_id,
     }  # fmt: skip
 

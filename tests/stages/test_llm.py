@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import lemb.stages.llm as llm_module
+import lemb.stages.llm.hf as llm_module
 from lemb.pipeline.executor import set_threads
 from lemb.stages.llm.base import clean_sample
 from lemb.stages.llm.hf import TransformersBackend, _common_prefix, _length_batches, _Packed

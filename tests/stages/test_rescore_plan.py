@@ -26,6 +26,13 @@ def test_rescore_recomputes_each_reward_from_the_stored_logprobs(labelled_run, t
     same = rescore(run, "rank")
     assert pl.from_arrow(read_stage_dir(run / "rescore" / "rank")).sort(["query_id", "key_id"]).equals(label)
     assert same["rows"] == 8 and same["rows_with_reward"] == label["reward"].is_not_null().sum()
+    # a stage like the others: a manifest, per-shard stats, seen by `lemb status`; a rerun redoes nothing
+    from lemb.pipeline.status import run_status
+
+    assert "rescore/rank" in run_status(run) and (run / "rescore" / "rank" / "_manifest.json").exists()
+    written = {p: p.stat().st_mtime_ns for p in (run / "rescore" / "rank").glob("part-*.parquet")}
+    assert rescore(run, "rank") == same
+    assert {p: p.stat().st_mtime_ns for p in (run / "rescore" / "rank").glob("part-*.parquet")} == written
 
     rescore(run, "likelihood")
     rescore(run, "improvement")

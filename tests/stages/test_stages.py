@@ -40,12 +40,12 @@ def test_retrieve_writes_top_k_with_positives_and_history_candidates(labelled_ru
 def test_label_rewards_follow_the_definition(labelled_run):
     df = pl.from_arrow(read_stage(labelled_run / "label"))
     assert df.height == 8  # rows out == rows in: nothing dropped
-    labelled = df.filter(pl.col("n_samples") > 0)
+    labelled = df.filter(pl.col("pool_size") > 0)
     assert labelled.height > 0
     for row in labelled.iter_rows(named=True):
         t, scores, counts = row["target_logprob"], row["sample_logprobs"], row["sample_counts"]
         n = sum(counts)
-        assert n == row["n_samples"] and len(scores) == len(counts) == len(row["samples"])
+        assert n == row["pool_size"] and len(scores) == len(counts) == len(row["samples"])
         rank = (
             1
             + sum(c for s, c in zip(scores, counts) if s > t + 1e-6)
@@ -164,7 +164,7 @@ def _assert_same_labels(a, b):
 def test_batched_labelling_equals_labelling_each_query_alone_transformers(labelled_run, tmp_path):
     batched = _relabel(labelled_run, tmp_path / "batched", backend="transformers")
     alone = _relabel(labelled_run, tmp_path / "alone", backend="transformers", block_tokens=1)
-    assert batched.filter(pl.col("n_samples") > 0).height > 0
+    assert batched.filter(pl.col("pool_size") > 0).height > 0
     _assert_same_labels(batched, alone)
 
 

@@ -69,7 +69,7 @@ def _reward_rows(rewards, positives=(), texts=None, query_id="q1"):
                 "sample_counts": counts,
                 "baseline_target_logprob": -2.0,
                 "baseline_sample_logprobs": [-1.0],
-                "n_samples": sum(counts),
+                "pool_size": sum(counts),
                 "query_text": "t",
                 "target": "x",
                 "positive_ids": list(positives),
