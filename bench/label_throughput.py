@@ -316,7 +316,7 @@ def main() -> None:
     peaks = [matmul_flops(device, args.dtype)]
     budget = task_spec("qa").max_new_tokens
     pools = [
-        sorted({s for s in tf.sample(w["bare"], args.samples, budget, 1.0, seed=i) if s} - {w["target"]})
+        sorted({s for s in tf.sample_many([w["bare"]], [args.samples], budget, 1.0, [i])[0] if s} - {w["target"]})
         for i, w in enumerate(work)
     ]
     body, head = model_shape(resolve_model_path(llm_name, "LLM"))

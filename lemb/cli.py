@@ -90,8 +90,8 @@ def eval_(
     ] = None,
 ) -> None:
     """Each task's metrics (TaskSpec.metrics) for each embedder, base vs trained; writes <run>/eval/."""
+    from lemb.trainer.evaluate import evaluate_run
     from lemb.trainer.report import table, task_tables
-    from lemb.workflow import evaluate_run
 
     metrics = evaluate_run(cfg, name_value_pairs(embedder, "--embedder") or None, progress=not quiet)
     typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))

@@ -1,4 +1,4 @@
-"""Whole-pipeline workflows built from the stages: evaluation of a run, and the built-in demo."""
+"""The built-in demo: the whole pipeline on a generated world."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lemb.files import write_json
 from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig, load_config
+from lemb.trainer.evaluate import evaluate_run
 from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
@@ -19,30 +17,6 @@ DEMO_SETTINGS = {
     "tiny": {"top_k": 3, "n_samples": 4, "per_candidate_samples": 1, "steps": 20, "batch_size": 4},
     "small": {"top_k": 4, "n_samples": 6, "per_candidate_samples": 1, "steps": 60, "batch_size": 8},
 }
-
-
-def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Base vs trained embedder of a run (or the given embedders); writes `<run>/eval/` and returns the metrics."""
-    from lemb.trainer.evaluate import evaluate
-
-    run = Path(config.run)
-    if not embedders:
-        embedders = config.embedders or _default_embedders(run)
-    result = evaluate(config, embedders, progress)
-    out = run / "eval"
-    write_report(run, out, result["metrics"])
-    write_json(out / "details.json", result["details"])
-    return result["metrics"]
-
-
-def _default_embedders(run: Path) -> dict[str, str]:
-    train_cfg = run / "train" / "config.yaml"
-    if not train_cfg.exists():
-        from lemb.errors import LembError
-
-        raise LembError(f"{train_cfg}: not found; run `lemb train --run {run}` first or pass --embedder")
-    base = yaml.safe_load(train_cfg.read_text())["embedder"]
-    return {"base": base, "trained": str(run / "train" / "model")}
 
 
 def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, progress: bool = True) -> dict[str, Any]:

@@ -98,3 +98,8 @@ def labelled_run(tiny_data, tmp_path_factory):
     )
     label(load_config(LabelConfig, n_samples=3, per_candidate_samples=1, **common), progress=False)
     return run
+
+
+def sample_one(llm, user_message, n, max_new_tokens, temperature, seed):
+    """n samples of one prompt through the backend's `sample_many`."""
+    return llm.sample_many([user_message], [n], max_new_tokens, temperature, [seed])[0]

@@ -35,10 +35,13 @@ import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query
 from lemb.data.tasks import build_prompt, task_spec
-from lemb.pipeline.config import EvalConfig, RetrieveConfig, load_config
+from lemb.errors import LembError
+from lemb.files import write_json
+from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.shards import stage_files
 from lemb.stages.retrieve import retrieve
+from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")  # the "all" row, over every task's queries
@@ -224,9 +227,12 @@ class TaskEvaluator:
         return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored}
 
 
-def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = True) -> dict[str, Any]:
-    """{embedder name: {"all": metrics, "<task>": metrics}} plus per-query rankings and answers; each embedder's
-    ranking is a retrieve run under `<run>/eval/<name>/`."""
+def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """`lemb eval`: {embedder name: {"all": metrics, "<task>": metrics}} for the given embedders (default: the
+    run's base and trained ones). Each embedder's ranking is a retrieve run under `<run>/eval/<name>/`; the metrics,
+    the report and the per-query details (rankings, answers) go to `<run>/eval/`."""
+    run = Path(config.run)
+    embedders = embedders or config.embedders or _default_embedders(run)
     set_threads(config.cluster.threads)
     llm = None
     evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)
@@ -242,4 +248,13 @@ def evaluate(config: EvalConfig, embedders: dict[str, str], progress: bool = Tru
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
         log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
         results[name], details[name] = evaluator.run(ranked)
-    return {"metrics": results, "details": details}
+    write_report(run, run / "eval", results)
+    write_json(run / "eval" / "details.json", details)
+    return results
+
+
+def _default_embedders(run: Path) -> dict[str, str]:
+    train_cfg = run / "train" / "config.yaml"
+    if not train_cfg.exists():
+        raise LembError(f"{train_cfg}: not found; run `lemb train --run {run}` first or pass --embedder")
+    return {"base": load_config(TrainConfig, train_cfg).embedder, "trained": str(run / "train" / "model")}

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from lemb.errors import ConfigError
@@ -102,3 +104,39 @@ def test_a_config_path_that_is_no_text_file(tmp_path):
     binary.write_bytes(b"n_samples: 4\n\xff\xfe")
     with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte 13\)"):
         load_config(LabelConfig, binary)
+
+
+def test_settings_of_another_stage_are_refused_naming_where_they_belong():
+    with pytest.raises(ConfigError, match=r"unknown setting 'workers' \(a setting of the sharded stages"):
+        load_config(TrainConfig, workers=4)
+    with pytest.raises(ConfigError, match=r"unknown setting 'shards' \(a setting of retrieve and eval; label's"):
+        load_config(LabelConfig, shards=8)
+
+
+def test_the_cluster_section_reads_flat_or_as_a_table_and_round_trips(tmp_path):
+    flat = load_config(LabelConfig, executor="local", workers=2)
+    path = tmp_path / "label.yaml"
+    path.write_text("cluster: {executor: local, workers: 2}\n")
+    assert load_config(LabelConfig, path) == flat
+    assert load_config(LabelConfig, save_config(flat, tmp_path / "saved")) == flat
+    with pytest.raises(ConfigError, match="executor must be ray or local, got 'slurm'"):
+        load_config(LabelConfig, cluster={"executor": "slurm"})
+    # where the shards run never changes what they hold
+    assert config_hash(flat) == config_hash(load_config(LabelConfig, executor="ray", workers=8))
+
+
+def test_every_scalar_setting_is_a_flag_and_set_takes_any_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+
+    runner = CliRunner()
+    for command, cls in (("retrieve", RetrieveConfig), ("label", LabelConfig), ("train", TrainConfig)):
+        text = runner.invoke(app, [command, "--help"], terminal_width=300).output
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float", "str", "bool") or f.name in ("backend", "reduce", "index", "reward"):
+                assert "--" + f.name.replace("_", "-") in text, (command, f.name)
+    bad = runner.invoke(app, ["train", "--run", str(tmp_path), "--set", "loss={qa: hinge}"])
+    assert bad.exit_code == 1 and "loss[qa] must be graded, kl or contrastive, got 'hinge'" in bad.stderr
+    bad = runner.invoke(app, ["train", "--run", str(tmp_path), "--set", "steps"])
+    assert bad.exit_code == 1 and "--set 'steps': expected KEY=VALUE" in bad.stderr

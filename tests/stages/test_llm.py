@@ -11,6 +11,7 @@ from lemb.stages.llm.base import clean_sample
 from lemb.stages.llm.hf import TransformersBackend, _common_prefix, _length_batches, _Packed
 from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM
+from tests.conftest import sample_one
 
 PROMPT = (
     "Context: Quelm is the capital and largest city of Zorbia, a small landlocked country in the northern "
@@ -125,10 +126,10 @@ def test_empty_continuation_is_refused(llm) -> None:
 
 
 def test_sample_is_reproducible_per_seed(llm) -> None:
-    first = llm.sample(PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=7)
+    first = sample_one(llm, PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=7)
     torch.rand(5)  # unrelated use of the global RNG must not matter
-    again = llm.sample(PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=7)
-    other = llm.sample(PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=8)
+    again = sample_one(llm, PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=7)
+    other = sample_one(llm, PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=8)
     assert len(first) == 4
     assert first == again
     assert first != other
@@ -150,7 +151,7 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatc
     lengths = dict(zip(messages, llm.prompt_lengths(messages)))
     assert len(set(lengths.values())) == 4 and lengths[longer] > 3 * lengths[SHORT]
     kw = {"max_new_tokens": 8, "temperature": 1.0}
-    alone = {m: llm.sample(m, n=2, seed=seeds[m], **kw) for m in messages}
+    alone = {m: sample_one(llm, m, n=2, seed=seeds[m], **kw) for m in messages}
     generate_rows = []
     original = llm._generate
     monkeypatch.setattr(
@@ -171,8 +172,8 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatc
     assert llm.sample_many([PROMPT, SHORT], [0, 2], seeds=[5, 6], **kw) == [[], alone[SHORT]]
     assert llm.sample_many([PROMPT, SHORT], [0, 0], seeds=[5, 6], **kw) == [[], []]
     # the first samples of a larger n are the samples of a smaller one
-    assert llm.sample(SHORT, n=4, seed=6, **kw)[:2] == alone[SHORT]
-    assert llm.sample(SHORT, n=2, seed=9, **kw) != alone[SHORT]
+    assert sample_one(llm, SHORT, n=4, seed=6, **kw)[:2] == alone[SHORT]
+    assert sample_one(llm, SHORT, n=2, seed=9, **kw) != alone[SHORT]
     with pytest.raises(ValueError, match="one n and one seed per prompt"):
         llm.sample_many([PROMPT, SHORT], [2, 2], seeds=[5], **kw)
 
@@ -192,7 +193,7 @@ def test_sampling_at_a_low_temperature_is_greedy(llm) -> None:
     assert [len(p) for p in pools] == [2, 1]
     assert pools[0] == [greedy[0], greedy[0]] and pools[1] == [greedy[1]]
     with pytest.raises(ValueError, match="temperature must be positive"):
-        llm.sample(SHORT, 1, 8, 0.0, seed=3)
+        sample_one(llm, SHORT, 1, 8, 0.0, seed=3)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -208,7 +209,7 @@ def test_first_tokens_follow_the_tempered_softmax(llm, temperature: float) -> No
     top = texts[int(probs.argmax())]
     p = float(sum(probs[t] for t, text in enumerate(texts) if text == top))  # every token that reads as `top`
     assert 0.2 < p < 0.85, "the check needs a top token that is neither rare nor certain"
-    samples = llm.sample(message, n, max_new_tokens=1, temperature=temperature, seed=11)
+    samples = sample_one(llm, message, n, max_new_tokens=1, temperature=temperature, seed=11)
     frequency = sum(s == top for s in samples) / n
     assert abs(frequency - p) < 4 * (p * (1 - p) / n) ** 0.5, (frequency, p)
 

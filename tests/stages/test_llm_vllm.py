@@ -12,6 +12,7 @@ from lemb.pipeline.executor import set_threads
 from lemb.stages.llm import load_llm
 from lemb.stages.llm.hf import TransformersBackend
 from lemb.vocabulary import DEFAULT_LLM
+from tests.conftest import sample_one
 from tests.stages.test_llm import CONTINUATIONS, PROMPT
 
 pytest.importorskip("vllm")
@@ -63,13 +64,13 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(vllm_backend) -
     messages, seeds = [PROMPT, short, medium], [7, 8, 9]
     assert len(set(vllm_backend.prompt_lengths(messages))) == 3
     kw = {"max_new_tokens": 12, "temperature": 1.0}
-    alone = [vllm_backend.sample(m, 4, seed=seed, **kw) for m, seed in zip(messages, seeds)]
+    alone = [sample_one(vllm_backend, m, 4, seed=seed, **kw) for m, seed in zip(messages, seeds)]
     assert vllm_backend.sample_many(messages, [4, 4, 4], seeds=seeds, **kw) == alone
     assert vllm_backend.sample_many(messages[::-1], [4, 4, 4], seeds=seeds[::-1], **kw) == alone[::-1]
     assert vllm_backend.sample_many([short, PROMPT], [4, 4], seeds=[8, 7], **kw) == [alone[1], alone[0]]
-    assert vllm_backend.sample(PROMPT, 4, seed=70, **kw) != alone[0]
+    assert sample_one(vllm_backend, PROMPT, 4, seed=70, **kw) != alone[0]
     # consecutive seeds are hashed apart: prompt 8's samples are not prompt 7's shifted by one
-    assert vllm_backend.sample(PROMPT, 4, seed=8, **kw)[:3] != alone[0][1:]
+    assert sample_one(vllm_backend, PROMPT, 4, seed=8, **kw)[:3] != alone[0][1:]
     assert len(set(alone[0])) > 1  # n samples of one prompt are not copies
     assert all("\n" not in t and t == t.strip() for t in alone[0] + alone[1] + alone[2])
     assert vllm_backend.sample_many(messages[:2], [0, 4], seeds=seeds[:2], **kw) == [[], alone[1]]

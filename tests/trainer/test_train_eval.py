@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lemb.pipeline.config import EvalConfig, TrainConfig, load_config
-from lemb.trainer.evaluate import normalize_answer
+from lemb.trainer.evaluate import evaluate_run, normalize_answer
 from lemb.trainer.recipe import train
-from lemb.workflow import evaluate_run
 
 
 @pytest.fixture(scope="module")

@@ -87,10 +87,6 @@ class LLMBackend:
         """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
         return [len(self._encode_prompt(m)) for m in user_messages]
 
-    def sample(self, user_message: str, n: int, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-        """n samples of one prompt, a function of (prompt, n, seed, max_new_tokens, temperature) alone."""
-        return self.sample_many([user_message], [n], max_new_tokens, temperature, [seed])[0]
-
     def sample_many(
         self,
         user_messages: Sequence[str],
