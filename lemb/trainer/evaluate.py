@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from lemb.data.schemas import by_query
 from lemb.data.tasks import build_prompt, task_spec
 from lemb.errors import LembError
-from lemb.files import write_json
+from lemb.files import write_json, write_text
 from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.shards import stage_files
@@ -248,9 +248,20 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
         log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
         results[name], details[name] = evaluator.run(ranked)
+        write_trec(ranked, Path(config.run) / "eval" / name, name)
     write_report(run, run / "eval", results)
     write_json(run / "eval" / "details.json", details)
     return results
+
+
+def write_trec(ranked: Ranked, folder: Path, tag: str) -> None:
+    """`run.trec` (`qid Q0 docid rank score tag`, in the order the metrics and the LLM's prompts use; score is the
+    embedder's similarity) and `qrels.trec` (`qid 0 docid 1` for each known positive), for trec_eval and its kin."""
+    run_lines = [f"{qid} Q0 {key} {i} {score:.6f} {tag}\n"
+                 for qid, hits in ranked.ranking.items() for i, (key, score) in enumerate(hits, 1)]  # fmt: skip
+    qrels = [f"{q['query_id']} 0 {key} 1\n" for q in ranked.queries for key in q["positive_ids"]]
+    write_text(folder / "run.trec", "".join(run_lines))
+    write_text(folder / "qrels.trec", "".join(qrels))
 
 
 def _default_embedders(run: Path) -> dict[str, str]:

@@ -69,6 +69,27 @@ def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     # each embedder ranked the queries through the retrieve stage itself
     for name in ("base", "trained"):
         assert (run / "eval" / name / "candidates" / "_manifest.json").exists()
+    # each ranking as a TREC run beside its qrels: trec_eval's measures over them equal lemb's
+    import pytrec_eval
+
+    details = json.loads((run / "eval" / "details.json").read_text())
+    for name in ("base", "trained"):
+        lines = [line.split() for line in (run / "eval" / name / "run.trec").read_text().splitlines()]
+        assert all(len(f) == 6 and f[1] == "Q0" and f[5] == name for f in lines)
+        order = {}
+        for qid, _, key, rank, score, _ in lines:
+            order.setdefault(qid, []).append((int(rank), key, float(score)))
+        assert {q: [k for _, k, _ in sorted(v)] for q, v in order.items()} == {
+            q: [k for k, _ in hits] for q, hits in details[name]["ranking"].items()
+        }
+        qrels, trec_run = {}, {}
+        for qid, _, key, grade in (f.split() for f in (run / "eval" / name / "qrels.trec").read_text().splitlines()):
+            qrels.setdefault(qid, {})[key] = int(grade)
+        for qid, hits in order.items():
+            trec_run[qid] = {key: score for _, key, score in hits}
+        found = pytrec_eval.RelevanceEvaluator(qrels, {"recall.1"}).evaluate(trec_run)
+        mean = sum(m["recall_1"] for m in found.values()) / len(found)
+        assert mean == pytest.approx(metrics[name]["all"]["recall@1"])
 
 
 def test_normalize_answer():
