@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lemb.data.tasks import instructions, task_spec
-from lemb.errors import LembError, StageConflict
+from lemb.errors import ConfigError, LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
@@ -269,7 +269,10 @@ class TrainRecipe:
             return True
         if not model.exists():
             return True
-        old = load_config(TrainConfig, saved) if saved.exists() else None
+        try:
+            old = load_config(TrainConfig, saved) if saved.exists() else None
+        except ConfigError:  # saved by a version with other settings: its settings cannot be compared
+            old = None
         if old is not None and config_hash(old) == config_hash(c):
             log.info("%s: already trained with these settings; --restart trains again", model)
             return False

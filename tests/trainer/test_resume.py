@@ -110,3 +110,11 @@ def _group_config(tmp_path):
 def test_the_default_checkpoint_interval_gives_a_few_checkpoints_for_any_length(steps, every):
     assert load_config(TrainConfig, steps=steps).checkpoint_every == every
     assert load_config(TrainConfig, steps=steps, save_every=0).checkpoint_every == 0
+
+
+def test_a_model_whose_saved_settings_this_version_cannot_read_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "train" / "model").mkdir(parents=True)
+    (run / "train" / "config.yaml").write_text("executor: local\nshards: 4\nsteps: 3\n")  # an earlier layout
+    with pytest.raises(StageConflict, match=r"model: its settings are unknown; pass --restart to train again"):
+        train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
