@@ -20,14 +20,22 @@ import pyarrow.parquet as pq
 import torch
 
 from lemb.data.tasks import instructions, task_spec
-from lemb.errors import ConfigError, LembError, StageConflict
+from lemb.errors import ConfigError, InputError, LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
-from lemb.trainer.batches import Group, LabelledGroups, TaskBatchSampler, build_groups, collate
+from lemb.trainer.batches import (
+    SIGNAL_COLUMNS,
+    TEXT_COLUMNS,
+    Group,
+    LabelledGroups,
+    TaskBatchSampler,
+    build_groups,
+    collate,
+)
 from lemb.trainer.losses import make_loss
 from lemb.trainer.step import Precision, World, backward_step
 from lemb.vocabulary import TASKS
@@ -162,6 +170,10 @@ class TrainRecipe:
         """Groups from the label shards, one shard at a time; their texts go to a memory-mapped file."""
         label_dir = self.run / "label"
         files = stage_files(label_dir)
+        for f in files:  # a shard written by another version, or by hand: one line, before any work
+            missing = [c for c in (*SIGNAL_COLUMNS, *TEXT_COLUMNS) if c not in pq.read_schema(f).names]
+            if missing:
+                raise InputError(f, "file", missing[0], f"missing column (of {missing}); rerun `lemb label --restart`")
         meta = pq.read_schema(files[0]).metadata or {}
         tie_tolerance = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
         contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")

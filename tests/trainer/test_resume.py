@@ -118,3 +118,17 @@ def test_a_model_whose_saved_settings_this_version_cannot_read_is_refused_in_one
     (run / "train" / "config.yaml").write_text("executor: local\nshards: 4\nsteps: 3\n")  # an earlier layout
     with pytest.raises(StageConflict, match=r"model: its settings are unknown; pass --restart to train again"):
         train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
+
+
+def test_a_label_shard_without_a_column_is_refused_in_one_line(labelled_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from lemb.errors import InputError
+    from lemb.pipeline.shards import write_shard
+
+    run = _copy_run(labelled_run, tmp_path / "run")
+    shard = run / "label" / "part-00001.parquet"
+    old = pq.read_table(shard).drop_columns(["pool_size"])  # as an earlier version wrote it
+    write_shard(run / "label", 1, old, old.schema, {}, {"rows_out": old.num_rows})
+    with pytest.raises(InputError, match=r"part-00001.parquet: file, field 'pool_size': missing column"):
+        train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
