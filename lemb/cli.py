@@ -93,7 +93,7 @@ def eval_(
     from lemb.trainer.evaluate import evaluate_run
     from lemb.trainer.report import table, task_tables
 
-    metrics = evaluate_run(cfg, name_value_pairs(embedder, "--embedder") or None, progress=not quiet)
+    metrics = evaluate_run(cfg, name_value_pairs(embedder, "--embedder", "NAME=MODEL") or None, progress=not quiet)
     typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
     typer.echo("\n".join(task_tables(metrics)))
 

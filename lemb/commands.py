@@ -76,27 +76,25 @@ _COMMON = [
 ]  # fmt: skip
 
 
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
+def name_value_pairs(items: list[str] | None, flag: str, form: str = "NAME=VALUE") -> dict[str, str]:
+    """`NAME=VALUE` items of a repeatable option as a table (`form`: how the message spells an item)."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: VALUE is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected {form}")
+        out[key.strip()] = value
     return out
 
 
-def name_value_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
-    """`NAME=VALUE` items of a repeatable option as a table."""
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` items, each VALUE read as YAML."""
     out = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise LembError(f"{flag} {item!r}: expected NAME=VALUE")
-        out[name] = value
+    for key, value in name_value_pairs(items, "--set", "KEY=VALUE").items():
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}={value!r}: VALUE is not valid YAML ({str(exc).splitlines()[0]})") from None
     return out
 
 

@@ -127,3 +127,8 @@ def test_long_texts_are_truncated_counted_and_warned_once(tmp_path, caplog):
     stats = json.loads((run / "retrieve" / "keys" / "_stats.json").read_text())
     assert stats["truncated_texts"] == 3
     assert sum("truncated" in r.message for r in caplog.records) == 1
+
+
+def test_an_embedder_item_without_a_name_is_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", "--run", str(tmp_path), "--queries", "q.jsonl", "--embedder", "bad"])
+    assert result.exit_code == 1 and result.stderr.strip() == "error: --embedder 'bad': expected NAME=MODEL"

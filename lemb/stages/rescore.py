@@ -38,7 +38,6 @@ class RescoreStage(Stage):
     def process(self, table: pa.Table) -> pa.Table:
         c = self.config
         rewards = [row_reward(c.reward, r, c.tie_tolerance, self.source) for r in table.to_pylist()]
-        self.counters["rows_with_reward"] += sum(r is not None for r in rewards)
         self.advance(len(set(table.column("query_id").to_pylist())))
         return table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
 

@@ -239,7 +239,7 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for name, model in embedders.items():
-        ranked = rank(config, model, Path(config.run) / "eval" / name, progress)
+        ranked = rank(config, model, run / "eval" / name, progress)
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
         if llm is None and config.answer_k > 0 and needs_llm:
             from lemb.stages.llm.hf import TransformersBackend
@@ -248,7 +248,7 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
         log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
         results[name], details[name] = evaluator.run(ranked)
-        write_trec(ranked, Path(config.run) / "eval" / name, name)
+        write_trec(ranked, run / "eval" / name, name)
     write_report(run, run / "eval", results)
     write_json(run / "eval" / "details.json", details)
     return results
