@@ -36,6 +36,8 @@ def _flag_type(hint: Any) -> Any | None:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         return _flag_type(args[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and str in args:
+        return str  # a setting that is a string or a table: the flag gives the string, --set the table
     return hint if hint in _SCALARS else None
 
 

@@ -1,4 +1,5 @@
-"""`lemb convert`: public data of the six task kinds, or FlagEmbedding llm_embedder files, as lemb records.
+"""`lemb convert`: public data of the six task kinds, FlagEmbedding llm_embedder files or BEIR folders, as lemb
+records.
 
 `SOURCES` is the table of what can be converted: where each source sits under a data root laid
 out like ../shared/data, and which splits it has (the first is the default). `convert` reads
@@ -30,6 +31,7 @@ class Source:
     read: Callable[[Path, str | None], Records]  # (located path, split) -> (queries, keys)
     splits: tuple[str, ...] = ()  # accepted splits, the default first; empty: the source has none
     about: str = ""
+    any_split: bool = False  # the split names a file the reader looks for (its first `splits` is the default)
 
 
 def _icl(dataset: str) -> Callable[[Path, str | None], Records]:
@@ -76,7 +78,17 @@ SOURCES: dict[str, Source] = {
         "convsearch: TREC CAsT 2021 topics",
     ),
     "flagembedding": Source(
-        "llm_embedder_toy", _flagembedding, about="any task: FlagEmbedding llm_embedder JSONL (file or folder)"
+        "llm_embedder_toy",
+        _flagembedding,
+        about="any task: FlagEmbedding llm_embedder JSONL (file or folder)",
+        any_split=True,
+    ),
+    "beir": Source(
+        "",
+        lambda p, s: sources.beir(p, s or "test"),
+        ("test",),
+        any_split=True,
+        about="qa: a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv), graded judgments kept",
     ),
 }
 FORMATS = ("lemb", "flagembedding")
@@ -89,8 +101,8 @@ def parse_source(spec: str, default_split: str | None = None) -> tuple[str, str 
     if source is None:
         raise LembError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
     split = split or default_split
-    if name == "flagembedding":
-        return name, split  # a task name, checked by the reader
+    if source.any_split:
+        return name, split or (source.splits[0] if source.splits else None)  # checked by the reader
     if split and split not in source.splits:
         known = ", ".join(source.splits) if source.splits else "none"
         raise LembError(f"source {name}: unknown split {split!r}; its splits: {known}")
@@ -100,7 +112,7 @@ def parse_source(spec: str, default_split: str | None = None) -> tuple[str, str 
 def read_source(name: str, data: Path, split: str | None) -> Records:
     """Records of one source; a layout the converter does not expect is one LembError naming the path."""
     source = SOURCES[name]
-    path = data / source.folder if (data / source.folder).exists() else data
+    path = data / source.folder if source.folder and (data / source.folder).exists() else data
     if not path.exists():
         raise LembError(f"{path}: not found (--data is a data root like ../shared/data, or the source's folder)")
     try:
@@ -112,11 +124,12 @@ def read_source(name: str, data: Path, split: str | None) -> Records:
 
 
 def cut(queries: list[dict], keys: list[dict], limit: int | None, max_keys: int | None) -> Records:
-    """The first `limit` queries; keys cut to `max_keys`, the kept queries' positives first (never dropped)."""
+    """The first `limit` queries; keys cut to `max_keys`, the kept queries' positives and graded ids first (never
+    dropped)."""
     queries = queries[:limit]
     if max_keys is None or len(keys) <= max_keys:
         return queries, keys
-    needed = {p for q in queries for p in q["positive_ids"]}
+    needed = {p for q in queries for p in [*q["positive_ids"], *(q.get("relevance") or {})]}
     room = max(0, max_keys - len(needed & {k["key_id"] for k in keys}))
     others = [k["key_id"] for k in keys if k["key_id"] not in needed][:room]
     keep = needed | set(others)

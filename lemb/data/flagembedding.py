@@ -156,6 +156,7 @@ def read_flagembedding(path: str | Path, task: str | None = None) -> tuple[list[
                 "target": answers[0] if answers else None,
                 "positive_ids": list(dict.fromkeys(cand_ids[: len(pos)])),
                 "history": list(history or []),
+                "relevance": None,
             }
         )
     return queries, list(keys.values()), scores

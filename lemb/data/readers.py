@@ -25,7 +25,9 @@ def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Sch
     clean: dict[str, Any] = {}
     for f in schema:
         value = record.get(f.name)
-        if pa.types.is_list(f.type):
+        if pa.types.is_map(f.type):
+            value = _check_grades(path, label, f.name, value)
+        elif pa.types.is_list(f.type):
             value = [] if value is None else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InputError(path, label, f.name, "expected a list of strings")
@@ -43,7 +45,41 @@ def _check_record(path: Path, where: str, record: dict[str, Any], schema: pa.Sch
         raise InputError(path, label, id_field, "empty id")
     if clean["task"] not in TASKS:
         raise InputError(path, label, "task", f"unknown task {clean['task']!r}; known: {', '.join(TASKS)}")
+    if "relevance" in clean:
+        _check_relevance(path, label, clean)
     return clean
+
+
+def _check_grades(path: Path, label: str, field: str, value: Any) -> dict[str, int] | None:
+    """{key_id: grade}: an object (JSONL) or (key, grade) pairs (Parquet map) of ids to integer grades >= 0."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if pairs is None:
+        raise InputError(path, label, field, "expected an object of key ids to grades")
+    out: dict[str, int] = {}
+    for item in pairs:
+        kid, grade = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
+        if not isinstance(kid, str) or not kid.strip():
+            raise InputError(path, label, field, f"key ids must be non-empty strings, got {kid!r}")
+        if isinstance(grade, bool) or not isinstance(grade, int) or grade < 0:
+            raise InputError(path, label, field, f"grade of {kid!r} must be an integer >= 0, got {grade!r}")
+        out[kid] = grade
+    return out
+
+
+def _check_relevance(path: Path, label: str, record: dict[str, Any]) -> None:
+    """Positives are the ids graded > 0: taken from `relevance` when `positive_ids` is empty, else they must agree."""
+    graded = record.get("relevance")
+    if graded is None:
+        return
+    positive = [k for k, g in graded.items() if g > 0]
+    if not record["positive_ids"]:
+        record["positive_ids"] = positive
+    elif set(record["positive_ids"]) != set(positive):
+        odd = sorted(set(record["positive_ids"]) ^ set(positive))[0]
+        side = "is in positive_ids but not graded > 0" if odd in record["positive_ids"] else "is graded > 0"
+        raise InputError(path, label, "relevance", f"{odd!r} {side} (positive_ids must be the ids graded > 0)")
 
 
 def _iter_raw(path: Path, batch_rows: int):

@@ -5,7 +5,11 @@ Parquet is always written with one of these schemas, never inferred from rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
+
+GRADES = pa.map_(pa.string(), pa.int32())
 
 QUERY = pa.schema(
     [
@@ -15,6 +19,7 @@ QUERY = pa.schema(
         pa.field("target", pa.string()),  # desired output O; null where the task has none
         pa.field("positive_ids", pa.list_(pa.string())),  # known relevant key ids; may be empty
         pa.field("history", pa.list_(pa.string())),  # earlier turns / chunks for chat, lrlm, convsearch
+        pa.field("relevance", GRADES),  # graded judgments {key_id: grade >= 0}; positives are the ids graded > 0
     ]
 )
 
@@ -27,7 +32,8 @@ KEY = pa.schema(
     ]
 )
 
-# key shards keep the text and title beside the vector, so candidates take their texts from retrieve's own output
+# key shards keep the text (as the key template rendered it: what was embedded) and title beside the vector, so
+# candidates take their texts from retrieve's own output
 KEY_EMBEDDING = pa.schema(
     [
         pa.field("key_id", pa.string(), nullable=False),
@@ -43,6 +49,7 @@ _QUERY_AND_KEY = [
     pa.field("query_text", pa.string(), nullable=False),
     pa.field("target", pa.string()),
     pa.field("positive_ids", pa.list_(pa.string())),  # the query's known positives (all of them, on every row)
+    pa.field("relevance", GRADES),  # the query's graded judgments, when its input has them
     pa.field("key_text", pa.string(), nullable=False),  # the corpus key's text, or the history item's
     pa.field("key_title", pa.string()),
 ]
@@ -90,6 +97,11 @@ WHERE = "_where"  # column of streamed input batches: each record's line or row 
 def history_key_id(query_id: str, index: int) -> str:
     """Key id of the `index`-th history item of a query (chat / lrlm candidates are the query's own history)."""
     return f"{query_id}#h{index}"
+
+
+def grades(value: Any) -> dict[str, int]:
+    """A `relevance` value as read from Arrow (a list of (key_id, grade) pairs, or None) as a dict."""
+    return dict(value) if value else {}
 
 
 def by_query(rows: list[dict]) -> list[list[dict]]:

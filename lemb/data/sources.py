@@ -28,6 +28,7 @@ def _query(
     target: str | None = None,
     positive_ids: list[str] | None = None,
     history: list[str] | None = None,
+    relevance: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     return {
         "query_id": qid,
@@ -36,6 +37,7 @@ def _query(
         "target": target,
         "positive_ids": list(positive_ids or []),
         "history": list(history or []),
+        "relevance": relevance,
     }
 
 
@@ -428,3 +430,66 @@ def trec_cast(path: str | Path, utterance: str = "raw", with_responses: bool = T
             queries.append(_query(qid, "convsearch", text, None, [id_of_text[passage]], history))
             history = history + [turn["raw_utterance"]] + ([passage] if with_responses else [])
     return queries, keys
+
+
+# ---------------------------------------------------------------- BEIR folders (any retrieval task)
+
+
+def beir(folder: str | Path, split: str = "test", task: str = "qa") -> Records:
+    """A BEIR folder: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`) and
+    `qrels/<split>.tsv` (a header, then `query-id  corpus-id  score` separated by tabs).
+
+    Ids are kept as the folder has them, so lemb's TREC run files score against the folder's own qrels. The queries
+    are those judged in the split, in the queries file's order; each carries its judgments as `relevance` (grades
+    as given, 0 included) and its positives are the ids graded > 0. A qrels line naming a query or a document that
+    the folder does not have is an error, as is a grade that is not an integer >= 0. BEIR queries have no desired
+    output (`target` is None): they serve eval and contrastive training."""
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise InputError(qrels_path, "file", None, f"not found; splits here: {', '.join(found) or 'none'}")
+    keys, key_ids = [], set()
+    for row in _jsonl(folder / "corpus.jsonl"):
+        text = f"{row.get('text') or ''}".strip()
+        kid = _beir_id(row, folder / "corpus.jsonl")
+        if not text:
+            raise InputError(row.path, f"{row.where} (_id {kid!r})", "text", "empty text")
+        keys.append(_key(kid, task, text, (row.get("title") or "").strip() or None))
+        key_ids.add(kid)
+    texts = {}
+    for row in _jsonl(folder / "queries.jsonl"):
+        qid = _beir_id(row, folder / "queries.jsonl")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise InputError(row.path, f"{row.where} (_id {qid!r})", "text", "expected a non-empty string")
+        texts[qid] = row["text"]
+    judged: dict[str, dict[str, int]] = {}
+    with open(qrels_path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip() or (n == 1 and line.lower().startswith("query-id")):
+                continue
+            parts = line.rstrip("\n").split("\t")
+            where = f"line {n}"
+            if len(parts) != 3:
+                raise InputError(qrels_path, where, None, f"expected 3 tab-separated fields, got {len(parts)}")
+            qid, kid, score = (p.strip() for p in parts)
+            if qid not in texts:
+                raise InputError(qrels_path, where, "query-id", f"{qid!r} is not in queries.jsonl")
+            if kid not in key_ids:
+                raise InputError(qrels_path, where, "corpus-id", f"{kid!r} is not in corpus.jsonl")
+            if not re.fullmatch(r"\d+", score):
+                raise InputError(qrels_path, where, "score", f"expected an integer grade >= 0, got {score!r}")
+            judged.setdefault(qid, {})[kid] = int(score)
+    queries = [
+        _query(qid, task, texts[qid], None, [k for k, g in judged[qid].items() if g > 0], relevance=judged[qid])
+        for qid in texts
+        if qid in judged
+    ]
+    return queries, keys
+
+
+def _beir_id(row: dict[str, Any], path: Path) -> str:
+    value = row["_id"]
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
+        raise InputError(path, row.where, "_id", f"expected a non-empty id, got {value!r}")
+    return str(value)

@@ -1,4 +1,4 @@
-"""Task kinds: embedder instructions, LLM prompt templates and per-task training defaults.
+"""Task kinds: embedder instructions, key templates, LLM prompt templates and per-task training defaults.
 
 The `llm-embedder` instruction preset is the interface of the published LLM-Embedder model
 (Zhang et al., ACL 2024; FlagEmbedding's llm_embedder). Prompt templates are lemb's own: each
@@ -7,9 +7,16 @@ task's desired output is scored as the assistant's reply to the user message bui
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
+from typing import Any
 
 from lemb.vocabulary import TASKS
+
+# How a corpus key's text is built from its fields, as DPR, BEIR and BGE embed Wikipedia passages (title + text).
+# The rendered text is what the embedder encodes and what the LLM's prompts hold, in every stage.
+DEFAULT_KEY_TEMPLATE = "{title}: {text}"
+KEY_FIELDS = ("title", "text")
 
 INSTRUCTION_PRESETS: dict[str, dict[str, tuple[str, str]]] = {
     "llm-embedder": {
@@ -149,6 +156,35 @@ def instructions(preset: str | dict[str, tuple[str, str]], task: str) -> tuple[s
         return table.get(task, ("", ""))
     query, key = preset.get(task) or INSTRUCTION_PRESETS[DEFAULT_PRESET].get(task, ("", ""))
     return query, key
+
+
+def key_template(setting: str | dict[str, str], task: str) -> str:
+    """The key template of `task`: one template for every task, or a table {task: template} (others: default)."""
+    return setting if isinstance(setting, str) else setting.get(task, DEFAULT_KEY_TEMPLATE)
+
+
+def template_problems(setting: Any, name: str = "key_template") -> list[str]:
+    """What is wrong with a key template setting (a template over {title} and {text}, or {task: template})."""
+    if isinstance(setting, dict):
+        out = [f"{name}: unknown task {t!r}" for t in setting if t not in TASKS]
+        return out + [p for t, v in setting.items() if t in TASKS for p in template_problems(v, f"{name}[{t}]")]
+    if not isinstance(setting, str):
+        return [f"{name} must be a template such as {DEFAULT_KEY_TEMPLATE!r} or a table {{task: template}}"]
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(setting) if f is not None}
+    except ValueError as exc:
+        return [f"{name} {setting!r} is not a template ({exc})"]
+    unknown = sorted(fields - set(KEY_FIELDS))
+    if unknown:
+        return [f"{name} {setting!r}: unknown field {{{unknown[0]}}}; a key has {{title}} and {{text}}"]
+    return [] if "text" in fields else [f"{name} {setting!r} must contain {{text}}"]
+
+
+def render_key(template: str, text: str, title: str | None) -> str:
+    """A key's text under `template`; a key without a title is its text alone whatever the template."""
+    if not title and "{title}" in template:
+        return text
+    return template.format(text=text, title=title or "")
 
 
 def build_prompt(task: str, query: str, candidate: str | None) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lemb.data.tasks import INSTRUCTION_PRESETS
+from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, INSTRUCTION_PRESETS, template_problems
 from lemb.errors import ConfigError
 from lemb.files import write_text
 from lemb.vocabulary import (
@@ -85,6 +85,10 @@ def _check_instructions(value: Any) -> list[str]:
 
 
 INSTRUCTIONS_HELP = "Task instructions: a preset (llm-embedder, none) or {task: [query_instruction, key_instruction]}."
+KEY_TEMPLATE_HELP = (
+    "A corpus key's text as the embedder and the LLM see it: a template over {title} and {text}, or {task: template};"
+    " a key without a title is its text alone."
+)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class RetrieveConfig:
     corpus: str | None = setting(None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).")
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.")
     instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    key_template: str | dict[Task, str] = setting(DEFAULT_KEY_TEMPLATE, KEY_TEMPLATE_HELP)
     top_k: int = setting(8, "Candidates per query.")
     add_positives: bool = setting(True, "Put known positives among the candidates (replacing the lowest-ranked).")
     index: IndexKind = setting("flat", "flat (exact inner product), ivf or hnsw, for corpora too large for exact.")
@@ -107,7 +112,7 @@ class RetrieveConfig:
     max_length: int = setting(256, "Tokens per query or key (LLM-Embedder's setting).")
 
     def problems(self) -> list[str]:
-        out = _check_instructions(self.instructions)
+        out = _check_instructions(self.instructions) + template_problems(self.key_template)
         if not self.queries:
             out.append("queries: a query file is required")
         return out + _at_least_one(
@@ -176,6 +181,8 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
     seed: int = setting(0, "Seed of the batch order and of the model's new parameters.")
     save_every: int | None = setting(None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).")
+    tensorboard: bool = setting(False, "Also write the training log as TensorBoard events in <run>/train/tensorboard"
+                                " (pip install 'lemb\\[tensorboard]').")  # fmt: skip
 
     def problems(self) -> list[str]:
         out = _check_instructions(self.instructions)
@@ -213,6 +220,8 @@ class EvalConfig:
     corpus: str | None = setting(None, "Key records.")
     embedders: dict[str, str] = setting(factory=dict, help="{name: model}; default: base and <run>/train/model.")
     instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    key_template: str | dict[Task, str] | None = setting(None, KEY_TEMPLATE_HELP + " Default: the run's retrieve setting, else "
+                                f"{DEFAULT_KEY_TEMPLATE!r}.")  # fmt: skip
     llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.")
     answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
     max_new_tokens: int = setting(24, "Tokens the LLM generates per answer.")
@@ -221,6 +230,7 @@ class EvalConfig:
 
     def problems(self) -> list[str]:
         out = _check_instructions(self.instructions)
+        out += template_problems(self.key_template) if self.key_template is not None else []
         if not self.queries:
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:
@@ -364,7 +374,18 @@ RETIRED = {
 
 # settings that change where or how fast a stage runs, not what it writes (the whole `cluster` section among them)
 EXECUTION_ONLY = frozenset(
-    {"run", "restart", "cluster", "threads", "save_every", "resume", "device", "score_batch_tokens", "block_tokens"}
+    {
+        "run",
+        "restart",
+        "cluster",
+        "threads",
+        "save_every",
+        "resume",
+        "device",
+        "score_batch_tokens",
+        "block_tokens",
+        "tensorboard",
+    }
 )
 
 

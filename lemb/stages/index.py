@@ -2,6 +2,10 @@
 
 Vectors are L2-normalised, so inner product is cosine similarity. Indexes are filled shard by
 shard from `retrieve/keys/`, so peak memory is the index plus one shard, not two copies of the corpus.
+
+Ties: keys with equal scores are ranked by key id, ascending (duplicate texts in a corpus make such ties real).
+The index is asked for `TIE_MARGIN` more keys than wanted, so the cut at depth k follows the same rule unless more
+than that many keys tie there. This order is the one the LLM's prompts use and the one every metric scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import pyarrow.parquet as pq
 
 from lemb.errors import MissingDependency
 from lemb.vocabulary import INDEX_KINDS
+
+TIE_MARGIN = 8
 
 
 def faiss_module() -> Any:
@@ -64,11 +70,12 @@ class TaskIndex:
         self.index.add(vectors)
 
     def search_many(self, q: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
-        scores, found = self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, len(self.ids)))
+        wide = min(k + TIE_MARGIN, len(self.ids))
+        scores, found = self.index.search(np.ascontiguousarray(q, dtype=np.float32), wide)
         out = []
         for row_scores, row in zip(scores, found):
-            keep = [j for j, i in enumerate(row) if i >= 0]
-            out.append(([self.ids[row[j]] for j in keep], [float(row_scores[j]) for j in keep]))
+            hits = sorted(((-float(s), self.ids[i]) for s, i in zip(row_scores, row) if i >= 0))[:k]
+            out.append(([kid for _, kid in hits], [-s for s, _ in hits]))
         return out
 
     def search(self, q: np.ndarray, k: int) -> tuple[list[str], list[float]]:

@@ -1,8 +1,9 @@
 """`lemb retrieve`: embed keys and queries (task instructions prepended), faiss top-K per query.
 
-Two sharded steps under `<run>/retrieve/`: `keys/` (key embeddings, with each key's text and title) and
-`candidates/` (top-K rows per query, partitioned by query id). A candidate row carries everything the label stage
-needs (query text, target, positive ids, key text and title), so no later stage opens the query file or the corpus.
+Two sharded steps under `<run>/retrieve/`: `keys/` (key embeddings, with each key's text as `key_template` renders
+it, and its title) and `candidates/` (top-K rows per query, partitioned by query id). A candidate row carries
+everything the label stage needs (query text, target, positive ids and grades, the rendered key text and the title),
+so no later stage opens the query file or the corpus, and the LLM's prompts hold the text that was embedded.
 Queries of `chat` / `lrlm` rank their own history instead of a shared corpus.
 
 The same two steps rank held-out queries for `lemb eval`: there is one implementation of encode -> index -> top-K.
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from lemb.data import schemas
 from lemb.data.readers import iter_keys, iter_queries
-from lemb.data.tasks import instructions
+from lemb.data.tasks import instructions, key_template, render_key
 from lemb.errors import InputError
 from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
@@ -71,9 +72,13 @@ class EmbedKeys(_EncodingStage):
     def process(self, table: pa.Table) -> pa.Table:
         parts = []
         for task, part in split_by_task(table):
-            emb = self._encode(part.column("text").to_pylist(), instructions(self.config.instructions, task)[1])
+            template = key_template(self.config.key_template, task)
+            fields = zip(part.column("text").to_pylist(), part.column("title").to_pylist())
+            texts = [render_key(template, text, title) for text, title in fields]
+            emb = self._encode(texts, instructions(self.config.instructions, task)[1])
             vectors = pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1]).cast(pa.list_(pa.float32()))
-            parts.append(part.select(["key_id", "task", "text", "title"]).append_column("embedding", vectors))
+            keys = part.select(["key_id", "task"]).append_column("text", pa.array(texts, pa.string()))
+            parts.append(keys.append_column("title", part.column("title")).append_column("embedding", vectors))
         self._count_truncated()
         return pa.concat_tables(parts).cast(self.output_schema)
 
@@ -93,7 +98,7 @@ def history_index(encoder: Encoder, query: dict[str, Any], key_instruction: str)
 class SearchQueries(_EncodingStage):
     name = "retrieve/candidates"
     unit = "queries"
-    required_columns = ("query_id", "task", "text", "target", "positive_ids", "history")
+    required_columns = ("query_id", "task", "text", "target", "positive_ids", "history", "relevance")
     output_schema = schemas.CANDIDATE
 
     def __init__(self, config: RetrieveConfig, keys_dir: str | None) -> None:
@@ -142,6 +147,7 @@ class SearchQueries(_EncodingStage):
                 out["query_text"] += [query["text"]] * n
                 out["target"] += [query["target"]] * n
                 out["positive_ids"] += [query["positive_ids"]] * n
+                out["relevance"] += [query["relevance"]] * n
                 if task in PER_QUERY_TASKS:
                     out["key_text"] += [query["history"][int(k.rsplit("#h", 1)[1])] for k in ids]
                 else:
@@ -172,25 +178,27 @@ class SearchQueries(_EncodingStage):
 def _check_positives(
     plan: ShardPlan, key_tasks: set[str], positive_task: dict[str, str], path: str, corpus: str | None
 ) -> None:
-    """Shared-pool tasks need keys; a positive id must name a key of the query's own task or a history item.
+    """Shared-pool tasks need keys; a positive or graded id must name a key of the query's own task or a history item.
 
     Read from the query input shards one at a time. `key_tasks`: the tasks the corpus has keys for;
     `positive_task`: the task of each positive id found in it."""
     for shard in plan.inputs:
-        table = pq.read_table(shard, columns=["query_id", "task", "positive_ids", "history"])
+        table = pq.read_table(shard, columns=["query_id", "task", "positive_ids", "relevance", "history"])
         lengths = pc.list_value_length(table.column("history")).to_pylist()
-        for q, n_history in zip(table.select(["query_id", "task", "positive_ids"]).to_pylist(), lengths):
+        for q, n_history in zip(table.select(["query_id", "task", "positive_ids", "relevance"]).to_pylist(), lengths):
             where = f"query_id {q['query_id']!r}"
             if q["task"] in PER_QUERY_TASKS:
                 valid = {schemas.history_key_id(q["query_id"], i) for i in range(n_history or 0)}
-                bad = [p for p in q["positive_ids"] if p not in valid]
+                is_key = valid.__contains__
             elif q["task"] not in key_tasks:
                 problem = f"no keys of task {q['task']!r} in the corpus" if corpus else "needs a corpus (--corpus)"
                 raise InputError(path, where, "task", problem)
             else:
-                bad = [p for p in q["positive_ids"] if positive_task.get(p) != q["task"]]
-            if bad:
-                raise InputError(path, where, "positive_ids", f"{bad[0]!r} is not in the corpus ({q['task']} keys)")
+                is_key = lambda p, task=q["task"]: positive_task.get(p) == task  # noqa: E731
+            for field, ids in (("positive_ids", q["positive_ids"]), ("relevance", schemas.grades(q["relevance"]))):
+                bad = [p for p in ids if not is_key(p)]
+                if bad:
+                    raise InputError(path, where, field, f"{bad[0]!r} is not in the corpus ({q['task']} keys)")
 
 
 def _partition_queries(config: RetrieveConfig, folder: Path) -> tuple[ShardPlan, set[str]]:
@@ -200,9 +208,10 @@ def _partition_queries(config: RetrieveConfig, folder: Path) -> tuple[ShardPlan,
 
     def batches():
         for batch in iter_queries(config.queries):
-            for task, ids in zip(batch.column("task").to_pylist(), batch.column("positive_ids").to_pylist()):
+            columns = (batch.column(c).to_pylist() for c in ("task", "positive_ids", "relevance"))
+            for task, ids, graded in zip(*columns):
                 if task not in PER_QUERY_TASKS:
-                    wanted.update(ids)
+                    wanted.update(ids, (k for k, _ in graded or ()))
             yield batch
 
     schema = schemas.QUERY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))

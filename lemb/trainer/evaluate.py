@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
 
-from lemb.data.schemas import by_query
-from lemb.data.tasks import build_prompt, task_spec
+from lemb.data.schemas import by_query, grades
+from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, build_prompt, task_spec
 from lemb.errors import LembError
 from lemb.files import write_json, write_text
 from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
@@ -73,7 +74,8 @@ def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True,
     retrieve_config = load_config(
         RetrieveConfig, run=config.run, cluster=dataclasses.asdict(config.cluster), shards=config.shards, restart=True,
         queries=config.queries, corpus=config.corpus,
-        embedder=model, instructions=config.instructions, top_k=depth, add_positives=False,
+        embedder=model, instructions=config.instructions, key_template=run_key_template(config),
+        top_k=depth, add_positives=False,
         batch_size=config.batch_size, max_length=config.max_length,
     )  # fmt: skip
     retrieve(retrieve_config, progress, out=out, warn_short_pools=False)
@@ -84,10 +86,21 @@ def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True,
             first = rows[0]
             ranking[first["query_id"]] = [(r["key_id"], r["retrieval_score"]) for r in rows]
             queries.append({"query_id": first["query_id"], "task": first["task"], "text": first["query_text"],
-                            "target": first["target"], "positive_ids": first["positive_ids"] or []})  # fmt: skip
+                            "target": first["target"], "positive_ids": first["positive_ids"] or [],
+                            "relevance": grades(first["relevance"])})  # fmt: skip
             key_text.update((r["key_id"], r["key_text"]) for r in rows)
     queries.sort(key=lambda q: q["query_id"])
     return Ranked(ranking, queries, key_text)
+
+
+def run_key_template(config: EvalConfig) -> Any:
+    """Eval's key template: its own setting, else the one the run's retrieve stage embedded with, else the default."""
+    if config.key_template is not None:
+        return config.key_template
+    saved = Path(config.run) / "retrieve" / "candidates" / "config.yaml"
+    if saved.exists():
+        return (yaml.safe_load(saved.read_text()) or {}).get("key_template", "{text}")  # saved before templates
+    return DEFAULT_KEY_TEMPLATE
 
 
 def _ir_measure(name: str) -> str:
@@ -99,11 +112,14 @@ def _ir_measure(name: str) -> str:
 def retrieval_metrics(
     ranking: dict[str, list[tuple[str, float]]], queries: list[dict], names: tuple[str, ...] = RETRIEVAL_METRICS
 ) -> dict[str, float]:
-    """Mean of each retrieval metric in `names` (others are ignored) over the queries with known positives."""
+    """Mean of each retrieval metric in `names` (others are ignored) over the queries with known positives.
+
+    nDCG's gains are the queries' grades where they have them (`relevance`), else 1 per positive; recall and
+    MRR count the ids graded > 0."""
     import ir_measures
 
     names = tuple(n for n in names if n.partition("@")[0] in IR_NAMES)
-    qrels = [ir_measures.Qrel(q["query_id"], p, 1) for q in queries for p in q["positive_ids"]]
+    qrels = [ir_measures.Qrel(q["query_id"], k, g) for q in queries for k, g in judgments(q).items()]
     if not qrels or not names:
         return {}
     judged = {q["query_id"] for q in queries if q["positive_ids"]}
@@ -123,6 +139,11 @@ def retrieval_metrics(
         per_query[str(m.measure)][m.query_id] = m.value
     # queries with positives but no retrieved keys count as 0 (pytrec_eval would leave them out)
     return {name: sum(per_query[str(m)].get(q, 0.0) for q in judged) / len(judged) for name, m in measures.items()}
+
+
+def judgments(query: dict) -> dict[str, int]:
+    """{key_id: grade} of a query: its graded `relevance` where given, else grade 1 for each positive."""
+    return grades(query.get("relevance")) or dict.fromkeys(query["positive_ids"], 1)
 
 
 class LLMJudge:
@@ -256,10 +277,10 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
 
 def write_trec(ranked: Ranked, folder: Path, tag: str) -> None:
     """`run.trec` (`qid Q0 docid rank score tag`, in the order the metrics and the LLM's prompts use; score is the
-    embedder's similarity) and `qrels.trec` (`qid 0 docid 1` for each known positive), for trec_eval and its kin."""
+    embedder's similarity) and `qrels.trec` (`qid 0 docid grade`, 1 for a positive without grades), for trec_eval."""
     run_lines = [f"{qid} Q0 {key} {i} {score:.6f} {tag}\n"
                  for qid, hits in ranked.ranking.items() for i, (key, score) in enumerate(hits, 1)]  # fmt: skip
-    qrels = [f"{q['query_id']} 0 {key} 1\n" for q in ranked.queries for key in q["positive_ids"]]
+    qrels = [f"{q['query_id']} 0 {key} {grade}\n" for q in ranked.queries for key, grade in judgments(q).items()]
     write_text(folder / "run.trec", "".join(run_lines))
     write_text(folder / "qrels.trec", "".join(qrels))
 

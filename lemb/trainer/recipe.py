@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lemb.data.tasks import instructions, task_spec
-from lemb.errors import ConfigError, InputError, LembError, StageConflict
+from lemb.errors import ConfigError, InputError, LembError, MissingDependency, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
@@ -42,34 +42,66 @@ from lemb.vocabulary import TASKS
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-LOG = "log.jsonl"  # one row per step: step, task, loss, lr
+LOG = "log.jsonl"  # one row per step (TrainLog)
+TENSORBOARD = "tensorboard"
+TIMING_FIELDS = ("examples_per_s", "elapsed_s")  # the log's fields that differ between two runs of one config
+RUNNING_LOSS_STEPS = 20
 
 
 class TrainLog:
-    """The training log, a row per step written as the step ends. A resumed run first drops the rows past its
-    checkpoint (steps a killed run did after it), so the log of a resumed run equals an uninterrupted run's."""
+    """The training log, a row per step written and flushed as the step ends (`tail -f` follows it; a killed run
+    keeps it): step, task, loss, lr, queries, examples_per_s (queries per second of the step), elapsed_s. With
+    `tensorboard`, the same scalars also go to TensorBoard events in `<run>/train/tensorboard/`. A resumed run first
+    drops the rows (and events) past its checkpoint, so its log equals an uninterrupted run's but for the timings."""
 
-    def __init__(self, path: Path, start_step: int, enabled: bool = True) -> None:
+    def __init__(self, path: Path, start_step: int, enabled: bool = True, tensorboard: bool = False) -> None:
         self.last: dict[str, Any] | None = None
         self.fh = None
+        self.events = None
+        self.recent: list[float] = []  # the last RUNNING_LOSS_STEPS losses, for the progress bar
         if not enabled:
             return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MissingDependency("tensorboard", "pip install 'lemb[tensorboard]'") from None
+            self.events = SummaryWriter(str(path.parent / TENSORBOARD), purge_step=start_step)
         kept = []
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
         write_text(path, "".join(line + "\n" for line in kept))  # in one rename: a kill here loses no row
         self.fh = open(path, "a")
+        where = f"TensorBoard: tensorboard --logdir {path.parent / TENSORBOARD}" if tensorboard else (
+            "TensorBoard: --tensorboard (pip install 'lemb[tensorboard]')")  # fmt: skip
+        log.info("training log: %s (one row per step; tail -f follows it); %s", path, where)
 
     def write(self, row: dict[str, Any]) -> None:
         self.last = row
+        self.recent = [*self.recent[-(RUNNING_LOSS_STEPS - 1) :], row["loss"]]
         if self.fh is not None:
             self.fh.write(json.dumps(row) + "\n")
             self.fh.flush()
+        if self.events is not None:
+            step = row["step"]
+            self.events.add_scalar(f"loss/{row['task']}", row["loss"], step)
+            self.events.add_scalar("loss/all", row["loss"], step)
+            self.events.add_scalar("lr", row["lr"], step)
+            self.events.add_scalar("examples_per_s", row["examples_per_s"], step)
+            self.events.flush()
+
+    @property
+    def running_loss(self) -> float:
+        """Mean loss of the last RUNNING_LOSS_STEPS steps (any task)."""
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
             self.fh = None
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 class TrainRecipe:
@@ -115,7 +147,7 @@ class TrainRecipe:
         elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
             for stale in (CHECKPOINT, "config.yaml", "_stats.json", LOG):
                 (self.out / stale).unlink(missing_ok=True)
-        self.train_log = TrainLog(self.out / LOG, self.start_step, enabled=self.world.rank == 0)
+        self.train_log = TrainLog(self.out / LOG, self.start_step, self.world.rank == 0, c.tensorboard)
 
     def save_checkpoint(self, step: int) -> None:
         """Everything a resumed run needs to continue bit for bit: weights, optimizer, schedule, step, RNG."""
@@ -220,14 +252,20 @@ class TrainRecipe:
         start = time.perf_counter()
         bar = tqdm(total=c.steps, initial=self.start_step, desc="train", disable=not progress or self.world.rank)
         for step in range(self.start_step, c.steps):
+            step_start = time.perf_counter()
             batch = [self.groups[i] for i in self.sampler.batch(step)]
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
             task, loss = self._step(batch)
             self.precision.step(self.optimizer, c.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
-            self.train_log.write({"step": step, "task": task, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
-            bar.set_postfix({"task": task, "loss": f"{loss:.4f}"}, refresh=False)
+            now = time.perf_counter()
+            self.train_log.write({"step": step, "task": task, "loss": loss, "lr": lr, "queries": len(batch),
+                                  "examples_per_s": round(len(batch) / max(now - step_start, 1e-9), 3),
+                                  "elapsed_s": round(now - start, 3)})  # fmt: skip
+            bar.set_postfix({"task": task, "loss": f"{loss:.4f}", f"loss@{RUNNING_LOSS_STEPS}":
+                             f"{self.train_log.running_loss:.4f}"}, refresh=False)  # fmt: skip
             bar.update(1)
             every = c.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < c.steps and self.world.rank == 0:

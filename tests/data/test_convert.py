@@ -128,3 +128,60 @@ def test_bad_data_names_file_line_and_field(data, tmp_path, source, path, conten
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert str(root / Path(path).parent) in lines[0]  # the file, or for a layout problem its folder
     assert not (tmp_path / "out").exists()
+
+
+def _beir_folder(root: Path, qrels: str = "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t0\nq2\td2\t1\n") -> Path:
+    (root / "qrels").mkdir(parents=True)
+    corpus = [
+        {"_id": "d1", "title": "Paris", "text": "Paris is the capital of France."},
+        {"_id": "d2", "title": "", "text": "Berlin is a city in Germany."},
+        {"_id": 3, "text": "Rome is in Italy."},  # numeric ids (some BEIR sets) become strings
+    ]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    queries = [{"_id": "q1", "text": "capital of France"}, {"_id": "q2", "text": "a German city"},
+               {"_id": "q9", "text": "not judged in this split"}]  # fmt: skip
+    (root / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries))
+    (root / "qrels" / "test.tsv").write_text(qrels.replace("d3", "3"))
+    return root
+
+
+def test_beir_folder_in_with_grades(tmp_path):
+    folder = _beir_folder(tmp_path / "beir")
+    result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    queries = read_queries(tmp_path / "out" / "queries.jsonl").to_pylist()
+    keys = read_keys(tmp_path / "out" / "corpus.jsonl").to_pylist()
+    assert [q["query_id"] for q in queries] == ["q1", "q2"]  # the judged ones, in the queries file's order
+    assert dict(queries[0]["relevance"]) == {"d1": 2, "3": 0} and queries[0]["positive_ids"] == ["d1"]
+    assert dict(queries[1]["relevance"]) == {"d2": 1} and queries[1]["target"] is None
+    assert [(k["key_id"], k["title"]) for k in keys] == [("d1", "Paris"), ("d2", None), ("3", None)]
+    assert {q["task"] for q in queries} | {k["task"] for k in keys} == {"qa"}
+
+
+@pytest.mark.parametrize(
+    "qrels, message",
+    [
+        ("query-id\tcorpus-id\tscore\nq1\td1\n", "qrels/test.tsv: line 2: expected 3 tab-separated fields, got 2"),
+        ("query-id\tcorpus-id\tscore\nq1\td1\t0.5\n", "line 2, field 'score': expected an integer grade >= 0"),
+        ("query-id\tcorpus-id\tscore\nq1\td1\t-1\n", "line 2, field 'score': expected an integer grade >= 0"),
+        ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td7\t1\n", "line 3, field 'corpus-id': 'd7' is not in corpus"),
+        ("query-id\tcorpus-id\tscore\nq5\td1\t1\n", "line 2, field 'query-id': 'q5' is not in queries.jsonl"),
+    ],
+)
+def test_bad_beir_lines_are_one_line_each(tmp_path, qrels, message):
+    folder = _beir_folder(tmp_path / "beir", qrels)
+    result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_beir_records_and_a_missing_split(tmp_path):
+    folder = _beir_folder(tmp_path / "beir")
+    result = convert("beir:dev", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "qrels/dev.tsv: file: not found; splits here: test" in result.stderr
+    with open(folder / "corpus.jsonl", "a") as fh:
+        fh.write('{"title": "no id", "text": "x"}\n')
+    result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "corpus.jsonl: line 4, field '_id': missing" in result.stderr

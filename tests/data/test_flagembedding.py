@@ -143,6 +143,7 @@ def test_writer_chat_candidate_subset_round_trips(tmp_path):
             "target": "A dog.",
             "positive_ids": [],
             "history": history,
+            "relevance": None,
         }
     ]
     # Retrieval kept two of the three history items (one of them a repeated text).

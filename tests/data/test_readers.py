@@ -29,6 +29,16 @@ def test_reads_jsonl_and_parquet_with_defaults(tmp_path):
     assert read_queries(tmp_path / "q.parquet").to_pylist() == table.to_pylist()
 
 
+def test_graded_relevance_gives_the_positives_and_survives_parquet(tmp_path):
+    row = {k: v for k, v in GOOD.items() if k != "positive_ids"} | {"relevance": {"k1": 2, "k2": 0, "k3": 1}}
+    table = read_queries(_jsonl(tmp_path, [row]))
+    record = table.to_pylist()[0]
+    assert record["positive_ids"] == ["k1", "k3"] and dict(record["relevance"]) == {"k1": 2, "k2": 0, "k3": 1}
+    pq.write_table(table, tmp_path / "q.parquet")
+    assert read_queries(tmp_path / "q.parquet").to_pylist() == table.to_pylist()
+    assert read_queries(_jsonl(tmp_path, [GOOD])).to_pylist()[0]["relevance"] is None
+
+
 @pytest.mark.parametrize(
     "rows, pattern",
     [
@@ -41,6 +51,16 @@ def test_reads_jsonl_and_parquet_with_defaults(tmp_path):
         ([{**GOOD, "positive_ids": "k1"}], r"field 'positive_ids': expected a list of strings"),
         ([{**GOOD, "task": "chat"}], r"query_id 'q1', field 'history': task chat needs a history"),
         (["[1, 2]"], r"line 1: expected a JSON object"),
+        ([{**GOOD, "relevance": {"k1": 1.5}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got 1.5"),
+        ([{**GOOD, "relevance": {"k1": -1}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got -1"),
+        ([{**GOOD, "relevance": {"k1": True}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got True"),
+        ([{**GOOD, "relevance": ["k1"]}], r"field 'relevance': key ids must be non-empty strings"),
+        ([{**GOOD, "relevance": "k1"}], r"field 'relevance': expected an object of key ids to grades"),
+        (
+            [{**GOOD, "relevance": {"k1": 0, "k2": 2}}],
+            r"field 'relevance': 'k1' is in positive_ids but not graded > 0",
+        ),
+        ([{**GOOD, "relevance": {"k1": 1, "k2": 2}}], r"field 'relevance': 'k2' is graded > 0 \(positive_ids must"),
     ],
 )
 def test_bad_query_rows_name_file_row_and_field(tmp_path, rows, pattern):

@@ -56,3 +56,13 @@ def test_indexes_from_shards_split_by_task(tmp_path):
     indexes = indexes_from_shards(tmp_path)
     assert sorted(indexes) == ["qa", "tool"] and len(indexes["qa"].ids) == 15
     assert indexes["qa"].search(v[7], 1)[0] == ["k7"]
+
+
+def test_equal_scores_rank_by_key_id_also_at_the_depth_cut():
+    # five copies of one vector (duplicate texts) added in reverse id order, and one other key
+    v = _vectors(2)
+    ids = ["e", "d", "c", "b", "a", "z"]
+    index = TaskIndex.exact(ids, np.vstack([np.repeat(v[:1], 5, axis=0), v[1:]]))
+    found, scores = index.search(v[0], 3)
+    assert found == ["a", "b", "c"] and scores[0] == scores[2]
+    assert index.search(v[0], 6)[0] == ["a", "b", "c", "d", "e", "z"]

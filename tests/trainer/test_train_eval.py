@@ -49,6 +49,41 @@ def test_training_changed_weights_and_logged_loss(trained):
     assert json.loads((run / "train" / "_stats.json").read_text())["groups"] >= 3
 
 
+def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    for stage in ("retrieve", "label"):
+        shutil.copytree(labelled_run / stage, run / stage)
+    with caplog.at_level(logging.INFO, logger="lemb.trainer.recipe"):
+        train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, warmup=0.5), progress=False)
+    assert "--tensorboard (pip install 'lemb[tensorboard]')" in caplog.text  # how to turn it on, when off
+    rows = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and not (run / "train" / "tensorboard").exists()
+    assert all(
+        1 <= r["queries"] <= 2 and r["examples_per_s"] > 0 and r["task"] in ("qa", "chat", "tool") for r in rows
+    )
+    assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 2e-5, 2e-5, 1e-5])  # the rate each step used (warm-up 2)
+
+    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, tensorboard=True,
+                      warmup=0.5), progress=False)  # fmt: skip
+    assert not (run / "train" / "tensorboard").exists()  # execution-only: the finished run is not trained again
+    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, tensorboard=True,
+                      warmup=0.5, restart=True), progress=False)  # fmt: skip
+    events = EventAccumulator(str(run / "train" / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss/all")] == [0, 1, 2, 3]
+    assert [e.value for e in events.Scalars("loss/all")] == pytest.approx([r["loss"] for r in rows])
+    for task in {r["task"] for r in rows}:
+        assert [e.step for e in events.Scalars(f"loss/{task}")] == [r["step"] for r in rows if r["task"] == task]
+    assert {"lr", "examples_per_s"} <= set(events.Tags()["scalars"])
+
+
 def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     run, _ = trained
     cfg = load_config(
@@ -105,3 +140,15 @@ def test_answer_metrics_strict_and_whole_word():
     m = answer_metrics(queries, answers)
     assert m["answer_em"] == 0.25  # only "Quelm." is exactly the target
     assert m["answer_accuracy"] == 0.5  # "Plok" is a whole-word span; "Ra" inside "Rain" is not
+
+
+def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from lemb.errors import MissingDependency
+    from lemb.trainer.recipe import TrainLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(MissingDependency, match=r"pip install 'lemb\[tensorboard\]'"):
+        TrainLog(tmp_path / "log.jsonl", 0, enabled=True, tensorboard=True)
+    assert not (tmp_path / "log.jsonl").exists()

@@ -95,6 +95,7 @@ def make_demo(size: str = "tiny", seed: int = 0) -> DemoData:
                         "target": q["target"],
                         "positive_ids": [ids[t] for t in q["positive_texts"]],
                         "history": [],
+                        "relevance": None,
                     }
                 )
     splits = make_chat(rng, namer, n["chat"])
@@ -109,6 +110,7 @@ def make_demo(size: str = "tiny", seed: int = 0) -> DemoData:
                     "target": q["target"],
                     "positive_ids": [history_key_id(qid, q["gold_index"])],
                     "history": q["history"],
+                    "relevance": None,
                 }
             )
     return DemoData(keys=keys, train=train, heldout=heldout)

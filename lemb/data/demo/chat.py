@@ -158,6 +158,7 @@ def make_chat(rng: random.Random, namer: Namer, n: tuple[int, int]) -> list[list
                     "text": rng.choice(slot.question).format(s=s),
                     "target": v,
                     "history": turns,
+                    "relevance": None,
                     "gold_index": turns.index(gold_turn),
                 }
             )
