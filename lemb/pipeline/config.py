@@ -49,7 +49,7 @@ class Cluster:
     """Where a sharded stage's shards run (retrieve, label, eval's ranking): none of it changes the output."""
 
     executor: ExecutorKind = setting("ray", "ray (Ray actors) or local (in this process, no Ray).")
-    address: str | None = setting(None, "Ray cluster address; none starts a local cluster.")
+    address: str | None = setting(None, "Ray cluster address; none: RAY_ADDRESS, else a new local cluster.")
     workers: int = setting(0, "Actors in the pool, one model copy each (0: as many as the CPUs or GPUs hold).")
     num_gpus: float = setting(0.0, "GPUs per actor.")
     threads: int = setting(1, "Torch threads per worker (1 is fastest on 2 vCPUs).")
@@ -220,8 +220,9 @@ class EvalConfig:
     corpus: str | None = setting(None, "Key records.")
     embedders: dict[str, str] = setting(factory=dict, help="{name: model}; default: base and <run>/train/model.")
     instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
-    key_template: str | dict[Task, str] | None = setting(None, KEY_TEMPLATE_HELP + " Default: the run's retrieve setting, else "
-                                f"{DEFAULT_KEY_TEMPLATE!r}.")  # fmt: skip
+    key_template: str | dict[Task, str] | None = setting(
+        None, f"{KEY_TEMPLATE_HELP} Default: the run's retrieve setting, else {DEFAULT_KEY_TEMPLATE!r}."
+    )
     llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.")
     answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
     max_new_tokens: int = setting(24, "Tokens the LLM generates per answer.")

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query
@@ -97,24 +99,29 @@ def _expected_first_and_rr(values: list[float], positive: list[bool], ties: list
 
 def agreement(label_dir: Path) -> dict[str, Any]:
     """Agreement of each order with the positives, per task, read from a finished label stage shard by shard."""
+    shards = ((path, pq.read_table(path, columns=list(COLUMNS))) for path in stage_files(label_dir))
+    return {"label": str(label_dir), **tally_agreement(shards)}  # stage_files refuses a missing or unfinished stage
+
+
+def tally_agreement(shards: Iterable[tuple[Any, pa.Table]], tie_tolerance: float | None = None) -> dict[str, Any]:
+    """`agreement` over (source, reward table) pairs; `tie_tolerance`: the shards' own (labelled with) if None."""
     tallies: dict[str, dict[str, Agreement]] = defaultdict(lambda: {o: Agreement() for o in ORDERS})
-    tolerance = None
-    for path in stage_files(label_dir):  # refuses a label stage that is missing or unfinished
-        shard = pq.read_table(path, columns=list(COLUMNS))
+    tolerance = tie_tolerance
+    for source, shard in shards:
         meta = shard.schema.metadata or {}
-        tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))
+        tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6")) if tie_tolerance is None else tie_tolerance
         tolerance = tol if tolerance is None else tolerance
-        for rows in by_query(shard.to_pylist()):
+        for rows in by_query(shard.select(list(COLUMNS)).to_pylist()):
             positives = set(rows[0]["positive_ids"] or [])
             positive = [r["key_id"] in positives for r in rows]
             tally = tallies[rows[0]["task"]]
             tally["retrieval"].add([-float(r["retrieval_rank"]) for r in rows], positive, EXACT)
             for kind in REWARDS:
-                rewards = [row_reward(kind, r, tol, path) for r in rows]
+                rewards = [row_reward(kind, r, tol, source) for r in rows]
                 values = [0.0] * len(rows) if None in rewards else [float(v) for v in rewards]
                 tally[kind].add(values, positive, tol if kind == "likelihood" else EXACT)
     tasks = {task: {o: a.summary() for o, a in by_order.items()} for task, by_order in sorted(tallies.items())}
-    return {"label": str(label_dir), "tie_tolerance": tolerance, "tasks": tasks}
+    return {"tie_tolerance": tolerance, "tasks": tasks}
 
 
 def agreement_table(report: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ class EchoStage(Stage):
                 "query_text": ids,
                 "target": ids,
                 "positive_ids": [[]] * n,
+                "relevance": [None] * n,
                 "key_text": ids,
                 "key_title": [None] * n,
             },

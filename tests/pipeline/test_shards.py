@@ -58,6 +58,7 @@ def _candidates(n):
             "query_text": ["q"] * n,
             "target": ["t"] * n,
             "positive_ids": [["k"]] * n,
+            "relevance": [None] * n,
             "key_text": ["a key"] * n,
             "key_title": [None] * n,
         },
