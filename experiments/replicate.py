@@ -153,7 +153,7 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
     run.mkdir(parents=True, exist_ok=True)
     for stage in ("retrieve", "label"):
         link = run / stage
-        if not link.is_symlink():
+        if not link.is_symlink() and (shared / stage).exists():
             link.symlink_to(Path(os.path.relpath(shared / stage, run)), target_is_directory=True)
     config = load_config(
         TrainConfig,
@@ -176,7 +176,7 @@ def rank_dev(model: str, queries: Path, corpus: Path, out: Path, args: argparse.
 
     config = load_config(
         EvalConfig, run=str(out), queries=str(queries), corpus=str(corpus), executor=args.executor,
-        threads=args.threads, shards=args.shards, batch_size=args.eval_batch_size,
+        threads=args.threads, shards=args.shards, batch_size=args.eval_batch_size, key_template=args.key_template,
     )  # fmt: skip
     return rank(config, model, out, progress=False)
 
@@ -256,8 +256,12 @@ def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]
     from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
     data = prepare_qa(args, out / "qa" / "data")
-    shared = out / "qa" / "shared"
-    label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock, "qa")
+    if args.label_from:  # a finished label stage of an earlier run (its run folder): no retrieve, no LLM calls
+        shared = args.label_from
+        label_stats = json.loads((shared / "label" / "_stats.json").read_text())
+    else:
+        shared = out / "qa" / "shared"
+        label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock, "qa")
     agreement = label_agreement(shared / "label")["tasks"]["qa"]  # what `lemb inspect --agreement` prints
 
     models = {"base": DEFAULT_EMBEDDER}
@@ -541,6 +545,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--key-template", default="{title}: {text}", help="eval's key template (as the labels embedded)")
+    p.add_argument(
+        "--label-from",
+        type=Path,
+        default=None,
+        help="run folder of a finished label stage to train on (part qa; skips retrieve and label)",
+    )
     return p.parse_args(argv)
 
 

@@ -133,3 +133,22 @@ def test_a_graded_id_absent_from_the_corpus_is_one_line_before_any_output(beir, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "query_id 'q1', field 'relevance': 'zz' is not in the corpus (qa keys)" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_takes_the_key_template_of_the_run_it_evaluates(tmp_path):
+    import yaml
+
+    from lemb.pipeline.config import EvalConfig
+    from lemb.trainer.evaluate import run_key_template
+
+    def template(**settings):
+        return run_key_template(load_config(EvalConfig, run=str(tmp_path), queries="q.jsonl", **settings))
+
+    assert template() == "{title}: {text}"  # no retrieve stage in the run: the default
+    saved = tmp_path / "retrieve" / "candidates" / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(yaml.safe_dump({"top_k": 8}))  # saved before key templates existed: keys were text alone
+    assert template() == "{text}"
+    saved.write_text(yaml.safe_dump({"key_template": {"qa": "{text} ({title})"}}))
+    assert template() == {"qa": "{text} ({title})"}
+    assert template(key_template="{title} | {text}") == "{title} | {text}"  # eval's own setting wins
