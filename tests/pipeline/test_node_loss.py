@@ -56,12 +56,17 @@ def _node_of(nodes, pid):
     return next(n for n in nodes if n.all_processes["raylet"][0].process.pid in ancestors)
 
 
-def _workers(marker):
-    """Live lemb worker processes (Ray names an actor's process after its class)."""
+def _workers(marker, nodes):
+    """Live lemb worker processes of the cluster's `nodes` (Ray names an actor's process after its class; a worker
+    is a child of its node's raylet), not those of another Ray cluster on the machine."""
+    raylets = {n.all_processes["raylet"][0].process.pid for n in nodes}
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        if any(marker in part for part in p.info["cmdline"] or []):
-            found.append(p.pid)
+        try:
+            if any(marker in part for part in p.info["cmdline"] or []) and raylets & {a.pid for a in p.parents()}:
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            continue
     return found
 
 
@@ -102,11 +107,12 @@ def test_a_killed_driver_leaves_no_lemb_actors_on_the_cluster(labelled_run, tmp_
     deadline = time.time() + 300
     while proc.poll() is None and not _inside_a_block(tmp_path / "run" / "label") and time.time() < deadline:
         time.sleep(0.05)
-    assert _workers("_Worker"), "no lemb worker was running"
+    nodes = c.list_all_nodes()
+    assert _workers("_Worker", nodes), "no lemb worker was running"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 60
-    while _workers("_Worker") and time.time() < deadline:
+    while _workers("_Worker", nodes) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _workers("_Worker")  # the cluster removed the dead driver's actors; the cluster itself lives on
+    assert not _workers("_Worker", nodes)  # the cluster removed the dead driver's actors; the cluster itself lives on
     assert all(n.all_processes["raylet"][0].process.poll() is None for n in c.list_all_nodes())

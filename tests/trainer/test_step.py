@@ -66,7 +66,8 @@ def reference():
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_gradient_cache_equals_plain_backward(reference, chunk):
     loss, grads = _grads(chunk_size=chunk)
-    assert loss == pytest.approx(reference[0], abs=1e-6)
+    # one text per chunk pads differently from the whole batch: float32 sums in another order (a few ulps of 6.0)
+    assert loss == pytest.approx(reference[0], rel=1e-6, abs=1e-6)
     assert grads.keys() == reference[1].keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, reference[1][name], atol=1e-5, rtol=1e-4)
