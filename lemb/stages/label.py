@@ -51,7 +51,14 @@ def derive_seed(seed: int, *parts: str) -> int:
 class LabelStage(Stage):
     name = "label"
     unit = "queries"
-    required_columns = ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)
+    # candidate shards written before graded relevance existed have no `relevance`: their queries have no grades
+    required_columns = (
+        "query_id",
+        "task",
+        "key_id",
+        "retrieval_rank",
+        *(c for c in schemas.CARRIED if c != "relevance"),
+    )
     output_schema = schemas.REWARD
 
     def __init__(self, config: LabelConfig) -> None:
@@ -237,7 +244,7 @@ def _flat(nested: list[list]) -> list:
 
 
 def _carried(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)}
+    return {k: row.get(k) for k in ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)}
 
 
 def candidates_plan(run: Path) -> ShardPlan:

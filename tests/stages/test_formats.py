@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -152,3 +153,26 @@ def test_eval_takes_the_key_template_of_the_run_it_evaluates(tmp_path):
     saved.write_text(yaml.safe_dump({"key_template": {"qa": "{text} ({title})"}}))
     assert template() == {"qa": "{text} ({title})"}
     assert template(key_template="{title} | {text}") == "{title} | {text}"  # eval's own setting wins
+
+
+def test_label_reads_candidate_shards_written_before_grades_existed(labelled_run, tmp_path):
+    import shutil
+
+    from lemb.data import schemas
+    from lemb.pipeline.config import LabelConfig
+    from lemb.pipeline.shards import read_stage, write_shard
+    from lemb.stages.label import label
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run / "retrieve", run / "retrieve")
+    old = pa.schema([f for f in schemas.CANDIDATE if f.name != "relevance"])
+    for i, path in enumerate(stage_files(run / "retrieve" / "candidates")):
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        write_shard(run / "retrieve" / "candidates", i, table.drop_columns(["relevance"]), old, meta, {})
+    label(load_config(LabelConfig, run=str(run), executor="local", n_samples=3, per_candidate_samples=1),
+          progress=False)  # fmt: skip
+    got = read_stage(run / "label").sort_by([("query_id", "ascending"), ("key_id", "ascending")])
+    want = read_stage(labelled_run / "label").sort_by([("query_id", "ascending"), ("key_id", "ascending")])
+    assert got.column("relevance").null_count == got.num_rows
+    assert got.column("reward").to_pylist() == want.column("reward").to_pylist()
