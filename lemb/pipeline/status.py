@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -51,6 +53,19 @@ def stage_status(stage_dir: Path) -> dict:
     }
 
 
+def _gone(progress: dict) -> bool:
+    """Whether the process that wrote a shard's progress is known to be dead (only a process of this host can be)."""
+    if progress.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(progress["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError, TypeError):
+        return False
+    return False
+
+
 def run_status(run: Path) -> str:
     stages = sorted(p.parent for p in run.rglob(MANIFEST))
     if not stages and not (run / "train").exists():
@@ -66,9 +81,12 @@ def run_status(run: Path) -> str:
             lines.append(f"  shard {bad['shard']}: DAMAGED, {bad['problem']} (a rerun of the stage redoes it)")
         for r in s["running"]:
             ago = time.time() - r["updated"]
+            where = f"pid {r['pid']} on {r['host']}"
+            if _gone(r):
+                where += ": that process is gone; the shard waits for a retry or a rerun of the stage"
             lines.append(
                 f"  shard {r['shard']}: {int(r['done'])}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
-                f" (pid {r['pid']} on {r['host']})"
+                f" ({where})"
             )
     model = run / "train" / "model"
     if (run / "train").exists():

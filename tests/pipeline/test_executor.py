@@ -178,6 +178,15 @@ def test_running_shards_report_progress_to_the_bar_and_to_status(labelled_run, t
     progress.advance(1)
     progress._write()  # the worker writes at most once a second; here at once
     status = run_status(run)
-    assert f"shard 0: 1/{plan.items(0)} done" in status and "pid" in status
+    assert f"shard 0: 1/{plan.items(0)} done" in status and "pid" in status and "gone" not in status
+    # the worker that wrote it died (killed for memory, its node lost): status says so rather than "running"
+    import json
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.loads(progress.path.read_text()) | {"pid": int(dead.stdout)}
+    progress.path.write_text(json.dumps(record))
+    assert f"(pid {int(dead.stdout)} on" in run_status(run) and "that process is gone" in run_status(run)
     bar = _Bar(LabelStage.__new__(LabelStage), plan, stage_dir, [0, 1], enabled=False)
     assert bar.done() == 1 + plan.items(1)  # shard 1 is finished: all of its queries count
