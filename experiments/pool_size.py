@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             [
                 f["pool"],
-                f["tie_tolerance"],
+                f"{f['tie_tolerance']:g}",
                 qa["tied_pair_share"],
                 qa["no_signal"],
                 qa["gold_first"],

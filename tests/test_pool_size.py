@@ -56,3 +56,34 @@ def test_subpool_rows_recompute_rank_and_reward_over_the_kept_samples_by_hand():
             tied = sum(c for s, c in kept.items() if abs(lp[s] - original["target_logprob"]) <= 1e-6)
             assert r["pool_size"] == 2 and r["rank"] == 1 + above + 0.5 * tied
             assert r["reward"] == pytest.approx((2 + 1 - r["rank"]) / 2)
+
+
+def test_pool_size_study_on_a_tiny_real_run(tiny_data, tmp_path):
+    import json
+
+    from lemb.pipeline.config import LabelConfig, RetrieveConfig, load_config
+    from lemb.stages.label import label
+    from lemb.stages.retrieve import retrieve
+
+    run = tmp_path / "run"
+    common = {"run": str(run), "executor": "local"}
+    retrieve(load_config(RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]),
+                         top_k=3, **common), progress=False)  # fmt: skip
+    label(load_config(LabelConfig, n_samples=6, per_candidate_samples=0, **common), progress=False)
+    out = tmp_path / "out"
+    argv = ["--run", str(run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
+            "--out", str(out), "--sizes", "2", "6", "--tolerances", "0", "--steps", "2", "--batch-size", "2",
+            "--group-size", "3"]  # fmt: skip
+    assert pool.main(argv) == 0
+    results = json.loads((out / "results-pool-size.json").read_text())
+    assert set(results["variants"]) == {"pool2_tol1e-06", "pool6_tol1e-06", "pool6_tol0"} and results["drawn"] == 6
+    small, full = results["variants"]["pool2_tol1e-06"], results["variants"]["pool6_tol1e-06"]
+    assert small["mean_distinct_samples"] <= 2 < full["mean_distinct_samples"] <= 6
+    assert small["est_label_seconds_per_query"] < full["est_label_seconds_per_query"]
+    assert all(0 <= v["dev_ndcg@10"] <= 1 for v in results["variants"].values())
+    assert "ndcg@10: pool2_tol1e-06 - pool6_tol1e-06" in results["paired_bootstrap_95"]
+
+
+def test_a_label_run_with_per_candidate_samples_is_refused(labelled_run):
+    with pytest.raises(SystemExit, match="sub-pools need m = 0"):
+        pool.label_setup(labelled_run / "label")
