@@ -466,9 +466,9 @@ def beir(folder: str | Path, split: str = "test", task: str = "qa") -> Records:
     judged: dict[str, dict[str, int]] = {}
     with open(qrels_path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
-            if not line.strip() or (n == 1 and line.lower().startswith("query-id")):
-                continue
-            parts = line.rstrip("\n").split("\t")
+            parts = line.rstrip("\r\n").split("\t")
+            if not line.strip() or (n == 1 and not _is_number(parts[-1])):
+                continue  # the header (`query-id  corpus-id  score`, however spelled)
             where = f"line {n}"
             if len(parts) != 3:
                 raise InputError(qrels_path, where, None, f"expected 3 tab-separated fields, got {len(parts)}")
@@ -486,6 +486,14 @@ def beir(folder: str | Path, split: str = "test", task: str = "qa") -> Records:
         if qid in judged
     ]
     return queries, keys
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _beir_id(row: dict[str, Any], path: Path) -> str:

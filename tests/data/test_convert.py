@@ -145,8 +145,9 @@ def _beir_folder(root: Path, qrels: str = "query-id\tcorpus-id\tscore\nq1\td1\t2
     return root
 
 
-def test_beir_folder_in_with_grades(tmp_path):
-    folder = _beir_folder(tmp_path / "beir")
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore\n", "qid\tdocid\trel\r\n", ""])
+def test_beir_folder_in_with_grades(tmp_path, header):
+    folder = _beir_folder(tmp_path / "beir", header + "q1\td1\t2\r\nq1\td3\t0\nq2\td2\t1\n")
     result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     queries = read_queries(tmp_path / "out" / "queries.jsonl").to_pylist()
@@ -166,6 +167,7 @@ def test_beir_folder_in_with_grades(tmp_path):
         ("query-id\tcorpus-id\tscore\nq1\td1\t-1\n", "line 2, field 'score': expected an integer grade >= 0"),
         ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td7\t1\n", "line 3, field 'corpus-id': 'd7' is not in corpus"),
         ("query-id\tcorpus-id\tscore\nq5\td1\t1\n", "line 2, field 'query-id': 'q5' is not in queries.jsonl"),
+        ("q1\td1\t0.5\n", "line 1, field 'score': expected an integer grade >= 0, got '0.5'"),  # no header
     ],
 )
 def test_bad_beir_lines_are_one_line_each(tmp_path, qrels, message):
