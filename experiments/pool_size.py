@@ -144,10 +144,11 @@ def dev_ndcg(model: str, out: Path, args: argparse.Namespace) -> dict[str, float
     """Per dev query nDCG@10 of `model` (lemb eval's ranking, no LLM)."""
     from lemb.data.readers import read_queries
     from lemb.pipeline.config import EvalConfig, load_config
-    from lemb.trainer.evaluate import rank
+    from lemb.trainer.evaluate import rank, run_key_template
 
+    template = args.key_template or run_key_template(load_config(EvalConfig, run=str(args.run), queries="-"))
     config = load_config(EvalConfig, run=str(out), queries=str(args.dev), corpus=str(args.corpus),
-                         executor="local", threads=args.threads, key_template=args.key_template)  # fmt: skip
+                         executor="local", threads=args.threads, key_template=template)  # fmt: skip
     ranked = rank(config, model, out / "rank", progress=False)
     records = read_queries(args.dev).to_pylist()
     return per_query_retrieval(ranked.ranking, records)["ndcg@10"]
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--key-template", default="{title}: {text}", help="as the label run's retrieve stage embedded")
+    p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
     p.add_argument("--no-train", action="store_true", help="only the label-side figures")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
@@ -185,19 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     queries = sum(len(set(t.column("query_id").to_pylist())) for t in shards)
     labelled = max(stats.get("queries_labelled", 1), 1)
     per_query = {k: stats.get(k, 0.0) / labelled for k in ("sample_seconds", "score_seconds")}
+    top = max(n for n in args.sizes if n <= drawn)  # the reference: the largest pool studied
     variants = [(n, setup["tie_tolerance"]) for n in args.sizes if n <= drawn]
-    variants += [(max(args.sizes), t) for t in args.tolerances if t != setup["tie_tolerance"]]
+    variants += [(top, t) for t in args.tolerances if t != setup["tie_tolerance"]]
     results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "drawn": drawn,
                                "queries": queries, "label_seconds_per_query": per_query, "variants": {}}  # fmt: skip
-    full = None
+    full = pool_figures(shards, setup["tie_tolerance"])["mean_distinct_samples"]  # the stored pool, as labelled
     ndcg: dict[str, dict[str, float]] = {}
     for n, tol in variants:
         name = f"pool{n}_tol{tol:g}"
         tables = clock(f"{name}/subpool", lambda n=n, tol=tol: [subpool_table(t, drawn, n, str(args.seed), tol)
                                                                  for t in shards])  # fmt: skip
         figures = pool_figures(tables, tol)
-        if n == drawn and tol == setup["tie_tolerance"]:
-            full = figures["mean_distinct_samples"]
         figures["pool"], figures["tie_tolerance"] = n, tol
         results["variants"][name] = figures
         if not args.no_train:
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             ndcg[name] = clock(f"{name}/dev", lambda m=model, d=folder: dev_ndcg(m, d, args))
             figures["dev_ndcg@10"] = float(np.mean(list(ndcg[name].values())))
     for f in results["variants"].values():  # cost: sampling scales with n, scoring with the distinct samples + 1
-        scoring = (f["mean_distinct_samples"] + 1) / ((full or f["mean_distinct_samples"]) + 1)
+        scoring = (f["mean_distinct_samples"] + 1) / (full + 1)
         f["est_label_seconds_per_query"] = (
             per_query["sample_seconds"] * f["pool"] / drawn + per_query["score_seconds"] * scoring
         )
-    ref = f"pool{drawn}_tol{setup['tie_tolerance']:g}"
+    ref = f"pool{top}_tol{setup['tie_tolerance']:g}"
     if ref in ndcg:
         ids = sorted(ndcg[ref])
         results["paired_bootstrap_95"] = {

@@ -66,7 +66,7 @@ def _loads(text: str, path: Path, where: str) -> Any:
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise InputError(path, "file", None, "not found")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         return [_loads(line, path, f"line {n}") for n, line in enumerate(fh, start=1) if line.strip()]
 
 
@@ -464,7 +464,7 @@ def beir(folder: str | Path, split: str = "test", task: str = "qa") -> Records:
             raise InputError(row.path, f"{row.where} (_id {qid!r})", "text", "expected a non-empty string")
         texts[qid] = row["text"]
     judged: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as fh:
+    with open(qrels_path, encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the first id
         for n, line in enumerate(fh, start=1):
             parts = line.rstrip("\r\n").split("\t")
             if not line.strip() or (n == 1 and not _is_number(parts[-1])):

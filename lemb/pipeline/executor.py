@@ -169,7 +169,7 @@ def init_ray(address: str | None) -> Any:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-        address = address or os.environ.get("RAY_ADDRESS")
+        address = address or os.environ.get("RAY_ADDRESS") or None
         if address is None:  # a cluster of its own, even where another local one runs
             address = "local"
             kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free

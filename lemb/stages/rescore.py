@@ -27,7 +27,8 @@ from lemb.vocabulary import REWARDS
 class RescoreStage(Stage):
     name = "rescore"
     unit = "queries"
-    required_columns = tuple(schemas.REWARD.names)
+    # label shards written before graded relevance existed have no `relevance` column: no grades
+    required_columns = tuple(n for n in schemas.REWARD.names if n != "relevance")
     output_schema = schemas.REWARD
 
     def __init__(self, config: RescoreConfig, label_metadata: dict[str, str]) -> None:
@@ -39,7 +40,12 @@ class RescoreStage(Stage):
         c = self.config
         rewards = [row_reward(c.reward, r, c.tie_tolerance, self.source) for r in table.to_pylist()]
         self.advance(len(set(table.column("query_id").to_pylist())))
-        return table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
+        if "relevance" not in table.schema.names:
+            table = table.append_column(
+                pa.field("relevance", schemas.GRADES), pa.nulls(table.num_rows, schemas.GRADES)
+            )
+        table = table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
+        return table.select(list(schemas.REWARD.names))
 
     def metadata(self) -> dict[str, str]:
         c = self.config

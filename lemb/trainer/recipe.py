@@ -147,6 +147,8 @@ class TrainRecipe:
         elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
             for stale in (CHECKPOINT, "config.yaml", "_stats.json", LOG):
                 (self.out / stale).unlink(missing_ok=True)
+            if (self.out / TENSORBOARD).exists():  # an earlier run's events are not this run's
+                remove(self.out / TENSORBOARD)
         self.train_log = TrainLog(self.out / LOG, self.start_step, self.world.rank == 0, c.tensorboard)
 
     def save_checkpoint(self, step: int) -> None:

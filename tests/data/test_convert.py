@@ -145,7 +145,7 @@ def _beir_folder(root: Path, qrels: str = "query-id\tcorpus-id\tscore\nq1\td1\t2
     return root
 
 
-@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore\n", "qid\tdocid\trel\r\n", ""])
+@pytest.mark.parametrize("header", ["query-id\tcorpus-id\tscore\n", "qid\tdocid\trel\r\n", "", "\ufeff"])
 def test_beir_folder_in_with_grades(tmp_path, header):
     folder = _beir_folder(tmp_path / "beir", header + "q1\td1\t2\r\nq1\td3\t0\nq2\td2\t1\n")
     result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))

@@ -176,3 +176,23 @@ def test_label_reads_candidate_shards_written_before_grades_existed(labelled_run
     want = read_stage(labelled_run / "label").sort_by([("query_id", "ascending"), ("key_id", "ascending")])
     assert got.column("relevance").null_count == got.num_rows
     assert got.column("reward").to_pylist() == want.column("reward").to_pylist()
+
+
+def test_rescore_reads_label_shards_written_before_grades_existed(labelled_run, tmp_path):
+    import shutil
+
+    from lemb.data import schemas
+    from lemb.pipeline.shards import read_stage, write_shard
+    from lemb.stages.rescore import rescore
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run / "label", run / "label")
+    old = pa.schema([f for f in schemas.REWARD if f.name != "relevance"])
+    for i, path in enumerate(stage_files(run / "label")):
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        write_shard(run / "label", i, table.drop_columns(["relevance"]), old, meta, {})
+    summary = rescore(run, "likelihood")
+    out = read_stage(run / "rescore" / "likelihood")
+    assert summary["rows"] == out.num_rows and out.column("relevance").null_count == out.num_rows
+    assert out.schema.names == schemas.REWARD.names

@@ -82,6 +82,8 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     for task in {r["task"] for r in rows}:
         assert [e.step for e in events.Scalars(f"loss/{task}")] == [r["step"] for r in rows if r["task"] == task]
     assert {"lr", "examples_per_s"} <= set(events.Tags()["scalars"])
+    train(load_config(TrainConfig, run=str(run), steps=2, batch_size=2, group_size=2, restart=True), progress=False)
+    assert not (run / "train" / "tensorboard").exists()  # a fresh run without events leaves none of the last one
 
 
 def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
