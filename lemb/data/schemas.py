@@ -89,6 +89,16 @@ REWARD = pa.schema(
     ]
 )
 CARRIED = tuple(f.name for f in _QUERY_AND_KEY)
+# columns added after shards were first written: a shard without one reads as all-null (`with_later_columns`)
+LATER_COLUMNS = {"relevance": GRADES}
+
+
+def with_later_columns(table: pa.Table) -> pa.Table:
+    """`table` with a null column for each of LATER_COLUMNS it lacks (a shard written by an earlier version)."""
+    for name, kind in LATER_COLUMNS.items():
+        if name not in table.schema.names:
+            table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
+    return table
 
 
 WHERE = "_where"  # column of streamed input batches: each record's line or row in its file, for error messages

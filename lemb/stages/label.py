@@ -51,13 +51,12 @@ def derive_seed(seed: int, *parts: str) -> int:
 class LabelStage(Stage):
     name = "label"
     unit = "queries"
-    # candidate shards written before graded relevance existed have no `relevance`: their queries have no grades
     required_columns = (
         "query_id",
         "task",
         "key_id",
         "retrieval_rank",
-        *(c for c in schemas.CARRIED if c != "relevance"),
+        *(c for c in schemas.CARRIED if c not in schemas.LATER_COLUMNS),
     )
     output_schema = schemas.REWARD
 
@@ -93,7 +92,7 @@ class LabelStage(Stage):
 
     def process(self, table: pa.Table) -> pa.Table:
         out: list[dict[str, Any]] = []
-        for block in self._blocks(schemas.by_query(table.to_pylist())):
+        for block in self._blocks(schemas.by_query(schemas.with_later_columns(table).to_pylist())):
             out += self._label_block(block)
         return pa.Table.from_pylist(out, schema=self.output_schema)
 
@@ -244,7 +243,7 @@ def _flat(nested: list[list]) -> list:
 
 
 def _carried(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)}
+    return {k: row[k] for k in ("query_id", "task", "key_id", "retrieval_rank", *schemas.CARRIED)}
 
 
 def candidates_plan(run: Path) -> ShardPlan:

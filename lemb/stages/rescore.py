@@ -27,8 +27,7 @@ from lemb.vocabulary import REWARDS
 class RescoreStage(Stage):
     name = "rescore"
     unit = "queries"
-    # label shards written before graded relevance existed have no `relevance` column: no grades
-    required_columns = tuple(n for n in schemas.REWARD.names if n != "relevance")
+    required_columns = tuple(n for n in schemas.REWARD.names if n not in schemas.LATER_COLUMNS)
     output_schema = schemas.REWARD
 
     def __init__(self, config: RescoreConfig, label_metadata: dict[str, str]) -> None:
@@ -40,10 +39,7 @@ class RescoreStage(Stage):
         c = self.config
         rewards = [row_reward(c.reward, r, c.tie_tolerance, self.source) for r in table.to_pylist()]
         self.advance(len(set(table.column("query_id").to_pylist())))
-        if "relevance" not in table.schema.names:
-            table = table.append_column(
-                pa.field("relevance", schemas.GRADES), pa.nulls(table.num_rows, schemas.GRADES)
-            )
+        table = schemas.with_later_columns(table)
         table = table.set_column(table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64()))
         return table.select(list(schemas.REWARD.names))
 
