@@ -12,6 +12,11 @@ needed, so lemb prefills each distinct prompt once and lets the scoring requests
 (`skip_reading_prefix_cache=False`): each one then computes the prompt's last partial KV block and its continuation.
 A request whose cache hit reached into the continuation (the same text scored twice) is run again without the cache.
 Prompts that were just sampled are already in the cache: their prefill then computes only the last partial block.
+
+One engine per process: an in-process engine (lemb's CPU setting) keeps vLLM's distributed state in process-wide
+globals, and tearing one engine down (when it is garbage-collected, at any later moment) clears that state under any
+other engine alive in the process. So a backend reuses the process's engine when it has the same settings (its
+prefix cache emptied), and shuts the previous engine down first when it does not.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from lemb.vocabulary import DEFAULT_LLM, VLLM_INSTALL
 
 log = logging.getLogger(__name__)
 
+_ENGINE: dict[tuple[Any, ...], Any] = {}  # the process's one engine, by its settings (at most one entry)
+
 # Measured on 2 vCPUs (BENCHMARKS.md): float32 and eager mode; in-process engine (no engine-core process: about
 # 20 s less start-up per worker); a 1 GiB KV cache holds a shard's prompts for this size of model.
 CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -42,6 +49,21 @@ def request_seed(seed: int) -> int:
     hashed, to 31 bits."""
     digest = hashlib.blake2b(str(seed).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def _process_engine(vllm: Any, settings: dict[str, Any], revision: str) -> Any:
+    """The process's engine for `settings`: the existing one (its prefix cache emptied, so a new backend starts as
+    a fresh engine would), or a new one after the previous engine is shut down."""
+    key = (revision, *sorted((k, repr(v)) for k, v in settings.items()))
+    if key in _ENGINE:
+        engine = _ENGINE[key]
+        engine.reset_prefix_cache()
+        return engine
+    while _ENGINE:
+        _, previous = _ENGINE.popitem()
+        previous.llm_engine.engine_core.shutdown()  # now, not when the collector gets to it
+    _ENGINE[key] = engine = vllm.LLM(**settings)
+    return engine
 
 
 def _import_vllm(on_cpu: bool) -> Any:
@@ -84,11 +106,12 @@ class VLLMBackend(LLMBackend):
         settings: dict[str, Any] = cpu if on_cpu else {}
         if block_size:
             settings["block_size"] = block_size
-        self.engine = vllm.LLM(
+        settings.update(
             model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code, seed=0,
             enable_prefix_caching=True, generation_config="vllm", max_model_len=max_model_len,
-            use_tqdm_on_load=False, **settings,
+            use_tqdm_on_load=False,
         )  # fmt: skip
+        self.engine = _process_engine(vllm, settings, self.revision)
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id  # as the transformers backend stops
         except OSError:
