@@ -155,18 +155,23 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
         link = run / stage
         if not link.is_symlink() and (shared / stage).exists():
             link.symlink_to(Path(os.path.relpath(shared / stage, run)), target_is_directory=True)
-    config = load_config(
-        TrainConfig,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        group_size=args.top_k,
-        seed=args.seed,
-        save_every=0,
-        run=str(run),
-        threads=args.threads,
-        **settings,
-    )
+    defaults = {"steps": args.steps, "batch_size": args.batch_size, "group_size": args.top_k, "seed": args.seed}
+    config = load_config(TrainConfig, save_every=0, run=str(run), threads=args.threads, **(defaults | settings))
     return str(clock(tag, lambda: train(config, progress=False)))
+
+
+def loss_curve(run: Path, windows: int = 10) -> list[dict[str, float]]:
+    """The training loss of `run` as the mean over `windows` equal spans of steps (all tasks' rows pooled)."""
+    rows = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    steps = max(r["step"] for r in rows)
+    width = max(1, -(-steps // windows))
+    spans: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        spans[(r["step"] - 1) // width].append(r["loss"])
+    return [
+        {"first_step": i * width + 1, "last_step": min(steps, (i + 1) * width), "loss": float(np.mean(v))}
+        for i, v in sorted(spans.items())
+    ]
 
 
 def rank_dev(model: str, queries: Path, corpus: Path, out: Path, args: argparse.Namespace) -> Any:
@@ -265,10 +270,12 @@ def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]
     agreement = label_agreement(shared / "label")["tasks"]["qa"]  # what `lemb inspect --agreement` prints
 
     models = {"base": DEFAULT_EMBEDDER}
+    curves = {}
     for name, (reward, loss) in QA_VARIANTS.items():
         models[name] = train_variant(
             args, shared, out / "qa" / name, clock, f"qa/train/{name}", reward=reward, loss={"qa": loss}
         )
+        curves[name] = loss_curve(out / "qa" / name)
 
     dev = data["dev"]
     llm_dev = dev[: args.dev_llm]
@@ -311,6 +318,7 @@ def part_qa(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]
         "reward_gold_agreement": agreement,
         "metrics": metrics,
         "paired_bootstrap_95": intervals,
+        "loss_curves": curves,
         "models": models,
     }
 
@@ -329,13 +337,24 @@ MT_SOURCES = {
 MT_KINDS = tuple(MT_SOURCES)
 
 
-def prepare_multitask(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+def prepare_multitask(
+    args: argparse.Namespace,
+    folder: Path,
+    kinds: Iterable[str] = MT_KINDS,
+    n_train: int | None = None,
+    n_dev: int | None = None,
+    dev_fraction: float | None = None,
+) -> dict[str, Any]:
     """Train and dev queries per kind (split by id hash, first N of each side), and the union of key pools."""
     from lemb.data.convert import cut, read_source
     from lemb.data.readers import write_jsonl
 
+    n_train = args.mt_queries if n_train is None else n_train
+    n_dev = args.mt_dev if n_dev is None else n_dev
+    dev_fraction = args.dev_fraction if dev_fraction is None else dev_fraction
     train, dev, keys, counts = [], [], [], {}
-    for kind, specs in MT_SOURCES.items():
+    for kind in kinds:
+        specs = MT_SOURCES[kind]
         queries, pool = [], []
         for name, split in specs:
             q, k = read_source(name, args.data, split)
@@ -344,16 +363,19 @@ def prepare_multitask(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             queries += q
             pool += k
         by_id = {q["query_id"]: q for q in queries}
-        train_ids, dev_ids = split_by_hash(by_id, args.dev_fraction)
-        kind_train = [by_id[i] for i in train_ids[: args.mt_queries]]
-        kind_dev = [by_id[i] for i in dev_ids[: args.mt_dev]]
+        train_ids, dev_ids = split_by_hash(by_id, dev_fraction)
+        kind_train = [by_id[i] for i in train_ids[:n_train]]
+        kind_dev = [by_id[i] for i in dev_ids[:n_dev]]
         if kind == "qa":  # the gold passages of the kept questions, then others, up to the cap
             pool = cut(kind_train + kind_dev, sorted(pool, key=lambda key: hash_fraction(key["key_id"])), None,
                        args.mt_qa_corpus)[1]  # fmt: skip
         train += kind_train
         dev += kind_dev
         keys += pool
-        counts[kind] = {"train": len(kind_train), "dev": len(kind_dev), "keys": len(pool)}
+        counts[kind] = {
+            "train": len(kind_train), "dev": len(kind_dev), "keys": len(pool),
+            "train_available": len(train_ids), "dev_available": len(dev_ids),
+        }  # fmt: skip
     paths = {
         "train": write_jsonl(train, folder / "train.jsonl"),
         "dev": write_jsonl(dev, folder / "dev.jsonl"),
@@ -413,6 +435,158 @@ def part_multitask(args: argparse.Namespace, out: Path, clock: Clock) -> dict[st
         "metrics": dict(metrics),
         "models": models,
     }
+
+
+# ---------------------------------------------------------------- part 3: kinds whose only label is the LLM's feedback
+
+FB_KINDS = ("icl", "chat", "lrlm", "tool")
+FB_VARIANTS = {"rank_graded": ("rank", "graded"), "likelihood_kl": ("likelihood", "kl")}  # name -> (reward, loss)
+FB_METRIC = {  # the per-query value each kind's comparison is bootstrapped on (higher is better)
+    "icl": "answer_accuracy",  # the LLM's label with the top-1 demonstration contains the gold label
+    "chat": "target_logprob_per_token",  # mean token log-probability of the target with the top-1 item
+    "lrlm": "target_logprob_per_token",
+    "tool": "ndcg@5",  # no LLM metric: the gold tool's rank
+}
+
+
+def per_query_feedback(kind: str, queries: list[dict], ranking: dict, details: dict) -> dict[str, float]:
+    """{query_id: value of FB_METRIC[kind]} for the dev queries of `kind` that have one."""
+    from lemb.trainer.evaluate import answer_metrics, retrieval_metrics
+
+    part = [q for q in queries if q["task"] == kind]
+    metric = FB_METRIC[kind]
+    if metric == "answer_accuracy":
+        answers = details["answers"]
+        return {
+            q["query_id"]: answer_metrics([q], {q["query_id"]: answers[q["query_id"]]})["answer_accuracy"]
+            for q in part
+            if q["query_id"] in answers and q["target"]
+        }
+    if metric == "target_logprob_per_token":
+        scored = details["target_logprobs"]
+        return {
+            q["query_id"]: scored[q["query_id"]][0] / scored[q["query_id"]][1] for q in part if q["query_id"] in scored
+        }
+    return {
+        q["query_id"]: retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q], (metric,))[metric]
+        for q in part
+        if q["positive_ids"]
+    }
+
+
+def part_feedback(args: argparse.Namespace, out: Path, clock: Clock) -> dict[str, Any]:
+    """icl, chat, lrlm and tool: base vs rank + graded vs likelihood + KL (one model per kind) vs one model trained
+    on all four with rank + graded, on the LLM's own metric of each kind, with paired intervals."""
+    from lemb.stages.agreement import agreement as label_agreement
+    from lemb.stages.llm.hf import TransformersBackend
+    from lemb.trainer.evaluate import Ranked, TaskEvaluator
+    from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
+
+    data = prepare_multitask(args, out / "feedback" / "data", FB_KINDS, args.fb_queries, args.fb_dev,
+                             args.fb_dev_fraction)  # fmt: skip
+    if args.label_from:
+        shared = args.label_from
+        label_stats = json.loads((shared / "label" / "_stats.json").read_text())
+    else:
+        shared = out / "feedback" / "shared"
+        label_stats = retrieve_and_label(args, shared, data["paths"]["train"], data["paths"]["corpus"], clock,
+                                         "feedback")  # fmt: skip
+    result: dict[str, Any] = {
+        "counts": data["counts"],
+        "label_stats": {k: v for k, v in label_stats.items() if not isinstance(v, (list, dict))},
+        "label_by_task": label_summary(shared / "label"),
+        "reward_gold_agreement": label_agreement(shared / "label")["tasks"],
+    }
+    if args.label_only:
+        return result
+
+    models = {"base": DEFAULT_EMBEDDER}
+    curves = {}
+    tag = "feedback/train/multitask"
+    models["multitask"] = train_variant(args, shared, out / "feedback" / "multitask", clock, tag, reward="rank",
+                                        loss=dict.fromkeys(FB_KINDS, "graded"), steps=args.fb_steps)  # fmt: skip
+    curves["multitask"] = loss_curve(out / "feedback" / "multitask")
+    for kind in FB_KINDS:
+        for name, (reward, loss) in FB_VARIANTS.items():
+            run = out / "feedback" / f"{name}_{kind}"
+            models[f"{name}_{kind}"] = train_variant(
+                args, shared, run, clock, f"feedback/train/{name}_{kind}", reward=reward, loss={kind: loss},
+                task_weights={kind: 1.0}, steps=args.fb_steps,
+            )  # fmt: skip
+            curves[f"{name}_{kind}"] = loss_curve(run)
+
+    evaluator = TaskEvaluator(TransformersBackend(DEFAULT_LLM), k=1)  # LLM outputs are cached across models
+    metrics: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    per_query: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)  # kind -> model -> query -> value
+    for name, model in models.items():
+        kinds = [k for k in FB_KINDS if name.endswith(f"_{k}")] or list(FB_KINDS)
+
+        def run_eval(model: str = model, name: str = name, kinds: list[str] = kinds) -> Any:
+            ranked = rank_dev(model, data["paths"]["dev"], data["paths"]["corpus"], out / "feedback" / "rank" / name,
+                              args)  # fmt: skip
+            queries = [q for q in ranked.queries if q["task"] in kinds]
+            ranking = {q["query_id"]: ranked.ranking[q["query_id"]] for q in queries}
+            by_task, details = evaluator.run(Ranked(ranking, queries, ranked.key_text))
+            return by_task, details, queries, ranking
+
+        by_task, details, queries, ranking = clock(f"feedback/eval/{name}", run_eval)
+        for kind in kinds:
+            metrics[kind][name] = by_task.get(kind, {})
+            per_query[kind][name] = per_query_feedback(kind, queries, ranking, details)
+
+    intervals = {}
+    for kind in FB_KINDS:
+        values = per_query[kind]
+        rank, likelihood = f"rank_graded_{kind}", f"likelihood_kl_{kind}"
+        pairs = [(rank, "base"), (rank, likelihood), (likelihood, "base"), ("multitask", "base"), ("multitask", rank)]
+        for a, b in pairs:
+            ids = sorted(set(values[a]) & set(values[b]))
+            intervals[f"{kind} {FB_METRIC[kind]}: {a} - {b}"] = paired_bootstrap(
+                [values[a][i] for i in ids], [values[b][i] for i in ids], seed=args.seed
+            )
+    return result | {
+        "metrics": dict(metrics),
+        "per_query_means": {
+            k: {m: float(np.mean(list(v.values()))) for m, v in d.items()} for k, d in per_query.items()
+        },
+        "paired_bootstrap_95": intervals,
+        "loss_curves": curves,
+        "models": models,
+    }
+
+
+def feedback_markdown(fb: dict[str, Any]) -> str:
+    rows = []
+    for kind in FB_KINDS:
+        m, c = fb.get("metrics", {}).get(kind, {}), fb["counts"][kind]
+        main = MT_MAIN_METRIC[kind]
+        names = ("base", f"rank_graded_{kind}", f"likelihood_kl_{kind}", "multitask")
+        rows.append([kind, main, c["train"], c["dev"], *[m.get(n, {}).get(main) for n in names]])
+    lines = [
+        "Main metric per kind (perplexity: lower is better; the rest: higher is better).",
+        "",
+        md_table(
+            ["kind", "metric", "train q", "dev q", "base", "rank + graded", "likelihood + KL", "multi-task"], rows
+        ),
+        "",
+        "Label signal per kind (training queries):",
+        "",
+        md_table(
+            ["kind", "queries", "with signal", "mean rank reward"],
+            [[k, v["queries"], v["with_signal"], v["mean_reward"]] for k, v in fb["label_by_task"].items()],
+        ),
+    ]
+    if fb.get("paired_bootstrap_95"):
+        lines += [
+            "",
+            "Paired bootstrap (2,000 resamples of dev queries), 95% interval of the difference of per-query values:",
+            "",
+            md_table(
+                ["comparison", "diff", "lo", "hi", "n"],
+                [[k, v["diff"], v["lo"], v["hi"], v["n"]] for k, v in fb["paired_bootstrap_95"].items()],
+            ),
+        ]
+    return "\n".join(lines)
 
 
 def label_summary(label_dir: Path) -> dict[str, dict[str, float]]:
@@ -522,7 +696,7 @@ def timings_markdown(seconds: dict[str, float]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=("qa", "multitask", "all"), default="all")
+    p.add_argument("--part", choices=("qa", "multitask", "feedback", "all"), default="all")
     p.add_argument("--out", type=Path, default=Path("runs/replicate"))
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     p.add_argument("--queries", type=int, default=160, help="labelled training questions (qa)")
@@ -533,6 +707,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mt-dev", type=int, default=40, help="dev queries per task kind (multitask)")
     p.add_argument("--mt-pool", type=int, default=250, help="demonstrations kept per ICL dataset (multitask)")
     p.add_argument("--mt-qa-corpus", type=int, default=600, help="NQ passages kept in part 2 (golds first)")
+    p.add_argument("--fb-queries", type=int, default=100, help="training queries per kind (feedback)")
+    p.add_argument("--fb-dev", type=int, default=150, help="dev queries per kind (feedback)")
+    p.add_argument("--fb-dev-fraction", type=float, default=0.4, help="share of each kind in its dev split (feedback)")
+    p.add_argument("--fb-steps", type=int, default=100, help="training steps of each model (feedback)")
+    p.add_argument("--label-only", action="store_true", help="stop after retrieve and label (feedback)")
     p.add_argument("--qa-corpus", type=int, default=0, help="NQ passages kept in part 1, golds first (0: all)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
@@ -550,7 +729,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--label-from",
         type=Path,
         default=None,
-        help="run folder of a finished label stage to train on (part qa; skips retrieve and label)",
+        help="run folder of a finished label stage to train on (parts qa and feedback; skips retrieve and label)",
     )
     return p.parse_args(argv)
 
@@ -585,6 +764,11 @@ def main(argv: list[str] | None = None) -> int:
         results["multitask"] = part_multitask(args, args.out, clock)
         sections += ["## Part 2: one multi-task model vs one model per task", ""]
         sections += [multitask_markdown(results["multitask"]), ""]
+        write()
+    if args.part in ("feedback", "all"):
+        results["feedback"] = part_feedback(args, args.out, clock)
+        sections += ["## Part 3: the kinds whose only label is the LLM's feedback", ""]
+        sections += [feedback_markdown(results["feedback"]), ""]
         write()
     print((args.out / f"results-{args.part}.md").read_text())
     return 0

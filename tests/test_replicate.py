@@ -1,6 +1,7 @@
 """Pure logic of experiments/replicate.py: the id-hash split, reward-gold agreement, answer aliases, bootstrap."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "replicate.py"
@@ -33,3 +34,36 @@ def test_paired_bootstrap():
     assert same["diff"] == same["lo"] == same["hi"] == 0.0 and same["n"] == 3
     better = rep.paired_bootstrap([1.0] * 50, [0.0] * 25 + [1.0] * 25)
     assert better["diff"] == 0.5 and 0.3 < better["lo"] <= better["diff"] <= better["hi"] < 0.7
+
+
+def test_loss_curve_means_equal_spans_of_steps(tmp_path):
+    import json
+
+    (tmp_path / "train").mkdir()
+    rows = [{"step": s, "task": t, "loss": float(s)} for s in range(1, 6) for t in ("a", "b")]
+    rows[-1]["loss"] = 1.0  # step 5, task b
+    (tmp_path / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = rep.loss_curve(tmp_path, windows=2)  # spans of 3 steps: 1-3 and 4-5
+    assert curve == [
+        {"first_step": 1, "last_step": 3, "loss": 2.0},
+        {"first_step": 4, "last_step": 5, "loss": (4 + 4 + 5 + 1) / 4},
+    ]
+
+
+def test_per_query_feedback_values():
+    icl = [
+        {"query_id": "i1", "task": "icl", "target": "positive", "positive_ids": []},
+        {"query_id": "i2", "task": "icl", "target": "negative", "positive_ids": []},
+        {"query_id": "c1", "task": "chat", "target": "hi", "positive_ids": []},
+    ]
+    answers = {"i1": "Positive.", "i2": "positive", "c1": "hello"}
+    assert rep.per_query_feedback("icl", icl, {}, {"answers": answers}) == {"i1": 1.0, "i2": 0.0}
+    scored = {"c1": (-6.0, 3), "i1": (-1.0, 1)}
+    assert rep.per_query_feedback("chat", icl, {}, {"target_logprobs": scored}) == {"c1": -2.0}
+    tools = [
+        {"query_id": "t1", "task": "tool", "target": "", "positive_ids": ["k2"]},
+        {"query_id": "t2", "task": "tool", "target": "", "positive_ids": []},
+    ]
+    ranking = {"t1": [("k1", 0.9), ("k2", 0.8)], "t2": [("k1", 0.9)]}
+    values = rep.per_query_feedback("tool", tools, ranking, {})
+    assert list(values) == ["t1"] and abs(values["t1"] - 1 / math.log2(3)) < 1e-12
