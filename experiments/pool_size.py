@@ -93,14 +93,15 @@ def subpool_table(table: pa.Table, drawn: int, n: int, seed: str, tie_tolerance:
     return pa.Table.from_pylist(rows, schema=table.schema.with_metadata(meta))
 
 
-def label_setup(label_dir: Path) -> dict[str, Any]:
-    """The sampling settings and measured seconds of a finished label stage, and its shards."""
+def label_setup(label_dir: Path, subpools: bool = True) -> dict[str, Any]:
+    """The sampling settings and measured seconds of a finished label stage, and its shards (`subpools`: refuse a
+    run whose pools cannot be cut into exact sub-pools)."""
     from lemb.pipeline.shards import stage_files
 
     files = stage_files(label_dir)
     meta = pq.read_schema(files[0]).metadata
     sampling = json.loads(meta[b"lemb.sampling"])
-    if sampling["m"] != 0:
+    if subpools and sampling["m"] != 0:
         raise SystemExit(f"{label_dir}: pools hold per-candidate samples (m = {sampling['m']}); sub-pools need m = 0")
     stats = json.loads((label_dir / "_stats.json").read_text())
     return {"files": files, "drawn": sampling["n"], "tie_tolerance": float(meta[b"lemb.tie_tolerance"]),
@@ -117,8 +118,11 @@ def pool_figures(tables: list[pa.Table], tie_tolerance: float) -> dict[str, Any]
     return {"agreement": report["tasks"], "mean_distinct_samples": float(np.mean(distinct))}
 
 
-def train_on(tables: list[pa.Table], out: Path, args: argparse.Namespace, tie_tolerance: float) -> str:
-    """An embedder trained on these reward rows (rank reward, graded loss, the run's other settings)."""
+def train_on(
+    tables: list[pa.Table], out: Path, args: argparse.Namespace, tie_tolerance: float, **overrides: Any
+) -> str:
+    """An embedder trained on these reward rows (rank reward, graded loss, the run's other settings, `overrides`
+    of TrainConfig's settings)."""
     from lemb.pipeline.config import TrainConfig, load_config
     from lemb.trainer.batches import build_groups
     from lemb.trainer.recipe import TrainRecipe
@@ -126,10 +130,10 @@ def train_on(tables: list[pa.Table], out: Path, args: argparse.Namespace, tie_to
     model = out / "train" / "model"
     if model.exists():
         return str(model)
-    config = load_config(TrainConfig, run=str(out), steps=args.steps, batch_size=args.batch_size,
-                         group_size=args.group_size, seed=args.seed, save_every=0, threads=args.threads,
-                         reward="rank", loss={"qa": "graded"})  # fmt: skip
-    groups, skipped = build_groups(tables, "rank", args.group_size, str(out), tie_tolerance=tie_tolerance)
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "group_size": args.group_size, "seed": args.seed,
+                "reward": "rank", "loss": {"qa": "graded"}} | overrides  # fmt: skip
+    config = load_config(TrainConfig, run=str(out), save_every=0, threads=args.threads, **settings)
+    groups, skipped = build_groups(tables, config.reward, config.group_size, str(out), tie_tolerance=tie_tolerance)
     recipe = TrainRecipe(config)
     try:
         recipe.setup(groups)
@@ -142,6 +146,11 @@ def train_on(tables: list[pa.Table], out: Path, args: argparse.Namespace, tie_to
 
 def dev_ndcg(model: str, out: Path, args: argparse.Namespace) -> dict[str, float]:
     """Per dev query nDCG@10 of `model` (lemb eval's ranking, no LLM)."""
+    return dev_metrics(model, out, args)["ndcg@10"]
+
+
+def dev_metrics(model: str, out: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """{metric: {dev query: value}} of `model` (lemb eval's ranking and retrieval metrics, no LLM)."""
     from lemb.data.readers import read_queries
     from lemb.pipeline.config import EvalConfig, load_config
     from lemb.trainer.evaluate import rank, run_key_template
@@ -151,7 +160,7 @@ def dev_ndcg(model: str, out: Path, args: argparse.Namespace) -> dict[str, float
                          executor="local", threads=args.threads, key_template=template)  # fmt: skip
     ranked = rank(config, model, out / "rank", progress=False)
     records = read_queries(args.dev).to_pylist()
-    return per_query_retrieval(ranked.ranking, records)["ndcg@10"]
+    return per_query_retrieval(ranked.ranking, records)
 
 
 def main(argv: list[str] | None = None) -> int:
