@@ -171,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/pool_size"))
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--tolerances", type=float, nargs="+", default=[0.0, 1e-6, 1e-3, 1e-2, 1e-1])
+    p.add_argument(
+        "--train-tolerances",
+        type=float,
+        nargs="*",
+        default=None,
+        help="the tolerances whose models are trained (default: all; the others get label-side figures)",
+    )
     p.add_argument("--queries", type=int, default=0, help="the first N labelled queries (0: all)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = pool_figures(tables, tol)
         figures["pool"], figures["tie_tolerance"] = n, tol
         results["variants"][name] = figures
-        if not args.no_train:
+        trained = args.train_tolerances is None or tol == setup["tie_tolerance"] or tol in args.train_tolerances
+        if not args.no_train and trained:
             folder = args.out / name
             model = clock(f"{name}/train", lambda t=tables, d=folder, tol=tol: train_on(t, d, args, tol))
             ndcg[name] = clock(f"{name}/dev", lambda m=model, d=folder: dev_ndcg(m, d, args))

@@ -72,15 +72,19 @@ def test_pool_size_study_on_a_tiny_real_run(tiny_data, tmp_path):
     label(load_config(LabelConfig, n_samples=6, per_candidate_samples=0, **common), progress=False)
     out = tmp_path / "out"
     argv = ["--run", str(run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
-            "--out", str(out), "--sizes", "2", "6", "--tolerances", "0", "--steps", "2", "--batch-size", "2",
-            "--group-size", "3"]  # fmt: skip
+            "--out", str(out), "--sizes", "2", "6", "--tolerances", "0", "0.5", "--train-tolerances", "0",
+            "--steps", "2", "--batch-size", "2", "--group-size", "3"]  # fmt: skip
     assert pool.main(argv) == 0
     results = json.loads((out / "results-pool-size.json").read_text())
-    assert set(results["variants"]) == {"pool2_tol1e-06", "pool6_tol1e-06", "pool6_tol0"} and results["drawn"] == 6
+    assert set(results["variants"]) == {"pool2_tol1e-06", "pool6_tol1e-06", "pool6_tol0", "pool6_tol0.5"}
+    assert results["drawn"] == 6
     small, full = results["variants"]["pool2_tol1e-06"], results["variants"]["pool6_tol1e-06"]
+    loose = results["variants"]["pool6_tol0.5"]
+    assert "dev_ndcg@10" not in loose  # not among --train-tolerances: label-side figures only
+    assert loose["agreement"]["qa"]["rank"]["tied_pair_share"] >= full["agreement"]["qa"]["rank"]["tied_pair_share"]
     assert small["mean_distinct_samples"] <= 2 < full["mean_distinct_samples"] <= 6
     assert small["est_label_seconds_per_query"] < full["est_label_seconds_per_query"]
-    assert all(0 <= v["dev_ndcg@10"] <= 1 for v in results["variants"].values())
+    assert all(0 <= v["dev_ndcg@10"] <= 1 for n, v in results["variants"].items() if n != "pool6_tol0.5")
     assert "ndcg@10: pool2_tol1e-06 - pool6_tol1e-06" in results["paired_bootstrap_95"]
 
 
