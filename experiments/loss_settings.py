@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pool_size import dev_metrics, label_setup, train_on  # noqa: E402
-from replicate import Clock, machine, md_table, paired_bootstrap  # noqa: E402
+from replicate import Clock, bootstrap_table, machine, md_table, paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("loss_settings")
 METRICS = ("ndcg@10", "recall@1")
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         [n, v["alpha"], v["tau"], v["group_size"], *[v[m] for m in METRICS]] for n, v in results["variants"].items()
     ]
     table = md_table(["variant", "alpha", "tau", "group size", *METRICS], rows)
-    table += "\n\n" + md_table(
-        ["comparison", "diff", "lo", "hi", "n"],
-        [[k, v["diff"], v["lo"], v["hi"], v["n"]] for k, v in intervals.items()],
-    )
+    table += "\n\n" + bootstrap_table(intervals)
     (args.out / "results-loss-settings.md").write_text(table + "\n")
     print(table)
     return 0

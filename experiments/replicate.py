@@ -581,10 +581,7 @@ def feedback_markdown(fb: dict[str, Any]) -> str:
             "",
             "Paired bootstrap (2,000 resamples of dev queries), 95% interval of the difference of per-query values:",
             "",
-            md_table(
-                ["comparison", "diff", "lo", "hi", "n"],
-                [[k, v["diff"], v["lo"], v["hi"], v["n"]] for k, v in fb["paired_bootstrap_95"].items()],
-            ),
+            bootstrap_table(fb["paired_bootstrap_95"]),
         ]
     return "\n".join(lines)
 
@@ -679,12 +676,15 @@ def qa_markdown(qa: dict[str, Any]) -> str:
         "",
         "Paired bootstrap (2,000 resamples of dev questions), 95% interval of the difference:",
         "",
-        md_table(
-            ["comparison", "diff", "lo", "hi", "n"],
-            [[k, v["diff"], v["lo"], v["hi"], v["n"]] for k, v in qa["paired_bootstrap_95"].items()],
-        ),
+        bootstrap_table(qa["paired_bootstrap_95"]),
     ]
     return "\n".join(out)
+
+
+def bootstrap_table(intervals: dict[str, dict[str, float]]) -> str:
+    """paired_bootstrap results, one comparison per row."""
+    return md_table(["comparison", "diff", "lo", "hi", "n"], [[k, v["diff"], v["lo"], v["hi"], v["n"]]
+                                                                for k, v in intervals.items()])  # fmt: skip
 
 
 def timings_markdown(seconds: dict[str, float]) -> str:
