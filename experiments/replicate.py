@@ -161,13 +161,15 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
 
 
 def loss_curve(run: Path, windows: int = 10) -> list[dict[str, float]]:
-    """The training loss of `run` as the mean over `windows` equal spans of steps (all tasks' rows pooled)."""
+    """The training loss of `run` as the mean over `windows` equal spans of steps (all tasks' rows pooled).
+
+    log.jsonl counts steps from 0; the spans name them from 1 (`first_step` 1 is the log's step 0)."""
     rows = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
-    steps = max(r["step"] for r in rows)
+    steps = max(r["step"] for r in rows) + 1
     width = max(1, -(-steps // windows))
     spans: dict[int, list[float]] = defaultdict(list)
     for r in rows:
-        spans[(r["step"] - 1) // width].append(r["loss"])
+        spans[r["step"] // width].append(r["loss"])
     return [
         {"first_step": i * width + 1, "last_step": min(steps, (i + 1) * width), "loss": float(np.mean(v))}
         for i, v in sorted(spans.items())

@@ -40,8 +40,8 @@ def test_loss_curve_means_equal_spans_of_steps(tmp_path):
     import json
 
     (tmp_path / "train").mkdir()
-    rows = [{"step": s, "task": t, "loss": float(s)} for s in range(1, 6) for t in ("a", "b")]
-    rows[-1]["loss"] = 1.0  # step 5, task b
+    rows = [{"step": s - 1, "task": t, "loss": float(s)} for s in range(1, 6) for t in ("a", "b")]  # logged from 0
+    rows[-1]["loss"] = 1.0  # the fifth step, task b
     (tmp_path / "train" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     curve = rep.loss_curve(tmp_path, windows=2)  # spans of 3 steps: 1-3 and 4-5
     assert curve == [
