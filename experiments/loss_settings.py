@@ -3,7 +3,9 @@ at a time around lemb's defaults on one finished label run (no LLM call), each s
 paired bootstrap intervals against the defaults.
 
 Every variant trains with the rank reward and the graded loss on the same reward rows, steps, batches and seed; only
-the varied setting differs. The group size can be at most the label run's candidates per query.
+the varied setting differs. The group size can be at most the label run's candidates per query. Each finished
+variant keeps its per-query dev metrics in `<out>/<variant>/dev-metrics.json`: a rerun into the same `--out` with
+more values trains and ranks only the new ones, so a sweep can be split across processes and joined afterwards.
 
     python experiments/loss_settings.py --run runs/nq-pool32 --dev runs/ablation/qa/data/dev.jsonl \\
         --corpus runs/ablation/qa/data/corpus.jsonl --out runs/loss_settings --key-template '{text}'
@@ -21,12 +23,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from lemb.files import write_json
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pool_size import dev_metrics, label_setup, train_on  # noqa: E402
 from replicate import Clock, bootstrap_table, machine, md_table, paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("loss_settings")
 METRICS = ("ndcg@10", "recall@1")
+DEV_METRICS = "dev-metrics.json"  # a variant's per-query dev metrics and wall seconds, once it is done
 
 
 def variants(defaults: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
@@ -37,6 +42,24 @@ def variants(defaults: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, 
             if value != defaults[setting]:
                 out[f"{setting}={value:g}"] = {setting: value}
     return out
+
+
+def scored_variant(
+    folder: Path, name: str, settings: dict[str, Any], clock: Clock, tables: list, tie_tolerance: float, args
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """({metric: {dev query: value}}, {"train_s", "dev_s"}) of one variant: trained and ranked once, then read back
+    from `<folder>/dev-metrics.json`, so a rerun with more variants redoes none of the finished ones. A model trained
+    by an earlier run without that file is reused and only ranked again."""
+    cached = folder / DEV_METRICS
+    if cached.exists():
+        saved = json.loads(cached.read_text())
+        return saved["per_query"], saved["seconds"]
+    model = clock(f"{name}/train", lambda: train_on(tables, folder, args, tie_tolerance, **settings))
+    per_query = clock(f"{name}/dev", lambda: dev_metrics(model, folder, args))
+    log_rows = (folder / "train" / "log.jsonl").read_text().splitlines()
+    seconds = {"train_s": json.loads(log_rows[-1])["elapsed_s"], "dev_s": clock.seconds[f"{name}/dev"]}
+    write_json(cached, {"settings": settings, "seconds": seconds, "per_query": per_query})
+    return per_query, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in variants(point, grid).items():
         settings = point | overrides
         folder = args.out / name.replace("=", "_")
-        model = clock(f"{name}/train", lambda f=folder, s=settings: train_on(tables, f, args, setup["tie_tolerance"],
-                                                                               **s))  # fmt: skip
-        per_query[name] = clock(f"{name}/dev", lambda m=model, f=folder: dev_metrics(m, f, args))
+        per_query[name], seconds = scored_variant(folder, name, settings, clock, tables, setup["tie_tolerance"], args)
         results["variants"][name] = settings | {m: float(np.mean(list(per_query[name][m].values()))) for m in METRICS}
+        results["variants"][name] |= seconds
     intervals = {}
     for name in per_query:
         if name != "default":

@@ -31,3 +31,36 @@ def test_a_tiny_sweep_trains_each_variant_and_compares_it_with_the_defaults(labe
     assert set(results["paired_bootstrap_95"]) == {"ndcg@10: alpha=0.5 - default", "recall@1: alpha=0.5 - default"}
     logged = (out / "alpha_0.5" / "train" / "config.yaml").read_text()
     assert "alpha: 0.5" in logged
+
+
+def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    argv = [
+        "--run",
+        str(labelled_run),
+        "--dev",
+        str(tiny_data["queries"]),
+        "--corpus",
+        str(tiny_data["corpus"]),
+        "--out",
+        str(out),
+        "--taus",
+        "--group-sizes",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "2",
+    ]
+    assert sweep.main([*argv, "--alphas"]) == 0
+    first = json.loads((out / "results-loss-settings.json").read_text())
+    kept = {p: p.stat().st_mtime_ns for p in (out / "default").rglob("*") if p.is_file()}
+    assert sweep.main([*argv, "--alphas", "0.5"]) == 0
+    second = json.loads((out / "results-loss-settings.json").read_text())
+    assert {
+        p: p.stat().st_mtime_ns for p in (out / "default").rglob("*") if p.is_file()
+    } == kept  # neither trained nor ranked again
+    assert second["variants"]["default"] == first["variants"]["default"]
+    assert second["variants"]["default"]["train_s"] > 0 and set(second["variants"]) == {"default", "alpha=0.5"}
+    assert "default/train" not in second["seconds"] and "alpha=0.5/train" in second["seconds"]
