@@ -75,7 +75,7 @@ def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, t
 
     # a finished variant is never reused for other settings: another reference tau in the same --out is refused
     with pytest.raises(SystemExit, match="reference/dev-metrics.json: made for qa with"):
-        sweep.main([*argv, "--alphas", "--tau", "0.05"])
+        sweep.main([*argv, "--alphas", "--tau", "0.02"])
 
     # a later sweep in another --out joins this one's variants from its JSON, without training them again
     later = tmp_path / "later"
@@ -83,10 +83,10 @@ def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, t
     (later / "reference").mkdir(parents=True)
     (later / "reference" / "dev-metrics.json").write_text((out / "reference" / "dev-metrics.json").read_text())
     assert (
-        sweep.main([*later_argv, "--alphas", "--taus", "0.05", "--join", str(out / "results-loss-settings.json")]) == 0
+        sweep.main([*later_argv, "--alphas", "--taus", "0.02", "--join", str(out / "results-loss-settings.json")]) == 0
     )
     joined = json.loads((later / "results-loss-settings.json").read_text())
-    assert set(joined["variants"]) == {"reference", "alpha=0.5", "tau=0.05"}
+    assert set(joined["variants"]) == {"reference", "alpha=0.5", "tau=0.02"}
     assert joined["variants"]["alpha=0.5"]["from"] == str(out / "results-loss-settings.json")
     assert joined["per_query"]["alpha=0.5"] == second["per_query"]["alpha=0.5"]
     assert not (later / "alpha_0.5").exists()
@@ -96,18 +96,18 @@ def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, t
 def test_a_sweep_on_another_task_trains_and_scores_that_task_only(labelled_run, tiny_data, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--run", str(labelled_run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
-            "--out", str(out), "--task", "tool", "--alphas", "--taus", "0.05", "--group-sizes", "--steps", "2",
+            "--out", str(out), "--task", "tool", "--alphas", "--taus", "0.02", "--group-sizes", "--steps", "2",
             "--batch-size", "1", "--group-size", "2"]  # fmt: skip
     assert sweep.main(argv) == 0
     results = json.loads((out / "results-loss-settings.json").read_text())
-    assert results["task"] == "tool" and set(results["variants"]) == {"reference", "tau=0.05"}
-    assert set(results["per_query"]["tau=0.05"]["ndcg@10"]) == {"q4"}
+    assert results["task"] == "tool" and set(results["variants"]) == {"reference", "tau=0.02"}
+    assert set(results["per_query"]["tau=0.02"]["ndcg@10"]) == {"q4"}
     assert [json.loads(line)["key_id"] for line in (out / "data-tool" / "corpus.jsonl").read_text().splitlines()] == [
         "t1",
         "t2",
     ]
-    steps = [json.loads(line) for line in (out / "tau_0.05" / "train" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / "tau_0.02" / "train" / "log.jsonl").read_text().splitlines()]
     assert {row["task"] for row in steps} == {"tool"}
-    assert "tau: 0.05" in (out / "tau_0.05" / "train" / "config.yaml").read_text()
+    assert "tau: 0.02" in (out / "tau_0.02" / "train" / "config.yaml").read_text()
     with pytest.raises(SystemExit, match="no reward rows of task 'lrlm'"):
         sweep.main([*argv, "--task", "lrlm"])

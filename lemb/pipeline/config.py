@@ -170,7 +170,7 @@ class TrainConfig:
     warmup: float = setting(0.1, "Linear warm-up, as a fraction of the steps.")
     weight_decay: float = setting(0.01, "AdamW weight decay.")
     max_grad_norm: float = setting(0.0, "Clip the gradients to this total norm before each step (0: no clipping).")
-    tau: float = setting(0.01, "Temperature of the cosine similarity (DESIGN.md).")
+    tau: float = setting(0.05, "Temperature of the cosine similarity (RESULTS.md, section 5).")
     alpha: float = setting(0.1, "Temperature of the reward weights softmax(r / alpha).")
     task_weights: dict[Task, float] = setting(factory=dict, help="{task: weight}; empty: mix tasks by their size.")
     self_paced: bool = setting(False, "Scale each task's loss by L_task(step 0) / L_task(now).")

@@ -55,8 +55,9 @@ def graded_loss(
     k: torch.Tensor,
     rewards: torch.Tensor,
     valid: torch.Tensor,
-    tau: float = 0.01,
-    alpha: float = 0.1,
+    *,
+    tau: float,
+    alpha: float,
     in_batch: bool = True,
     in_batch_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -82,7 +83,7 @@ def graded_loss(
 
 
 def kl_loss(
-    q: torch.Tensor, k: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor, tau: float = 0.01, alpha: float = 0.1
+    q: torch.Tensor, k: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor, *, tau: float, alpha: float
 ) -> torch.Tensor:
     """KL(softmax(r/alpha) || softmax(s)) over each query's own candidates (REPLUG-style distillation)."""
     batch, group = rewards.shape
@@ -98,7 +99,8 @@ def contrastive_loss(
     k: torch.Tensor,
     positive: torch.Tensor,
     valid: torch.Tensor,
-    tau: float = 0.01,
+    *,
+    tau: float,
     in_batch: bool = True,
     in_batch_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_graded_all_tied_without_in_batch_is_zero():
     # every candidate's denominator holds only itself: log(1) = 0
     q, k = torch.randn(2, 4), torch.randn(2, 3, 4)
     r = torch.full((2, 3), 0.5)
-    loss = graded_loss(q, k, r, torch.ones(2, 3, dtype=torch.bool), in_batch=False)
+    loss = graded_loss(q, k, r, torch.ones(2, 3, dtype=torch.bool), tau=0.05, alpha=0.1, in_batch=False)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
