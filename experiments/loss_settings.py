@@ -6,7 +6,8 @@ reference.
 Every variant trains with the rank reward and the graded loss on the same reward rows, steps, batches and seed; only
 the varied setting differs. `--task` picks the task kind trained and scored (default qa): only its label rows are
 trained on, and only its dev queries with a positive are ranked, over its own keys of the corpus. The group size can
-be at most the label run's candidates per query.
+be at most the label run's candidates per query. `--pool N` trains on the rank reward of a sub-pool of N of the
+label run's samples, cut as experiments/pool_size.py cuts it (the run must hold no per-candidate samples).
 
 Each finished variant keeps its per-query dev metrics in `<out>/<variant>/dev-metrics.json`: a rerun into the same
 `--out` with more values trains and ranks only the new ones. So a sweep can be split across processes (all but one
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 from lemb.files import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pool_size import dev_metrics, label_setup, train_on  # noqa: E402
+from pool_size import dev_metrics, label_setup, subpool_table, train_on  # noqa: E402
 from replicate import Clock, bootstrap_table, machine, md_table, paired_bootstrap  # noqa: E402
 
 log = logging.getLogger("loss_settings")
@@ -62,16 +63,18 @@ def scored_variant(
     cached = folder / DEV_METRICS
     if cached.exists():
         saved = json.loads(cached.read_text())
-        if saved["settings"] != settings or saved.get("task", "qa") != args.task:
-            raise SystemExit(f"{cached}: made for {saved.get('task', 'qa')} with {saved['settings']}, not "
-                             f"{args.task} with {settings}; use another --out")  # fmt: skip
+        made = (saved.get("task", "qa"), saved.get("pool"), saved["settings"])
+        if made != (args.task, args.pool, settings):
+            raise SystemExit(f"{cached}: made for (task, pool, settings) {made}, not "
+                             f"{(args.task, args.pool, settings)}; use another --out")  # fmt: skip
         return saved["per_query"], saved["seconds"]
     trained = settings | {"loss": {args.task: "graded"}}
     model = clock(f"{name}/train", lambda: train_on(tables, folder, args, tie_tolerance, **trained))
     per_query = clock(f"{name}/dev", lambda: dev_metrics(model, folder, args))
     log_rows = (folder / "train" / "log.jsonl").read_text().splitlines()
     seconds = {"train_s": json.loads(log_rows[-1])["elapsed_s"], "dev_s": clock.seconds[f"{name}/dev"]}
-    write_json(cached, {"task": args.task, "settings": settings, "seconds": seconds, "per_query": per_query})
+    write_json(cached, {"task": args.task, "pool": args.pool, "settings": settings, "seconds": seconds,
+                        "per_query": per_query})  # fmt: skip
     return per_query, seconds
 
 
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tau", type=float, default=defaults.tau, help="the reference point's tau")
     p.add_argument("--group-size", type=int, default=defaults.group_size, help="the reference point's group size")
     p.add_argument("--task", default="qa", help="the task kind trained and scored")
+    p.add_argument("--pool", type=int, default=None, help="train on a sub-pool of this many samples (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
@@ -130,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     set_threads(args.threads)
     clock = Clock()
-    setup = label_setup(args.run / "label", subpools=False)
+    setup = label_setup(args.run / "label", subpools=args.pool is not None)
     tables = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
+    if args.pool is not None:
+        tables = [subpool_table(t, setup["drawn"], args.pool, str(args.seed), setup["tie_tolerance"]) for t in tables]
     if not any(t.num_rows for t in tables):
         raise SystemExit(f"{args.run / 'label'}: no reward rows of task {args.task!r}")
     args.dev, args.corpus = task_files(args.dev, args.corpus, args.task, args.out / f"data-{args.task}")
     point = {"alpha": args.alpha, "tau": args.tau, "group_size": args.group_size}
     grid = {"alpha": args.alphas, "tau": args.taus, "group_size": args.group_sizes}
     results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "task": args.task,
-                               "reference": point, "steps": args.steps, "batch_size": args.batch_size,
-                               "variants": {}}  # fmt: skip
+                               "pool": args.pool, "reference": point, "steps": args.steps,
+                               "batch_size": args.batch_size, "variants": {}}  # fmt: skip
     per_query: dict[str, dict[str, dict[str, float]]] = {}
     for name, overrides in variants(point, grid).items():
         if name == "reference" and args.no_reference:
@@ -153,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for path in args.join:
         earlier = json.loads(path.read_text())
-        same = {k: earlier[k] for k in ("task", "reference", "steps", "batch_size")}
-        if same != {"task": args.task, "reference": point, "steps": args.steps, "batch_size": args.batch_size}:
-            raise SystemExit(f"{path}: task, reference, steps or batch_size differ from this run's: {same}")
+        same = {k: earlier.get(k) for k in ("task", "pool", "reference", "steps", "batch_size")}
+        if same != {"task": args.task, "pool": args.pool, "reference": point, "steps": args.steps,
+                    "batch_size": args.batch_size}:  # fmt: skip
+            raise SystemExit(f"{path}: task, pool, reference, steps or batch_size differ from this run's: {same}")
         for name, saved in earlier["per_query"].items():
             if name not in per_query:
                 per_query[name] = saved

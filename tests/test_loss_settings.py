@@ -111,3 +111,32 @@ def test_a_sweep_on_another_task_trains_and_scores_that_task_only(labelled_run, 
     assert "tau: 0.02" in (out / "tau_0.02" / "train" / "config.yaml").read_text()
     with pytest.raises(SystemExit, match="no reward rows of task 'lrlm'"):
         sweep.main([*argv, "--task", "lrlm"])
+
+
+def test_a_sweep_on_a_sub_pool_trains_on_the_cut_rewards(labelled_run, tiny_data, tmp_path, monkeypatch):
+    from lemb.pipeline.config import LabelConfig, RetrieveConfig, load_config
+    from lemb.stages.label import label
+    from lemb.stages.retrieve import retrieve
+
+    run = tmp_path / "run"  # a pool of 6 samples of the bare prompt, no per-candidate samples
+    common = {"run": str(run), "executor": "local"}
+    retrieve(load_config(RetrieveConfig, queries=str(tiny_data["queries"]), corpus=str(tiny_data["corpus"]),
+                         top_k=2, **common), progress=False)  # fmt: skip
+    label(load_config(LabelConfig, n_samples=6, per_candidate_samples=0, **common), progress=False)
+    seen = []
+    real_train_on = sweep.train_on
+    monkeypatch.setattr(
+        sweep, "train_on", lambda tables, *a, **k: seen.append(tables) or real_train_on(tables, *a, **k)
+    )
+    out = tmp_path / "sweep"
+    argv = ["--run", str(run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
+            "--out", str(out), "--alphas", "--taus", "--group-sizes", "--steps", "1", "--batch-size", "2",
+            "--group-size", "2"]  # fmt: skip
+    assert sweep.main([*argv, "--pool", "2"]) == 0
+    pools = [p for t in seen[0] for p in t.column("pool_size").to_pylist() if p is not None]
+    assert pools and max(pools) <= 2  # the label run's pools hold up to 6
+    assert json.loads((out / "results-loss-settings.json").read_text())["pool"] == 2
+    with pytest.raises(SystemExit, match="made for \\(task, pool, settings\\) \\('qa', 2,"):
+        sweep.main(argv)  # the full pool's reference is not the sub-pool's
+    with pytest.raises(SystemExit, match="sub-pools need m = 0"):  # 1 sample per candidate: no exact sub-pool
+        sweep.main([*argv, "--run", str(labelled_run), "--out", str(tmp_path / "other"), "--pool", "2"])
