@@ -96,10 +96,7 @@ def task_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, 
     if len(kept_queries) == len(queries) and len(kept_keys) == len(keys):
         return dev, corpus
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, rows in (("dev.jsonl", kept_queries), ("corpus.jsonl", kept_keys)):
-        out.append(write_jsonl(rows, folder / name))
-    return out[0], out[1]
+    return write_jsonl(kept_queries, folder / "dev.jsonl"), write_jsonl(kept_keys, folder / "corpus.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     setup = label_setup(args.run / "label", subpools=args.pool is not None)
     tables = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
-    if args.pool is not None:
-        tables = [subpool_table(t, setup["drawn"], args.pool, str(args.seed), setup["tie_tolerance"]) for t in tables]
     if not any(t.num_rows for t in tables):
         raise SystemExit(f"{args.run / 'label'}: no reward rows of task {args.task!r}")
+    if args.pool is not None:
+        tables = [subpool_table(t, setup["drawn"], args.pool, str(args.seed), setup["tie_tolerance"]) for t in tables]
     args.dev, args.corpus = task_files(args.dev, args.corpus, args.task, args.out / f"data-{args.task}")
     point = {"alpha": args.alpha, "tau": args.tau, "group_size": args.group_size}
     grid = {"alpha": args.alphas, "tau": args.taus, "group_size": args.group_sizes}
