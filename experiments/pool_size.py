@@ -149,15 +149,19 @@ def dev_ndcg(model: str, out: Path, args: argparse.Namespace) -> dict[str, float
     return dev_metrics(model, out, args)["ndcg@10"]
 
 
-def dev_metrics(model: str, out: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """{metric: {dev query: value}} of `model` (lemb eval's ranking and retrieval metrics, no LLM)."""
+def dev_metrics(
+    model: str, out: Path, args: argparse.Namespace, instructions: Any = None
+) -> dict[str, dict[str, float]]:
+    """{metric: {dev query: value}} of `model` (lemb eval's ranking and retrieval metrics, no LLM), embedded with
+    `instructions` (None: eval's default)."""
     from lemb.data.readers import read_queries
     from lemb.pipeline.config import EvalConfig, load_config
     from lemb.trainer.evaluate import rank, run_key_template
 
     template = args.key_template or run_key_template(load_config(EvalConfig, run=str(args.run), queries="-"))
     config = load_config(EvalConfig, run=str(out), queries=str(args.dev), corpus=str(args.corpus),
-                         executor="local", threads=args.threads, key_template=template)  # fmt: skip
+                         executor="local", threads=args.threads, key_template=template,
+                         instructions=instructions)  # fmt: skip
     ranked = rank(config, model, out / "rank", progress=False)
     records = read_queries(args.dev).to_pylist()
     return per_query_retrieval(ranked.ranking, records)
