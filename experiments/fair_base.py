@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = clock.seconds
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results-fair-base.json", results)
-    rows = [[n, a["trained_with"] or "-", a["scored_with"], *[a[m] for m in METRICS]] for n, a in results["arms"].items()]
+    rows = [
+        [n, a["trained_with"] or "-", a["scored_with"], *[a[m] for m in METRICS]] for n, a in results["arms"].items()
+    ]
     table = md_table(["arm", "trained with", "scored with", *METRICS], rows) + "\n\n" + bootstrap_table(intervals)
     (args.out / "results-fair-base.md").write_text(table + "\n")
     print(table)
