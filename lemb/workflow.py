@@ -8,7 +8,6 @@ from typing import Any
 
 from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig, load_config
 from lemb.trainer.evaluate import evaluate_run
-from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, prog
         progress,
     )
     eval_config = load_config(EvalConfig, queries=str(files["heldout"]), **data, **sharded)
-    metrics = evaluate_run(eval_config, progress=progress)
-    paths = write_report(run, out, metrics)
-    log.info("demo report: %s", paths["report"])
+    metrics = evaluate_run(eval_config, progress=progress, report_to=out)
+    log.info("demo report: %s", out / "report.md")
     return metrics

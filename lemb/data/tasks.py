@@ -1,7 +1,9 @@
 """Task kinds: embedder instructions, key templates, LLM prompt templates and per-task training defaults.
 
 The `llm-embedder` instruction preset is the interface of the published LLM-Embedder model
-(Zhang et al., ACL 2024; FlagEmbedding's llm_embedder). Prompt templates are lemb's own: each
+(Zhang et al., ACL 2024; FlagEmbedding's llm_embedder), `bge` that of the English BGE models (Xiao et al., 2023: a
+query instruction for retrieval, none for passages). Which one an embedder is used with follows the model unless a
+setting says otherwise (lemb/stages/instructions.py). Prompt templates are lemb's own: each
 task's desired output is scored as the assistant's reply to the user message built here.
 """
 
@@ -42,6 +44,7 @@ INSTRUCTION_PRESETS: dict[str, dict[str, tuple[str, str]]] = {
             "Encode this passage for retrieval: ",
         ),
     },
+    "bge": {task: ("Represent this sentence for searching relevant passages: ", "") for task in TASKS},
     "none": {task: ("", "") for task in TASKS},
 }
 
@@ -138,24 +141,6 @@ def task_spec(task: str) -> TaskSpec:
         return TASK_SPECS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
-
-
-DEFAULT_PRESET = "llm-embedder"
-
-
-def instructions(preset: str | dict[str, tuple[str, str]], task: str) -> tuple[str, str]:
-    """(query instruction, key instruction) of `task` under a preset name or a user table.
-
-    A user table `{task: [query_instruction, key_instruction]}` overrides the tasks it names; the
-    others keep the `llm-embedder` preset (write `["", ""]` for no instruction).
-    """
-    if isinstance(preset, str):
-        table = INSTRUCTION_PRESETS.get(preset)
-        if table is None:
-            raise ValueError(f"unknown instruction preset {preset!r}; known: {', '.join(INSTRUCTION_PRESETS)}")
-        return table.get(task, ("", ""))
-    query, key = preset.get(task) or INSTRUCTION_PRESETS[DEFAULT_PRESET].get(task, ("", ""))
-    return query, key
 
 
 def key_template(setting: str | dict[str, str], task: str) -> str:

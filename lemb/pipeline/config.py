@@ -72,7 +72,8 @@ def _at_least_one(config: Any, *names: str) -> list[str]:
 
 def _check_instructions(value: Any) -> list[str]:
     if isinstance(value, str):
-        return [] if value in INSTRUCTION_PRESETS else [f"unknown instruction preset {value!r}"]
+        known = ("auto", *INSTRUCTION_PRESETS)
+        return [] if value in known else [f"instructions: unknown preset {value!r}; known: {', '.join(known)}"]
     if isinstance(value, dict):
         out = []
         for task, pair in value.items():
@@ -81,10 +82,14 @@ def _check_instructions(value: Any) -> list[str]:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
                 out.append(f"instructions[{task}] must be [query_instruction, key_instruction], got {pair!r}")
         return out
-    return ["instructions must be a preset name or a table {task: [query_instruction, key_instruction]}"]
+    return ["instructions must be auto, a preset name or a table {task: [query_instruction, key_instruction]}"]
 
 
-INSTRUCTIONS_HELP = "Task instructions: a preset (llm-embedder, none) or {task: [query_instruction, key_instruction]}."
+INSTRUCTIONS_HELP = (
+    "Task instructions of the embedder: auto (the model's own: those a lemb-trained model saved, its"
+    " sentence-transformers prompts, its authors' preset, else none), a preset (none, llm-embedder, bge) for every"
+    " embedder, or {task: \\[query_instruction, key_instruction]} (other tasks: auto)."
+)
 KEY_TEMPLATE_HELP = (
     "A corpus key's text as the embedder and the LLM see it: a template over {title} and {text}, or {task: template};"
     " a key without a title is its text alone."
@@ -100,7 +105,7 @@ class RetrieveConfig:
     queries: str = setting("", "Query records (JSONL or Parquet).")
     corpus: str | None = setting(None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).")
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.")
-    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     key_template: str | dict[Task, str] = setting(DEFAULT_KEY_TEMPLATE, KEY_TEMPLATE_HELP)
     top_k: int = setting(8, "Candidates per query.")
     add_positives: bool = setting(True, "Put known positives among the candidates (replacing the lowest-ranked).")
@@ -160,7 +165,7 @@ class TrainConfig:
     resume: bool = setting(False, "Continue from the last checkpoint.")
     threads: int = setting(1, "Torch threads.")
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.")
-    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     reward: Reward = setting("rank", "Reward recomputed from the label shards' log-probabilities.")
     loss: dict[Task, Loss] = setting(factory=dict, help="Per-task loss override, {task: graded | kl | contrastive}.")
     group_size: int = setting(8, "Candidates per query in a batch (LLM-Embedder: 1 positive + 7).")
@@ -218,8 +223,12 @@ class EvalConfig:
     shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.")
     queries: str = setting("", "Held-out query records.")
     corpus: str | None = setting(None, "Key records.")
-    embedders: dict[str, str] = setting(factory=dict, help="{name: model}; default: base and <run>/train/model.")
-    instructions: Any = setting("llm-embedder", INSTRUCTIONS_HELP)
+    embedders: dict[str, Any] = setting(
+        factory=dict,
+        help="{name: model or {model: M, instructions: I}}; default: base and <run>/train/model, each with its own"
+        " instructions.",
+    )
+    instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     key_template: str | dict[Task, str] | None = setting(
         None, f"{KEY_TEMPLATE_HELP} Default: the run's retrieve setting, else {DEFAULT_KEY_TEMPLATE!r}."
     )
@@ -232,6 +241,14 @@ class EvalConfig:
     def problems(self) -> list[str]:
         out = _check_instructions(self.instructions)
         out += template_problems(self.key_template) if self.key_template is not None else []
+        for name, spec in self.embedders.items():
+            if isinstance(spec, dict):
+                unknown = sorted(set(spec) - {"model", "instructions"})
+                if unknown or not isinstance(spec.get("model"), str):
+                    out.append(f"embedders[{name}] must be a model or {{model: M, instructions: I}}, got {spec!r}")
+                out += [f"embedders[{name}]: {p}" for p in _check_instructions(spec.get("instructions", "auto"))]
+            elif not isinstance(spec, str):
+                out.append(f"embedders[{name}] must be a model or {{model: M, instructions: I}}, got {spec!r}")
         if not self.queries:
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:

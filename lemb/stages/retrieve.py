@@ -11,6 +11,7 @@ The same two steps rank held-out queries for `lemb eval`: there is one implement
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from lemb.data import schemas
 from lemb.data.readers import iter_keys, iter_queries
-from lemb.data.tasks import instructions, key_template, render_key
+from lemb.data.tasks import key_template, render_key
 from lemb.errors import InputError
 from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
@@ -32,23 +33,28 @@ from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder
 from lemb.stages.index import TaskIndex, indexes_from_shards
+from lemb.stages.instructions import Instructions, resolve_instructions
 from lemb.stages.models import resolve_model_path
-from lemb.vocabulary import PER_QUERY_TASKS, TASKS
+from lemb.vocabulary import PER_QUERY_TASKS
 
 log = logging.getLogger(__name__)
 ENCODE_BLOCK = 1024  # texts encoded between two progress reports
 
 
 class _EncodingStage(Stage):
-    def __init__(self, config: RetrieveConfig) -> None:
+    def __init__(self, config: RetrieveConfig, instructions: Instructions) -> None:
         super().__init__()
         self.config = config
+        self.instructions = instructions  # resolved once, in the driver, for the embedder of `config`
 
     def setup(self) -> None:
         self.encoder = Encoder(self.config.embedder, self.config.max_length, self.config.batch_size)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"instructions": {t: instructions(self.config.instructions, t) for t in TASKS}}
+        return {"instructions": self.instructions.table}
+
+    def metadata(self) -> dict[str, str]:
+        return {"lemb.embedder": self.config.embedder, "lemb.instructions": json.dumps(self.instructions.describe())}
 
     def _encode(self, texts: list[str], instruction: str) -> np.ndarray:
         """Encode in blocks, reporting progress after each."""
@@ -75,7 +81,7 @@ class EmbedKeys(_EncodingStage):
             template = key_template(self.config.key_template, task)
             fields = zip(part.column("text").to_pylist(), part.column("title").to_pylist())
             texts = [render_key(template, text, title) for text, title in fields]
-            emb = self._encode(texts, instructions(self.config.instructions, task)[1])
+            emb = self._encode(texts, self.instructions.key(task))
             vectors = pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1]).cast(pa.list_(pa.float32()))
             keys = part.select(["key_id", "task"]).append_column("text", pa.array(texts, pa.string()))
             parts.append(keys.append_column("title", part.column("title")).append_column("embedding", vectors))
@@ -101,8 +107,8 @@ class SearchQueries(_EncodingStage):
     required_columns = ("query_id", "task", "text", "target", "positive_ids", "history", "relevance")
     output_schema = schemas.CANDIDATE
 
-    def __init__(self, config: RetrieveConfig, keys_dir: str | None) -> None:
-        super().__init__(config)
+    def __init__(self, config: RetrieveConfig, instructions: Instructions, keys_dir: str | None) -> None:
+        super().__init__(config, instructions)
         self.keys_dir = keys_dir
 
     def setup(self) -> None:
@@ -116,7 +122,7 @@ class SearchQueries(_EncodingStage):
 
     def _rank(self, q: np.ndarray, task: str, query: dict[str, Any]) -> tuple[list[str], list[float]]:
         if task in PER_QUERY_TASKS:
-            index = history_index(self.encoder, query, instructions(self.config.instructions, task)[1])
+            index = history_index(self.encoder, query, self.instructions.key(task))
         else:
             index = self.indexes[task]
         top_ids, top_scores = index.search(q, self.config.top_k)
@@ -135,7 +141,7 @@ class SearchQueries(_EncodingStage):
         out: dict[str, list] = {name: [] for name in self.output_schema.names}
         for task, part in split_by_task(table):
             rows = part.to_pylist()
-            q_emb = self._encode([r["text"] for r in rows], instructions(self.config.instructions, task)[0])
+            q_emb = self._encode([r["text"] for r in rows], self.instructions.query(task))
             for query, q in zip(rows, q_emb):
                 ids, scores = self._rank(q, task, query)
                 n = len(ids)
@@ -251,11 +257,13 @@ def retrieve(
     output, removed at the end), so neither the driver nor a worker holds more than a shard of either; every
     input is validated before anything is embedded."""
     resolve_model_path(config.embedder, "embedder")  # a missing model fails here, not in every worker
+    instructions = resolve_instructions(config.instructions, config.embedder)
+    log.info("%s embeds with instructions %s: %s", config.embedder, instructions.name, instructions.source)
     out = Path(config.run) / "retrieve" if out is None else out
     staging = out / ".input"
     inputs = [Path(p) for p in (config.queries, config.corpus) if p]
     executor = Executor(config.cluster, config.restart, progress)
-    stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {"instructions": instructions.describe()}
     new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
     lock = StageLock(out, "retrieve")
     try:
@@ -266,10 +274,10 @@ def retrieve(
                 plan, key_tasks, positive_task = _partition_corpus(config, wanted, staging / "keys")
                 _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
                 keys_dir = out / "keys"
-                stats["keys"] = executor.run(EmbedKeys(config), plan, keys_dir, config, inputs, "key_id")
+                stats["keys"] = executor.run(EmbedKeys(config, instructions), plan, keys_dir, config, inputs, "key_id")
             else:
                 _check_positives(queries, set(), {}, config.queries, None)
-            search = SearchQueries(config, str(keys_dir) if keys_dir else None)
+            search = SearchQueries(config, instructions, str(keys_dir) if keys_dir else None)
             stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
             if warn_short_pools:  # eval ranks to a fixed depth: short pools are expected there
                 _warn_short_pools(stats["candidates"], config.top_k)

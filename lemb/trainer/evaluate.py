@@ -21,12 +21,13 @@ capital of Zorbia is Quelm."), which strict exact match scores as wrong.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
 import string
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +66,31 @@ class Ranked:
     ranking: dict[str, list[tuple[str, float]]]
     queries: list[dict[str, Any]]
     key_text: dict[str, str]
+    embedded_with: dict[str, Any] = field(default_factory=dict)  # model, instructions, key_template
 
 
-def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True, depth: int = DEPTH) -> Ranked:
+def rank(
+    config: EvalConfig,
+    model: str,
+    out: str | Path,
+    progress: bool = True,
+    depth: int = DEPTH,
+    instructions: Any = None,
+) -> Ranked:
     """Rank `config.queries` over `config.corpus` with `model` by running the retrieve stage into `out` (the same
-    encode -> index -> top-K as training's candidates; no positives added), then read its candidate shards."""
+    encode -> index -> top-K as training's candidates; no positives added), then read its candidate shards.
+    `instructions`: this embedder's setting (default: the config's, `auto` unless set: the model's own)."""
     out = Path(out)
+    template = run_key_template(config)
     retrieve_config = load_config(
         RetrieveConfig, run=config.run, cluster=dataclasses.asdict(config.cluster), shards=config.shards, restart=True,
         queries=config.queries, corpus=config.corpus,
-        embedder=model, instructions=config.instructions, key_template=run_key_template(config),
-        top_k=depth, add_positives=False,
+        embedder=model, instructions=config.instructions if instructions is None else instructions,
+        key_template=template, top_k=depth, add_positives=False,
         batch_size=config.batch_size, max_length=config.max_length,
     )  # fmt: skip
-    retrieve(retrieve_config, progress, out=out, warn_short_pools=False)
+    stats = retrieve(retrieve_config, progress, out=out, warn_short_pools=False)
+    embedded_with = {"model": model, "instructions": stats["instructions"], "key_template": template}
     ranking: dict[str, list[tuple[str, float]]] = {}
     queries, key_text = [], {}
     for path in stage_files(out / "candidates"):
@@ -90,7 +102,7 @@ def rank(config: EvalConfig, model: str, out: str | Path, progress: bool = True,
                             "relevance": grades(first["relevance"])})  # fmt: skip
             key_text.update((r["key_id"], r["key_text"]) for r in rows)
     queries.sort(key=lambda q: q["query_id"])
-    return Ranked(ranking, queries, key_text)
+    return Ranked(ranking, queries, key_text, embedded_with)
 
 
 def run_key_template(config: EvalConfig) -> Any:
@@ -248,10 +260,14 @@ class TaskEvaluator:
         return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored}
 
 
-def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_run(
+    config: EvalConfig, embedders: dict[str, Any] | None = None, progress: bool = True, report_to: Path | None = None
+) -> dict[str, Any]:
     """`lemb eval`: {embedder name: {"all": metrics, "<task>": metrics}} for the given embedders (default: the
-    run's base and trained ones). Each embedder's ranking is a retrieve run under `<run>/eval/<name>/`; the metrics,
-    the report and the per-query details (rankings, answers) go to `<run>/eval/`."""
+    run's base and trained ones; a model, or a table {model, instructions}). Each embedder is embedded with its own
+    instructions (`auto`: the model's) and ranks through a retrieve run under `<run>/eval/<name>/`; the metrics
+    (with what each embedder was embedded with) and the report go to `report_to` (default `<run>/eval/`), the
+    per-query details to `<run>/eval/`."""
     run = Path(config.run)
     embedders = embedders or config.embedders or _default_embedders(run)
     set_threads(config.cluster.threads)
@@ -259,18 +275,22 @@ def evaluate_run(config: EvalConfig, embedders: dict[str, str] | None = None, pr
     evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for name, model in embedders.items():
-        ranked = rank(config, model, run / "eval" / name, progress)
+    embedded_with: dict[str, Any] = {}
+    for name, spec in embedders.items():
+        model, instructions = embedder_spec(spec)
+        ranked = rank(config, model, run / "eval" / name, progress, instructions=instructions)
+        embedded_with[name] = ranked.embedded_with
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
         if llm is None and config.answer_k > 0 and needs_llm:
             from lemb.stages.llm.hf import TransformersBackend
 
             llm = TransformersBackend(config.llm)
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
-        log.info("evaluating %s (%s) on %d queries", name, model, len(ranked.queries))
+        log.info("evaluating %s (%s, instructions %s) on %d queries", name, model,
+                 ranked.embedded_with["instructions"]["name"], len(ranked.queries))  # fmt: skip
         results[name], details[name] = evaluator.run(ranked)
-        write_trec(ranked, run / "eval" / name, name)
-    write_report(run, run / "eval", results)
+        write_trec(ranked, run / "eval" / name, trec_tag(name, ranked.embedded_with))
+    write_report(run, report_to or run / "eval", results, embedded_with)
     write_json(run / "eval" / "details.json", details)
     return results
 
@@ -283,6 +303,20 @@ def write_trec(ranked: Ranked, folder: Path, tag: str) -> None:
     qrels = [f"{q['query_id']} 0 {key} {grade}\n" for q in ranked.queries for key, grade in judgments(q).items()]
     write_text(folder / "run.trec", "".join(run_lines))
     write_text(folder / "qrels.trec", "".join(qrels))
+
+
+def embedder_spec(spec: Any) -> tuple[str, Any]:
+    """(model, instructions setting or None) of an `embedders` entry: a model, or a table {model, instructions}."""
+    if isinstance(spec, dict):
+        return spec["model"], spec.get("instructions")
+    return spec, None
+
+
+def trec_tag(name: str, embedded_with: dict[str, Any]) -> str:
+    """A TREC run tag that says what the ranking was embedded with: `base|instructions=none|keys={title}:_{text}`."""
+    template = embedded_with["key_template"]
+    keys = template if isinstance(template, str) else json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return "_".join(f"{name}|instructions={embedded_with['instructions']['name']}|keys={keys}".split())
 
 
 def _default_embedders(run: Path) -> dict[str, str]:

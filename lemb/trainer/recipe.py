@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from lemb.data.tasks import instructions, task_spec
+from lemb.data.tasks import task_spec
 from lemb.errors import ConfigError, InputError, LembError, MissingDependency, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
@@ -27,6 +27,7 @@ from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
+from lemb.stages.instructions import resolve_instructions
 from lemb.trainer.batches import (
     SIGNAL_COLUMNS,
     TEXT_COLUMNS,
@@ -127,6 +128,8 @@ class TrainRecipe:
         if small:
             raise LembError(f"tasks {small} have fewer queries than the {self.world.size} training processes")
         self.device = _device(c.device)
+        self.instructions = resolve_instructions(c.instructions, c.embedder)
+        log.info("training with instructions %s: %s", self.instructions.name, self.instructions.source)
         self.model = load_embedder(c.embedder, c.max_length, device=str(self.device))
         if c.gradient_checkpointing:
             self.model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -229,7 +232,7 @@ class TrainRecipe:
         """Forward and backward of one one-task batch; gradients accumulate in the model."""
         c = self.config
         task = batch[0].task
-        q_instr, k_instr = instructions(c.instructions, task)
+        q_instr, k_instr = self.instructions.table[task]
         data = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate(batch, c.group_size).items()}
 
         def loss_fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -279,11 +282,7 @@ class TrainRecipe:
         c = self.config
         path = self.out / "model"
         tasks = sorted(set(self.tasks))
-        prompts = {}
-        for t in tasks:
-            q_instr, k_instr = instructions(c.instructions, t)
-            prompts[f"{t}_query"], prompts[f"{t}_key"] = q_instr, k_instr
-        self.model.prompts = prompts
+        self.model.prompts = self.instructions.prompts()  # every task's: `auto` finds them again in eval
         self.model.eval()
         old = None
         with atomic(path) as tmp:
@@ -299,6 +298,7 @@ class TrainRecipe:
             "queries_left_out": dict(self.skipped),
             "seconds": self.seconds,
             "final_loss": self.train_log.last["loss"] if self.train_log.last else None,
+            "instructions": self.instructions.describe(),
         }
         write_json(self.out / "_stats.json", stats)
         save_config(c, self.out)

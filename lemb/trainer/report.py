@@ -12,12 +12,26 @@ from lemb.files import write_json
 HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em")
 
 
-def metrics_json(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
-    """{"base": {"recall@1": ..., "per_task": {...}}, "trained": {...}}: headline numbers over all queries."""
+def metrics_json(
+    metrics: dict[str, dict[str, dict[str, float]]], embedded_with: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """{"base": {"recall@1": ..., "per_task": {...}, "embedded_with": {...}}, "trained": {...}}: headline numbers
+    over all queries, and what each embedder was embedded with (model, instructions, key template)."""
+    embedded_with = embedded_with or {}
     return {
         name: {**by_task["all"], "per_task": {t: m for t, m in by_task.items() if t != "all"}}
+        | ({"embedded_with": embedded_with[name]} if name in embedded_with else {})
         for name, by_task in metrics.items()
     }
+
+
+def embedders_table(embedded_with: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: each embedder's model, instructions (preset name and where they came from), key template."""
+    lines = ["| embedder | model | instructions | key template |", "|---|---|---|---|"]
+    for name, e in embedded_with.items():
+        instructions = f"{e['instructions']['name']}: {e['instructions']['source']}"
+        lines.append(f"| {name} | `{e['model']}` | {instructions} | `{e['key_template']}` |")
+    return lines
 
 
 def table(metrics: dict[str, dict[str, float]], names: list[str], rows: tuple[str, ...] = HEADLINE) -> str:
@@ -89,11 +103,16 @@ def plot_loss(log_path: Path, out: Path) -> Path | None:
     return _save_plot(out, "step", "training loss", draw)
 
 
-def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, Path]:
+def write_report(
+    run: Path,
+    out: Path,
+    metrics: dict[str, dict[str, dict[str, float]]],
+    embedded_with: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Path]:
     """Write metrics.json, report.md and the plots into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(metrics)
-    write_json(out / "metrics.json", metrics_json(metrics))
+    write_json(out / "metrics.json", metrics_json(metrics, embedded_with))
     paths = {"metrics": out / "metrics.json", "report": out / "report.md"}
     for key, path in (
         ("rewards_plot", plot_rewards(run / "label", out / "rewards.png")),
@@ -110,6 +129,9 @@ def write_report(run: Path, out: Path, metrics: dict[str, dict[str, dict[str, fl
         "",
         table({n: metrics[n]["all"] for n in names}, names),
     ]
+    if embedded_with:
+        lines += ["", "Each embedder as it is meant to be used (`instructions: auto`) unless set otherwise:",
+                  "", *embedders_table(embedded_with)]  # fmt: skip
     lines += task_tables(metrics)
     for key, title in (("rewards_plot", "Reward distribution"), ("loss_plot", "Training loss")):
         if key in paths:

@@ -6,19 +6,11 @@ import math
 
 import pytest
 
-from lemb.data.tasks import INSTRUCTION_PRESETS, METRICS, TASK_SPECS, instructions
+from lemb.data.tasks import METRICS, TASK_SPECS
 from lemb.errors import ConfigError
 from lemb.pipeline.config import RetrieveConfig, TrainConfig, load_config
 from lemb.trainer.evaluate import perplexity, retrieval_metrics
 from lemb.vocabulary import TASKS
-
-
-def test_user_table_overrides_named_tasks_and_keeps_the_preset_for_others():
-    table = {"qa": ["Query: ", "Passage: "], "chat": ["", ""]}
-    assert instructions(table, "qa") == ("Query: ", "Passage: ")
-    assert instructions(table, "chat") == ("", "")
-    assert instructions(table, "tool") == INSTRUCTION_PRESETS["llm-embedder"]["tool"]
-    assert instructions("none", "qa") == ("", "")
 
 
 def test_bad_instruction_tables_are_config_errors():
@@ -27,6 +19,9 @@ def test_bad_instruction_tables_are_config_errors():
     with pytest.raises(ConfigError, match="instructions: unknown task 'poem'"):
         load_config(TrainConfig, instructions={"poem": ["a", "b"]})
     assert load_config(TrainConfig, instructions={"tool": ["a", "b"]}).instructions == {"tool": ["a", "b"]}
+    with pytest.raises(ConfigError, match="instructions: unknown preset 'bert'; known: auto, llm-embedder, bge, none"):
+        load_config(TrainConfig, instructions="bert")
+    assert load_config(TrainConfig).instructions == "auto"
 
 
 def test_every_task_reports_known_metrics_paper_measure_first():

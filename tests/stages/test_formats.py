@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from lemb.cli import app
-from lemb.data.tasks import instructions
 from lemb.errors import ConfigError, StageConflict
 from lemb.pipeline.config import RetrieveConfig, load_config
 from lemb.pipeline.shards import stage_files
@@ -64,7 +63,7 @@ def test_titled_keys_are_embedded_and_prompted_with_their_title(beir, tmp_path):
     }
     assert keys["d1"]["text"] == "Zorbia: Its capital is Quelm, on the river Ost."
     assert keys["d3"]["text"] == CORPUS[2]["text"]  # no title: the text alone
-    want = Encoder("all-minilm-l6-v2").encode([keys["d1"]["text"]], instructions("llm-embedder", "qa")[1])[0]
+    want = Encoder("all-minilm-l6-v2").encode([keys["d1"]["text"]])[0]  # the base has no instructions: none
     assert np.allclose(keys["d1"]["embedding"], want, atol=1e-5)
     rows = [r for r in _candidates(tmp_path / "run" / "retrieve") if r["query_id"] == "q1"]
     assert {r["key_id"]: r["key_text"] for r in rows}["d1"] == keys["d1"]["text"]
@@ -112,7 +111,7 @@ def test_eval_writes_graded_trec_files_that_trec_eval_scores_as_lemb(beir, tmp_p
     assert qrels == {"q1": {"d1": 2, "d4": 1}, "q2": {"d2": 3, "d1": 0}, "q3": {"d3": 1}}
     trec_run: dict[str, dict[str, float]] = {}
     for qid, q0, key, rank, _, tag in (line.split() for line in (folder / "run.trec").read_text().splitlines()):
-        assert q0 == "Q0" and tag == "base"
+        assert q0 == "Q0" and tag == "base|instructions=none|keys={title}:_{text}"  # what it was embedded with
         trec_run.setdefault(qid, {})[key] = -float(rank)  # the list's own order, as every lemb metric scores it
     found = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.1", "recip_rank"}).evaluate(trec_run)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())["base"]

@@ -2,20 +2,25 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lemb.data.tasks import INSTRUCTION_PRESETS
 from lemb.pipeline.config import EvalConfig, TrainConfig, load_config
+from lemb.pipeline.shards import stage_files
+from lemb.stages.encoder import Encoder
 from lemb.trainer.evaluate import evaluate_run, normalize_answer
 from lemb.trainer.recipe import train
+from lemb.vocabulary import TASKS
 
 
 @pytest.fixture(scope="module")
 def trained(labelled_run):
-    path = train(
-        load_config(TrainConfig, run=str(labelled_run), steps=6, batch_size=2, group_size=2, lr=5e-5), progress=False
-    )
-    return labelled_run, path
+    """Trained with the LLM-Embedder instructions, which the base (no instructions of its own) is not used with."""
+    config = load_config(TrainConfig, run=str(labelled_run), steps=6, batch_size=2, group_size=2, lr=5e-5,
+                         instructions="llm-embedder")  # fmt: skip
+    return labelled_run, train(config, progress=False)
 
 
 def test_trained_model_loads_in_both_libraries_with_instructions(trained):
@@ -25,6 +30,9 @@ def test_trained_model_loads_in_both_libraries_with_instructions(trained):
     _, path = trained
     st = SentenceTransformer(str(path), device="cpu")
     assert st.prompts["qa_query"] == "Represent this query for retrieving relevant documents: "
+    assert {n for n in st.prompts if n.endswith(("_query", "_key"))} == {
+        f"{t}_{s}" for t in TASKS for s in ("query", "key")
+    }
     emb = st.encode(["hello"], normalize_embeddings=True)
     hf = AutoModel.from_pretrained(str(path))
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -61,6 +69,11 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="lemb.trainer.recipe"):
         train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, warmup=0.5), progress=False)
     assert "--tensorboard (pip install 'lemb[tensorboard]')" in caplog.text  # how to turn it on, when off
+    # by default the model trains as its base is used: all-MiniLM-L6-v2 without instructions, saved as such
+    assert "training with instructions none: none (the model has no instructions)" in caplog.text
+    saved = json.loads((run / "train" / "model" / "config_sentence_transformers.json").read_text())["prompts"]
+    assert saved == {f"{t}_{s}": "" for t in TASKS for s in ("query", "key")}
+    assert json.loads((run / "train" / "_stats.json").read_text())["instructions"]["name"] == "none"
     rows = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and not (run / "train" / "tensorboard").exists()
     assert all(
@@ -93,13 +106,33 @@ def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     )
     metrics = evaluate_run(cfg, progress=False)
     assert set(metrics) == {"base", "trained"}
+    # each embedder as it is meant to be used: the base (no instructions of its own) without any, the trained model
+    # with the instructions it saved; the scores in its ranking are those of exactly these texts
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    assert saved["base"]["embedded_with"]["instructions"]["name"] == "none"
+    assert saved["trained"]["embedded_with"]["instructions"]["name"] == "llm-embedder"
+    assert saved["trained"]["embedded_with"]["instructions"]["source"] == "saved with the model by lemb train"
+    assert saved["trained"]["embedded_with"]["key_template"] == "{title}: {text}"
+    for name, model in (("base", "all-minilm-l6-v2"), ("trained", str(run / "train" / "model"))):
+        rows = [r for p in stage_files(run / "eval" / name / "candidates") for r in pq.read_table(p).to_pylist()]
+        row = next(r for r in rows if r["task"] == "qa")
+        q_instruction, k_instruction = INSTRUCTION_PRESETS["none" if name == "base" else "llm-embedder"]["qa"]
+        encoder = Encoder(model)
+        query, key = (
+            encoder.encode([row["query_text"]], q_instruction)[0],
+            encoder.encode([row["key_text"]], k_instruction)[0],
+        )
+        assert row["retrieval_score"] == pytest.approx(float(query @ key), abs=1e-5)
+    assert (
+        "| base | `all-minilm-l6-v2` | none: none (the model has no instructions)"
+        in (run / "eval" / "report.md").read_text()
+    )
     for name in metrics:
         for key in ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy"):
             assert 0.0 <= metrics[name]["all"][key] <= 1.0
         assert set(metrics[name]) == {"all", "qa", "chat", "tool"}
     # every query has its positive among 2-6 keys: recall@5 must be perfect
     assert metrics["base"]["all"]["recall@5"] == 1.0
-    saved = json.loads((run / "eval" / "metrics.json").read_text())
     assert saved["base"]["recall@1"] == metrics["base"]["all"]["recall@1"]
     assert (run / "eval" / "report.md").read_text().startswith("# lemb evaluation")
     assert (run / "eval" / "rewards.png").stat().st_size > 1000 and (run / "eval" / "loss.png").stat().st_size > 1000
@@ -112,7 +145,8 @@ def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     details = json.loads((run / "eval" / "details.json").read_text())
     for name in ("base", "trained"):
         lines = [line.split() for line in (run / "eval" / name / "run.trec").read_text().splitlines()]
-        assert all(len(f) == 6 and f[1] == "Q0" and f[5] == name for f in lines)
+        tag = f"{name}|instructions={'none' if name == 'base' else 'llm-embedder'}|keys={{title}}:_{{text}}"
+        assert all(len(f) == 6 and f[1] == "Q0" and f[5] == tag for f in lines)
         order = {}
         for qid, _, key, rank, score, _ in lines:
             order.setdefault(qid, []).append((int(rank), key, float(score)))

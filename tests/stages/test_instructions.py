@@ -1,0 +1,69 @@
+"""Which instructions an embedder is used with: its own (saved by lemb, its prompts, its authors'), else none."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lemb.data.tasks import INSTRUCTION_PRESETS
+from lemb.stages.instructions import ST_CONFIG, model_instructions, resolve_instructions
+from lemb.vocabulary import TASKS
+
+LLM_EMBEDDER = INSTRUCTION_PRESETS["llm-embedder"]
+
+
+def _model_folder(path, prompts=None):
+    """A folder as sentence-transformers saves one; only its prompts matter here."""
+    path.mkdir(parents=True)
+    (path / ST_CONFIG).write_text(json.dumps({"prompts": prompts} if prompts is not None else {"__version__": {}}))
+    return str(path)
+
+
+def test_the_default_base_has_no_instructions():
+    found = resolve_instructions("auto", "all-minilm-l6-v2")
+    assert found.table == dict.fromkeys(TASKS, ("", "")) and found.name == "none"
+    assert found.source == "none (the model has no instructions)"
+
+
+def test_a_preset_or_none_applies_to_every_embedder(tmp_path):
+    saved = _model_folder(tmp_path / "trained", {"qa_query": "Q: ", "qa_key": "K: "})
+    for model in ("all-minilm-l6-v2", saved):
+        assert resolve_instructions("llm-embedder", model).table == LLM_EMBEDDER
+        assert resolve_instructions("none", model).name == "none"
+
+
+def test_a_lemb_trained_model_is_used_with_the_table_it_saved(tmp_path):
+    prompts = {f"{t}_{side}": f"{t} {side}: " for t in TASKS for side in ("query", "key")}
+    found = model_instructions(_model_folder(tmp_path / "m", prompts))
+    assert found.table["tool"] == ("tool query: ", "tool key: ") and found.name == "custom"
+    assert found.source == "saved with the model by lemb train"
+    # a model trained on the preset is recognised as that preset
+    preset = {f"{t}_{s}": LLM_EMBEDDER[t][i] for t in TASKS for i, s in enumerate(("query", "key"))}
+    assert model_instructions(_model_folder(tmp_path / "p", preset)).name == "llm-embedder"
+
+
+def test_a_model_with_its_own_prompts_is_used_with_them(tmp_path):
+    found = model_instructions(_model_folder(tmp_path / "e5", {"query": "query: ", "passage": "passage: "}))
+    assert found.table == dict.fromkeys(TASKS, ("query: ", "passage: "))
+    assert found.source == "the model's own prompts"
+    only_query = model_instructions(_model_folder(tmp_path / "q", {"query": "Find: "}))
+    assert only_query.table["qa"] == ("Find: ", "")
+
+
+@pytest.mark.parametrize(
+    ("folder", "preset"),
+    [("llm-embedder", "llm-embedder"), ("bge-base-en", "bge"), ("bge-small-en-v1.5", "bge"), ("bge-m3", "none")],
+)
+def test_known_models_get_their_authors_instructions(tmp_path, folder, preset):
+    found = model_instructions(_model_folder(tmp_path / folder))
+    assert found.name == preset
+
+
+def test_a_table_sets_its_tasks_and_the_others_follow_the_model(tmp_path):
+    model = _model_folder(tmp_path / "bge-small-en-v1.5")
+    found = resolve_instructions({"tool": ["Tool? ", "Tool: "]}, model)
+    assert found.table["tool"] == ("Tool? ", "Tool: ")
+    assert found.table["qa"] == INSTRUCTION_PRESETS["bge"]["qa"]
+    assert found.name == "custom" and "others: preset 'bge'" in found.source
+    assert found.prompts()["tool_query"] == "Tool? " and found.prompts()["qa_key"] == ""
