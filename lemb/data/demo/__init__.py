@@ -21,8 +21,9 @@ Train and held-out queries are about different countries, realms and conversatio
 templates, so what an embedder learns on the train split transfers. The templates were chosen by
 measurement (SmolLM2-135M-Instruct, greedy; all-MiniLM-L6-v2 as it is used, without instructions): the
 base embedder ranks the gold candidate first for 27-42% of the queries of each task of the `small`
-world (23-62% of the `tiny` one's) and among its top 5 for 88-100%; the LLM writes the target for most queries with the gold candidate
-in its prompt and for almost none without it or with the best-ranked distractor.
+world (23-62% of the `tiny` one's) and among its top 5 for 88-100%; the LLM writes the target for
+most queries with the gold candidate in its prompt and for almost none without it or with the
+best-ranked distractor.
 """
 
 from __future__ import annotations
