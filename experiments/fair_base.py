@@ -9,14 +9,20 @@ positive, over the corpus keys of that kind (lemb eval's ranking and metrics, no
 - `trained_none` / `trained_llm_embedder`: rank reward + graded loss trained with no instructions / with the
   LLM-Embedder preset, each scored with the instructions it was trained with.
 
-Every arm is compared with `base` (and the two trained arms with each other) by a paired bootstrap over dev queries.
-Each finished arm keeps its per-query metrics in `<out>/<arm>/dev-metrics.json`, so a rerun redoes only what is
-missing. `--prepare qa|feedback` writes the dev and corpus files of RESULTS.md's sections 1 and 2 (replicate.py's
+`--llm` adds the LLM's own metric with the top retrieved candidates in its prompt (the default LLM, greedy): for qa the
+answer accuracy against every NQ answer alias with the top 1 and top 3 passages on the first 300 dev questions (as in
+RESULTS.md section 1), for icl the label accuracy and for chat and lrlm the mean token log-probability of the target
+with the top-1 item (section 2). Kinds without positives (icl, chat, lrlm) are scored on all their dev queries, by the
+LLM only. Every arm is compared with `base` (and the two trained arms with each other) by a paired bootstrap over dev
+queries. Each finished arm keeps its per-query metrics in `<out>/<arm>/dev-metrics.json`, so a rerun redoes only what
+is missing. `--prepare qa|feedback` writes the dev and corpus files of RESULTS.md's sections 1 and 2 (replicate.py's
 hash splits) into `<out>/data` instead of taking `--dev` / `--corpus`.
 
     python experiments/fair_base.py --run runs/nq-pool32 --prepare qa --task qa --key-template '{text}' \\
         --out runs/fair-qa --steps 100
     python experiments/fair_base.py --run runs/fb --prepare feedback --task tool --group-size 5 --out runs/fair-tool
+    python experiments/fair_base.py --prepare feedback --task chat --llm --arms base base_llm_embedder \\
+        --out runs/fair-chat
 """
 
 from __future__ import annotations
@@ -35,8 +41,19 @@ from lemb.files import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_settings import task_files, task_rows  # noqa: E402
-from pool_size import dev_metrics, label_setup, train_on  # noqa: E402
-from replicate import Clock, bootstrap_table, machine, md_table, paired_bootstrap  # noqa: E402
+from pool_size import label_setup, train_on  # noqa: E402
+from replicate import (  # noqa: E402
+    FB_METRIC,
+    Clock,
+    alias_answer_scores,
+    answers_in_chunks,
+    bootstrap_table,
+    machine,
+    md_table,
+    paired_bootstrap,
+    per_query_feedback,
+    per_query_retrieval,
+)
 
 log = logging.getLogger("fair_base")
 METRICS = ("ndcg@10", "recall@1", "recall@5")
@@ -56,29 +73,89 @@ COMPARISONS = [
 ]
 
 
-def prepare(kind: str, folder: Path, data: Path) -> tuple[Path, Path]:
-    """RESULTS.md's dev and corpus files: section 1 (`qa`: 320 dev questions, all 2,600 passages) or section 2
-    (`feedback`: 150 dev queries per kind, the four kinds' key pools)."""
+def prepare(kind: str, folder: Path, data: Path) -> dict[str, Any]:
+    """RESULTS.md's dev and corpus files: section 1 (`qa`: 320 dev questions, all 2,600 passages; the first 300 also
+    answered by the LLM, with their NQ answer aliases) or section 2 (`feedback`: 150 dev queries per kind, the four
+    kinds' key pools)."""
     from replicate import FB_KINDS, parse_args, prepare_multitask, prepare_qa
 
     if kind == "qa":
         args = parse_args(["--queries", "300", "--dev", "320", "--data", str(data)])
-        paths = prepare_qa(args, folder)["paths"]
-    else:
-        args = parse_args(["--data", str(data)])
-        paths = prepare_multitask(args, folder, FB_KINDS, 100, 150, 0.4)["paths"]
-    return paths["dev"], paths["corpus"]
+        prepared = prepare_qa(args, folder)
+        return prepared["paths"] | {"llm_dev": prepared["dev"][:300], "aliases": prepared["aliases"]}
+    args = parse_args(["--data", str(data)])
+    return prepare_multitask(args, folder, FB_KINDS, 100, 150, 0.4)["paths"]
+
+
+def kind_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, Path]:
+    """The dev queries and corpus keys of `task`: those with a positive where the kind has positives (retrieval
+    metrics), all of them where it has none (the LLM's metric only)."""
+    from lemb.data.readers import read_keys, read_queries, write_jsonl
+
+    queries = [q for q in read_queries(dev).to_pylist() if q["task"] == task]
+    if any(q["positive_ids"] for q in queries):
+        return task_files(dev, corpus, task, folder)
+    if not queries:
+        raise SystemExit(f"{dev}: no query of task {task!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in read_keys(corpus).to_pylist() if k["task"] == task]
+    return write_jsonl(queries, folder / "dev.jsonl"), write_jsonl(keys, folder / "corpus.jsonl")
+
+
+class LLMMetric:
+    """The task's LLM metric per dev query, the LLM's outputs cached across arms (the default LLM, greedy)."""
+
+    def __init__(self, task: str, data: dict[str, Any]) -> None:
+        from lemb.stages.llm.hf import TransformersBackend
+        from lemb.trainer.evaluate import LLMJudge, TaskEvaluator
+        from lemb.vocabulary import DEFAULT_LLM
+
+        self.task, self.data = task, data
+        llm = TransformersBackend(DEFAULT_LLM)
+        self.judge = LLMJudge(llm, 24)  # qa: section 1's answers with the top 1 and top 3 passages
+        self.evaluator = TaskEvaluator(llm, k=1)  # icl, chat, lrlm: section 2's top-1 metric
+
+    def __call__(self, ranked: Any) -> dict[str, dict[str, float]]:
+        if self.task != "qa":
+            _, details = self.evaluator.run(ranked)
+            return {FB_METRIC[self.task]: per_query_feedback(self.task, ranked.queries, ranked.ranking, details)}
+        self.judge.key_text.update(ranked.key_text)
+        out = {}
+        llm_dev = self.data["llm_dev"]
+        for k in (1, 3):
+            answers = answers_in_chunks(self.judge, llm_dev, ranked.ranking, k)
+            out[f"accuracy_any_answer_top{k}"] = {
+                q["query_id"]: alias_answer_scores(answers[q["query_id"]], self.data["aliases"][q["query_id"]])[1]
+                for q in llm_dev
+            }
+        return out
+
+
+def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
+    """The dev queries ranked by `model` embedded with `instructions` (lemb eval's ranking)."""
+    from lemb.pipeline.config import EvalConfig, load_config
+    from lemb.trainer.evaluate import rank, run_key_template
+
+    template = args.key_template
+    if template is None:
+        template = run_key_template(load_config(EvalConfig, run=str(args.run), queries="-")) if args.run else None
+    config = load_config(EvalConfig, run=str(folder), queries=str(args.dev), corpus=str(args.corpus),
+                         executor="local", threads=args.threads, key_template=template)  # fmt: skip
+    return rank(config, model, folder / "rank", progress=False, instructions=instructions)
 
 
 def scored_arm(name: str, folder: Path, tables: list, tie_tolerance: float, clock: Clock, args) -> dict[str, Any]:
     """{"per_query": {metric: {query: value}}, "seconds": {...}} of one arm, trained and ranked once."""
+    from lemb.data.readers import read_queries
     from lemb.vocabulary import DEFAULT_EMBEDDER
 
     cached = folder / DEV_METRICS
     trained_with, scored_with = ARMS[name]
     made = {"task": args.task, "steps": args.steps, "trained_with": trained_with, "scored_with": scored_with}
+    made["llm"] = args.llm is not None
     if cached.exists():
         saved = json.loads(cached.read_text())
+        saved["made"].setdefault("llm", False)
         if saved["made"] != made:
             raise SystemExit(f"{cached}: made with {saved['made']}, not {made}; use another --out")
         return saved
@@ -88,8 +165,12 @@ def scored_arm(name: str, folder: Path, tables: list, tie_tolerance: float, cloc
         overrides = {"loss": {args.task: "graded"}, "instructions": trained_with}
         model = clock(f"{name}/train", lambda: train_on(tables, folder, args, tie_tolerance, **overrides))
         seconds["train_s"] = json.loads((folder / "train" / "log.jsonl").read_text().splitlines()[-1])["elapsed_s"]
-    per_query = clock(f"{name}/dev", lambda: dev_metrics(model, folder, args, instructions=scored_with))
+    ranked = clock(f"{name}/dev", lambda: rank_arm(model, folder, args, scored_with))
     seconds["dev_s"] = clock.seconds[f"{name}/dev"]
+    per_query = dict(per_query_retrieval(ranked.ranking, read_queries(args.dev).to_pylist()))
+    if args.llm is not None:
+        per_query |= clock(f"{name}/llm", lambda: args.llm(ranked))
+        seconds["llm_s"] = clock.seconds[f"{name}/llm"]
     out = {"made": made, "model": model, "seconds": seconds, "per_query": per_query}
     write_json(cached, out)
     return out
@@ -100,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="run folder with a finished label stage")
+    p.add_argument("--run", type=Path, help="run folder with a finished label stage (for the trained arms)")
     p.add_argument("--prepare", choices=("qa", "feedback"), help="write RESULTS.md's dev and corpus files")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--dev", type=Path)
@@ -114,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--llm", action="store_true", help="also the task's LLM metric (qa, icl, chat, lrlm)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     from lemb.pipeline.executor import quiet_libraries, set_threads
@@ -121,15 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     set_threads(args.threads)
     clock = Clock()
+    data: dict[str, Any] = {}
     if args.prepare:
-        args.dev, args.corpus = prepare(args.prepare, args.out / "data", args.data)
+        data = prepare(args.prepare, args.out / "data", args.data)
+        args.dev, args.corpus = data["dev"], data["corpus"]
     if args.dev is None or args.corpus is None:
         raise SystemExit("--dev and --corpus (or --prepare) are required")
-    setup = label_setup(args.run / "label", subpools=False)
-    tables = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
-    if not any(t.num_rows for t in tables):
-        raise SystemExit(f"{args.run / 'label'}: no reward rows of task {args.task!r}")
-    args.dev, args.corpus = task_files(args.dev, args.corpus, args.task, args.out / f"data-{args.task}")
+    tables, setup = [], {"tie_tolerance": None}
+    if any(ARMS[a][0] for a in args.arms):
+        if args.run is None:
+            raise SystemExit("--run (a finished label stage) is required for the trained arms")
+        setup = label_setup(args.run / "label", subpools=False)
+        tables = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
+        if not any(t.num_rows for t in tables):
+            raise SystemExit(f"{args.run / 'label'}: no reward rows of task {args.task!r}")
+    if args.llm and args.task == "qa" and "aliases" not in data:
+        raise SystemExit("--llm on qa needs --prepare qa (the NQ answer aliases)")
+    args.dev, args.corpus = kind_files(args.dev, args.corpus, args.task, args.out / f"data-{args.task}")
+    args.llm = LLMMetric(args.task, data) if args.llm else None
     results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "task": args.task,
                                "steps": args.steps, "batch_size": args.batch_size, "group_size": args.group_size,
                                "tau": defaults.tau, "alpha": defaults.alpha, "arms": {}}  # fmt: skip
@@ -137,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.arms:
         arm = scored_arm(name, args.out / name, tables, setup["tie_tolerance"], clock, args)
         per_query[name] = arm["per_query"]
-        means = {m: float(np.mean(list(arm["per_query"][m].values()))) for m in METRICS}
+        means = {m: float(np.mean(list(v.values()))) for m, v in arm["per_query"].items()}
         results["arms"][name] = {"trained_with": ARMS[name][0], "scored_with": ARMS[name][1], **means,
-                                 **arm["seconds"], "queries": len(arm["per_query"]["ndcg@10"])}  # fmt: skip
+                                 **arm["seconds"]}  # fmt: skip
     intervals = {}
+    metrics = [m for m in per_query[args.arms[0]] if m in METRICS or not m.startswith(("recall", "ndcg", "mrr"))]
     for a, b in COMPARISONS:
         if a in per_query and b in per_query:
-            for m in METRICS:
+            for m in metrics:
                 ids = sorted(per_query[b][m])
                 intervals[f"{m}: {a} - {b}"] = paired_bootstrap(
                     [per_query[a][m][i] for i in ids], [per_query[b][m][i] for i in ids], seed=args.seed
@@ -154,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results-fair-base.json", results)
     rows = [
-        [n, a["trained_with"] or "-", a["scored_with"], *[a[m] for m in METRICS]] for n, a in results["arms"].items()
+        [n, a["trained_with"] or "-", a["scored_with"], *[a[m] for m in metrics]] for n, a in results["arms"].items()
     ]
-    table = md_table(["arm", "trained with", "scored with", *METRICS], rows) + "\n\n" + bootstrap_table(intervals)
+    table = md_table(["arm", "trained with", "scored with", *metrics], rows) + "\n\n" + bootstrap_table(intervals)
     (args.out / "results-fair-base.md").write_text(table + "\n")
     print(table)
     return 0
