@@ -87,7 +87,7 @@ def prepare(kind: str, folder: Path, data: Path) -> dict[str, Any]:
     return prepare_multitask(args, folder, FB_KINDS, 100, 150, 0.4)["paths"]
 
 
-def kind_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, Path]:
+def kind_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, Path | None]:
     """The dev queries and corpus keys of `task`: those with a positive where the kind has positives (retrieval
     metrics), all of them where it has none (the LLM's metric only)."""
     from lemb.data.readers import read_keys, read_queries, write_jsonl
@@ -98,8 +98,8 @@ def kind_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, 
     if not queries:
         raise SystemExit(f"{dev}: no query of task {task!r}")
     folder.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in read_keys(corpus).to_pylist() if k["task"] == task]
-    return write_jsonl(queries, folder / "dev.jsonl"), write_jsonl(keys, folder / "corpus.jsonl")
+    keys = [k for k in read_keys(corpus).to_pylist() if k["task"] == task]  # none for chat, lrlm: their history
+    return write_jsonl(queries, folder / "dev.jsonl"), write_jsonl(keys, folder / "corpus.jsonl") if keys else None
 
 
 class LLMMetric:
@@ -139,7 +139,8 @@ def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
     template = args.key_template
     if template is None:
         template = run_key_template(load_config(EvalConfig, run=str(args.run), queries="-")) if args.run else None
-    config = load_config(EvalConfig, run=str(folder), queries=str(args.dev), corpus=str(args.corpus),
+    corpus = str(args.corpus) if args.corpus else None
+    config = load_config(EvalConfig, run=str(folder), queries=str(args.dev), corpus=corpus,
                          executor="local", threads=args.threads, key_template=template)  # fmt: skip
     return rank(config, model, folder / "rank", progress=False, instructions=instructions)
 
