@@ -17,9 +17,12 @@ A preset name (`none`, `llm-embedder`, `bge`) sets the instructions of every emb
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,13 +119,29 @@ def _hub_file(repo: str, filename: str) -> str | None:
     cached = try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):
         return cached
-    if cached is not None:  # the cache knows the file does not exist
+    if cached is not None or not _hub_reachable():  # the cache knows the file does not exist; or no network
         return None
     try:
         return hf_hub_download(repo, filename)
     except Exception as exc:  # no network, no such file, a gated repo: the model has no prompts we can read
         log.info("%s: no %s read (%s); its instructions follow its name", repo, filename, type(exc).__name__)
         return None
+
+
+@functools.cache
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all: without a network, huggingface_hub retries each request for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        log.info("%s cannot be reached: a hub model's instructions follow its name", host)
+        return False
+    return True
 
 
 def _preset(name: str) -> dict[str, tuple[str, str]]:

@@ -67,3 +67,12 @@ def test_a_table_sets_its_tasks_and_the_others_follow_the_model(tmp_path):
     assert found.table["qa"] == INSTRUCTION_PRESETS["bge"]["qa"]
     assert found.name == "custom" and "others: preset 'bge'" in found.source
     assert found.prompts()["tool_query"] == "Tool? " and found.prompts()["qa_key"] == ""
+
+
+def test_hub_ids_without_a_network_follow_their_names(monkeypatch):
+    import lemb.stages.instructions as instructions
+
+    monkeypatch.setattr(instructions, "_hub_reachable", lambda: False)  # no file of theirs in the cache either
+    assert resolve_instructions("auto", "BAAI/llm-embedder").table == LLM_EMBEDDER
+    assert resolve_instructions("auto", "BAAI/bge-small-en-v1.5").name == "bge"
+    assert resolve_instructions("auto", "sentence-transformers/all-mpnet-base-v2").name == "none"
