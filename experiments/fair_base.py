@@ -138,22 +138,25 @@ def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
 
     template = args.key_template
     if template is None:
-        template = run_key_template(load_config(EvalConfig, run=str(args.run), queries="-")) if args.run else None
+        template = run_key_template(load_config(EvalConfig, run=str(args.run[0]), queries="-")) if args.run else None
     corpus = str(args.corpus) if args.corpus else None
     config = load_config(EvalConfig, run=str(folder), queries=str(args.dev), corpus=corpus,
                          executor="local", threads=args.threads, key_template=template)  # fmt: skip
     return rank(config, model, folder / "rank", progress=False, instructions=instructions)
 
 
-def scored_arm(name: str, folder: Path, tables: list, tie_tolerance: float, clock: Clock, args) -> dict[str, Any]:
-    """{"per_query": {metric: {query: value}}, "seconds": {...}} of one arm, trained and ranked once."""
+def scored_arm(
+    name: str, spec: tuple, folder: Path, tables: list, tie_tolerance: float, clock: Clock, args
+) -> dict[str, Any]:
+    """{"per_query": {metric: {query: value}}, "seconds": {...}} of one arm, trained and ranked once. `spec`:
+    (instructions trained with or None, instructions scored with, model or None for the base)."""
     from lemb.data.readers import read_queries
     from lemb.vocabulary import DEFAULT_EMBEDDER
 
     cached = folder / DEV_METRICS
-    trained_with, scored_with = ARMS[name]
+    trained_with, scored_with, given = spec
     made = {"task": args.task, "steps": args.steps, "trained_with": trained_with, "scored_with": scored_with}
-    made["llm"] = args.llm is not None
+    made |= {"llm": args.llm is not None} | ({"model": given} if given else {})
     if cached.exists():
         saved = json.loads(cached.read_text())
         saved["made"].setdefault("llm", False)
@@ -161,7 +164,7 @@ def scored_arm(name: str, folder: Path, tables: list, tie_tolerance: float, cloc
             raise SystemExit(f"{cached}: made with {saved['made']}, not {made}; use another --out")
         return saved
     seconds = {}
-    model = DEFAULT_EMBEDDER
+    model = given or DEFAULT_EMBEDDER
     if trained_with is not None:
         overrides = {"loss": {args.task: "graded"}, "instructions": trained_with}
         model = clock(f"{name}/train", lambda: train_on(tables, folder, args, tie_tolerance, **overrides))
@@ -182,7 +185,19 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, help="run folder with a finished label stage (for the trained arms)")
+    p.add_argument(
+        "--run",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="run folders with a finished label stage (the trained arms train on all their rows)",
+    )
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="NAME=MODEL: more arms, models trained elsewhere, scored with their own instructions",
+    )
     p.add_argument("--prepare", choices=("qa", "feedback"), help="write RESULTS.md's dev and corpus files")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--dev", type=Path)
@@ -212,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--dev and --corpus (or --prepare) are required")
     tables, setup = [], {"tie_tolerance": None}
     if any(ARMS[a][0] for a in args.arms):
-        if args.run is None:
+        if not args.run:
             raise SystemExit("--run (a finished label stage) is required for the trained arms")
-        setup = label_setup(args.run / "label", subpools=False)
-        tables = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
-        if not any(t.num_rows for t in tables):
-            raise SystemExit(f"{args.run / 'label'}: no reward rows of task {args.task!r}")
+        for run in args.run:
+            setup = label_setup(run / "label", subpools=False)
+            found = [task_rows(pq.read_table(f), args.task) for f in setup["files"]]
+            if not any(t.num_rows for t in found):
+                raise SystemExit(f"{run / 'label'}: no reward rows of task {args.task!r}")
+            tables += found
+    arms = {name: (*ARMS[name], None) for name in args.arms}
+    arms |= {name: (None, "auto", model) for name, model in (e.split("=", 1) for e in args.extra)}
     if args.llm and args.task == "qa" and "aliases" not in data:
         raise SystemExit("--llm on qa needs --prepare qa (the NQ answer aliases)")
     args.dev, args.corpus = kind_files(args.dev, args.corpus, args.task, args.out / f"data-{args.task}")
@@ -226,15 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                                "steps": args.steps, "batch_size": args.batch_size, "group_size": args.group_size,
                                "tau": defaults.tau, "alpha": defaults.alpha, "arms": {}}  # fmt: skip
     per_query = {}
-    for name in args.arms:
-        arm = scored_arm(name, args.out / name, tables, setup["tie_tolerance"], clock, args)
+    for name, spec in arms.items():
+        arm = scored_arm(name, spec, args.out / name, tables, setup["tie_tolerance"], clock, args)
         per_query[name] = arm["per_query"]
         means = {m: float(np.mean(list(v.values()))) for m, v in arm["per_query"].items()}
-        results["arms"][name] = {"trained_with": ARMS[name][0], "scored_with": ARMS[name][1], **means,
+        results["arms"][name] = {"trained_with": spec[0], "scored_with": spec[1], "model": arm["model"], **means,
                                  **arm["seconds"]}  # fmt: skip
     intervals = {}
-    metrics = [m for m in per_query[args.arms[0]] if m in METRICS or not m.startswith(("recall", "ndcg", "mrr"))]
-    for a, b in COMPARISONS:
+    metrics = [
+        m for m in next(iter(per_query.values())) if m in METRICS or not m.startswith(("recall", "ndcg", "mrr"))
+    ]
+    for a, b in COMPARISONS + [(name, "base") for name in arms if arms[name][2]]:
         if a in per_query and b in per_query:
             for m in metrics:
                 ids = sorted(per_query[b][m])
