@@ -56,7 +56,7 @@ from replicate import (  # noqa: E402
 )
 
 log = logging.getLogger("fair_base")
-METRICS = ("ndcg@10", "recall@1", "recall@5")
+METRICS = ("ndcg@10", "ndcg@5", "ndcg@3", "recall@1", "recall@5")
 DEV_METRICS = "dev-metrics.json"
 # arm -> (trained with these instructions, or None for the base; scored with these instructions)
 ARMS = {
@@ -145,6 +145,28 @@ def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
     return rank(config, model, folder / "rank", progress=False, instructions=instructions)
 
 
+def task_retrieval(rank_dir: Path, args) -> dict[str, dict[str, float]]:
+    """{metric: {query: value}} of the task's own retrieval metrics (`TaskSpec.metrics`, e.g. tool's nDCG@5), from
+    the ranking an arm's retrieve run wrote."""
+    from lemb.data.readers import read_queries
+    from lemb.data.schemas import by_query
+    from lemb.data.tasks import task_spec
+    from lemb.pipeline.shards import stage_files
+    from lemb.trainer.evaluate import retrieval_metrics
+
+    names = tuple(m for m in task_spec(args.task).metrics if m.partition("@")[0] in ("recall", "ndcg", "mrr"))
+    ranking = {}
+    for f in stage_files(rank_dir / "candidates"):
+        for rows in by_query(pq.read_table(f).to_pylist()):
+            ranking[rows[0]["query_id"]] = [(r["key_id"], r["retrieval_score"]) for r in rows]
+    out: dict[str, dict[str, float]] = {}
+    for q in read_queries(args.dev).to_pylist():
+        if q["positive_ids"]:
+            for name, value in retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q], names).items():
+                out.setdefault(name, {})[q["query_id"]] = value
+    return out
+
+
 def scored_arm(
     name: str, spec: tuple, folder: Path, tables: list, tie_tolerance: float, clock: Clock, args
 ) -> dict[str, Any]:
@@ -162,6 +184,7 @@ def scored_arm(
         saved["made"].setdefault("llm", False)
         if saved["made"] != made:
             raise SystemExit(f"{cached}: made with {saved['made']}, not {made}; use another --out")
+        saved["per_query"] |= task_retrieval(folder / "rank", args)  # the task's own depths too (tool: nDCG@5)
         return saved
     seconds = {}
     model = given or DEFAULT_EMBEDDER
@@ -172,6 +195,7 @@ def scored_arm(
     ranked = clock(f"{name}/dev", lambda: rank_arm(model, folder, args, scored_with))
     seconds["dev_s"] = clock.seconds[f"{name}/dev"]
     per_query = dict(per_query_retrieval(ranked.ranking, read_queries(args.dev).to_pylist()))
+    per_query |= task_retrieval(folder / "rank", args)
     if args.llm is not None:
         per_query |= clock(f"{name}/llm", lambda: args.llm(ranked))
         seconds["llm_s"] = clock.seconds[f"{name}/llm"]
