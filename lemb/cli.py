@@ -184,7 +184,10 @@ def demo(
     if size not in DEMO_SETTINGS:
         raise LembError(f"--size must be one of {', '.join(DEMO_SETTINGS)}, got {size!r}")
     metrics = run_demo(size, out, executor=executor, threads=threads, progress=not quiet)
-    typer.echo("\nHeld-out demo queries, base vs trained embedder:\n")
+    typer.echo(
+        "\nHeld-out demo queries, base vs trained embedder, each as it is meant to be used (the base without"
+        " instructions, the trained model with those it saved):\n"
+    )
     typer.echo(table({n: m["all"] for n, m in metrics.items()}, list(metrics)))
     typer.echo(f"\nreport: {out / 'report.md'}  metrics: {out / 'metrics.json'}")
 
