@@ -68,9 +68,9 @@ def scored_variant(
             raise SystemExit(f"{cached}: made for (task, pool, settings) {made}, not "
                              f"{(args.task, args.pool, settings)}; use another --out")  # fmt: skip
         return saved["per_query"], saved["seconds"]
-    trained = settings | {"loss": {args.task: "graded"}}
+    trained = settings | {"loss": {args.task: "graded"}, "instructions": args.instructions}
     model = clock(f"{name}/train", lambda: train_on(tables, folder, args, tie_tolerance, **trained))
-    per_query = clock(f"{name}/dev", lambda: dev_metrics(model, folder, args))
+    per_query = clock(f"{name}/dev", lambda: dev_metrics(model, folder, args, args.instructions))
     log_rows = (folder / "train" / "log.jsonl").read_text().splitlines()
     seconds = {"train_s": json.loads(log_rows[-1])["elapsed_s"], "dev_s": clock.seconds[f"{name}/dev"]}
     write_json(cached, {"task": args.task, "pool": args.pool, "settings": settings, "seconds": seconds,
@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="qa", help="the task kind trained and scored")
     p.add_argument("--pool", type=int, default=None, help="train on a sub-pool of this many samples (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--instructions",
+        default="auto",
+        help="instructions trained and ranked with (auto: the model's own; section 5 used llm-embedder)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
     p.add_argument("--no-reference", action="store_true", help="train and rank only the listed values, compare none")

@@ -146,7 +146,7 @@ def train_on(
 
 def dev_ndcg(model: str, out: Path, args: argparse.Namespace) -> dict[str, float]:
     """Per dev query nDCG@10 of `model` (lemb eval's ranking, no LLM)."""
-    return dev_metrics(model, out, args)["ndcg@10"]
+    return dev_metrics(model, out, args, getattr(args, "instructions", None))["ndcg@10"]
 
 
 def dev_metrics(
@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--instructions",
+        default="auto",
+        help="instructions trained and ranked with (auto: the model's own; section 3 used llm-embedder)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
     p.add_argument("--no-train", action="store_true", help="only the label-side figures")
@@ -223,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         trained = args.train_tolerances is None or tol == setup["tie_tolerance"] or tol in args.train_tolerances
         if not args.no_train and trained:
             folder = args.out / name
-            model = clock(f"{name}/train", lambda t=tables, d=folder, tol=tol: train_on(t, d, args, tol))
+            model = clock(
+                f"{name}/train",
+                lambda t=tables, d=folder, tol=tol: train_on(t, d, args, tol, instructions=args.instructions),
+            )
             ndcg[name] = clock(f"{name}/dev", lambda m=model, d=folder: dev_ndcg(m, d, args))
             figures["dev_ndcg@10"] = float(np.mean(list(ndcg[name].values())))
     for f in results["variants"].values():  # cost: sampling scales with n, scoring with the distinct samples + 1

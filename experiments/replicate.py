@@ -129,6 +129,7 @@ def retrieve_and_label(args: argparse.Namespace, run: Path, queries: Path, corpu
                 corpus=str(corpus),
                 top_k=args.top_k,
                 shards=args.shards,
+                instructions=args.instructions,
                 **common,
             ),  # fmt: skip
             progress=False,
@@ -155,7 +156,8 @@ def train_variant(args: argparse.Namespace, shared: Path, run: Path, clock: Cloc
         link = run / stage
         if not link.is_symlink() and (shared / stage).exists():
             link.symlink_to(Path(os.path.relpath(shared / stage, run)), target_is_directory=True)
-    defaults = {"steps": args.steps, "batch_size": args.batch_size, "group_size": args.top_k, "seed": args.seed}
+    defaults = {"steps": args.steps, "batch_size": args.batch_size, "group_size": args.top_k, "seed": args.seed,
+                "instructions": args.instructions}  # fmt: skip
     config = load_config(TrainConfig, save_every=0, run=str(run), threads=args.threads, **(defaults | settings))
     return str(clock(tag, lambda: train(config, progress=False)))
 
@@ -184,6 +186,7 @@ def rank_dev(model: str, queries: Path, corpus: Path, out: Path, args: argparse.
     config = load_config(
         EvalConfig, run=str(out), queries=str(queries), corpus=str(corpus), executor=args.executor,
         threads=args.threads, shards=args.shards, batch_size=args.eval_batch_size, key_template=args.key_template,
+        instructions=args.instructions,
     )  # fmt: skip
     return rank(config, model, out, progress=False)
 
@@ -721,6 +724,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=6)
     p.add_argument("--per-candidate-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instructions", default="auto",
+                   help="instructions of retrieve, train and eval (auto: each model's own; the runs of RESULTS.md's "
+                   "sections 1-3 used llm-embedder)")  # fmt: skip
     p.add_argument("--executor", choices=("ray", "local"), default="ray")
     p.add_argument("--workers", type=int, default=0, help="label actors (0: fill the cluster)")
     p.add_argument("--threads", type=int, default=1)
