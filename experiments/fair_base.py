@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-template", default=None, help="dev ranking's key template (default: the label run's)")
     p.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--llm", action="store_true", help="also the task's LLM metric (qa, icl, chat, lrlm)")
+    p.add_argument("--reuse", nargs="*", default=[],
+                   help="ARM=RESULTS.json:VARIANT: an arm's per-query metrics from a loss_settings.py run that trained"
+                   " it with the same settings, instead of training it again")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     from lemb.pipeline.executor import quiet_libraries, set_threads
@@ -275,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         means = {m: float(np.mean(list(v.values()))) for m, v in arm["per_query"].items()}
         results["arms"][name] = {"trained_with": spec[0], "scored_with": spec[1], "model": arm["model"], **means,
                                  **arm["seconds"]}  # fmt: skip
+    for item in args.reuse:  # an arm measured before, with the same settings, by loss_settings.py
+        name, _, where = item.partition("=")
+        path, _, variant = where.rpartition(":")
+        saved = json.loads(Path(path).read_text())
+        per_query[name] = saved["per_query"][variant]
+        if set(per_query[name]["ndcg@10"]) != set(next(iter(per_query.values()))["ndcg@10"]):
+            raise SystemExit(f"{path}: variant {variant!r} was scored on other dev queries")
+        means = {m: float(np.mean(list(v.values()))) for m, v in per_query[name].items()}
+        results["arms"][name] = {"trained_with": ARMS[name][0], "scored_with": ARMS[name][1], "from": where, **means}
     intervals = {}
     metrics = [
         m for m in next(iter(per_query.values())) if m in METRICS or not m.startswith(("recall", "ndcg", "mrr"))
