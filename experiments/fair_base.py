@@ -73,10 +73,10 @@ COMPARISONS = [
 ]
 
 
-def prepare(kind: str, folder: Path, data: Path) -> dict[str, Any]:
+def prepare(kind: str, folder: Path, data: Path, fb_train: int = 100, fb_dev: int = 150) -> dict[str, Any]:
     """RESULTS.md's dev and corpus files: section 1 (`qa`: 320 dev questions, all 2,600 passages; the first 300 also
-    answered by the LLM, with their NQ answer aliases) or section 2 (`feedback`: 150 dev queries per kind, the four
-    kinds' key pools)."""
+    answered by the LLM, with their NQ answer aliases) or section 2 (`feedback`: the first `fb_train` training and
+    `fb_dev` dev queries per kind of its hash split, 100 and 150 there, and the four kinds' key pools)."""
     from replicate import FB_KINDS, parse_args, prepare_multitask, prepare_qa
 
     if kind == "qa":
@@ -84,7 +84,19 @@ def prepare(kind: str, folder: Path, data: Path) -> dict[str, Any]:
         prepared = prepare_qa(args, folder)
         return prepared["paths"] | {"llm_dev": prepared["dev"][:300], "aliases": prepared["aliases"]}
     args = parse_args(["--data", str(data)])
-    return prepare_multitask(args, folder, FB_KINDS, 100, 150, 0.4)["paths"]
+    return prepare_multitask(args, folder, FB_KINDS, fb_train, fb_dev, 0.4)["paths"]
+
+
+def write_unlabelled(train: Path, run: Path, task: str, out: Path) -> Path:
+    """The training queries of `task` that the label run `run` has not labelled: the input of a second label run."""
+    from lemb.data.readers import read_queries, write_jsonl
+    from lemb.pipeline.shards import stage_files
+
+    done = {
+        q for f in stage_files(run / "label") for q in pq.read_table(f, columns=["query_id"])["query_id"].to_pylist()
+    }
+    todo = [q for q in read_queries(train).to_pylist() if q["task"] == task and q["query_id"] not in done]
+    return write_jsonl(todo, out)
 
 
 def kind_files(dev: Path, corpus: Path, task: str, folder: Path) -> tuple[Path, Path | None]:
@@ -224,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prepare", choices=("qa", "feedback"), help="write RESULTS.md's dev and corpus files")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--fb-train", type=int, default=100, help="--prepare feedback: training queries per kind")
+    p.add_argument("--fb-dev", type=int, default=150, help="--prepare feedback: dev queries per kind")
+    p.add_argument("--unlabelled-from", type=Path,
+                   help="write <out>/data/unlabelled.jsonl, the prepared training queries of --task that this label"
+                   " run has not labelled, and stop")  # fmt: skip
     p.add_argument("--dev", type=Path)
     p.add_argument("--corpus", type=Path)
     p.add_argument("--out", type=Path, default=Path("runs/fair_base"))
@@ -248,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock()
     data: dict[str, Any] = {}
     if args.prepare:
-        data = prepare(args.prepare, args.out / "data", args.data)
+        data = prepare(args.prepare, args.out / "data", args.data, args.fb_train, args.fb_dev)
         args.dev, args.corpus = data["dev"], data["corpus"]
+        if args.unlabelled_from:
+            path = write_unlabelled(
+                data["train"], args.unlabelled_from, args.task, args.out / "data" / "unlabelled.jsonl"
+            )
+            print(f"{path}: the {args.task} training queries that {args.unlabelled_from} has not labelled")
+            return 0
     if args.dev is None or args.corpus is None:
         raise SystemExit("--dev and --corpus (or --prepare) are required")
     tables, setup = [], {"tie_tolerance": None}
