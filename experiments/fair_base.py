@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [
         m for m in next(iter(per_query.values())) if m in METRICS or not m.startswith(("recall", "ndcg", "mrr"))
     ]
-    for a, b in COMPARISONS + [(name, "base") for name in arms if arms[name][2]]:
+    extras = [name for name in arms if arms[name][2]]
+    for a, b in COMPARISONS + [(n, "base") for n in extras] + [("trained_none", n) for n in extras]:
         if a in per_query and b in per_query:
             for m in metrics:
                 ids = sorted(per_query[b][m])
