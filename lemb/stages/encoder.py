@@ -60,7 +60,8 @@ class Encoder:
             return np.zeros((0, embedding_dim(self.model)), dtype=np.float32)
         full = [instruction + t for t in texts]
         self._count_truncated(full)
-        emb = self.model.encode(
-            full, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
+        emb = self.model.encode(  # prompt="": the instruction is already in the text, never the model's default prompt
+            full, prompt="", batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )  # fmt: skip
         return emb.astype(np.float32, copy=False)

@@ -73,7 +73,13 @@ class Instructions:
 def resolve_instructions(setting: str | dict[str, Any], model: str) -> Instructions:
     """The instructions `model` is embedded with under `setting` (`auto`, a preset name or a table)."""
     if isinstance(setting, str) and setting != AUTO:
+        if setting not in INSTRUCTION_PRESETS:
+            raise ValueError(f"unknown instruction preset {setting!r}; known: auto, {', '.join(INSTRUCTION_PRESETS)}")
         return Instructions(_preset(setting), f"preset {setting!r} (setting)")
+    if isinstance(setting, dict) and set(setting) - set(TASKS):
+        raise ValueError(
+            f"instructions: unknown task {sorted(set(setting) - set(TASKS))[0]!r}; known: {', '.join(TASKS)}"
+        )
     own = model_instructions(model)
     if isinstance(setting, dict):
         table = own.table | {t: (str(q), str(k)) for t, (q, k) in setting.items()}
@@ -91,6 +97,9 @@ def model_instructions(model: str) -> Instructions:
     if "query" in prompts:
         key = next((prompts[n] for n in KEY_PROMPT_NAMES if n in prompts), "")
         return Instructions(dict.fromkeys(TASKS, (prompts["query"], key)), "the model's own prompts")
+    if prompts:  # prompts under names lemb does not know how to map: say so rather than drop them unseen
+        log.warning("%s has sentence-transformers prompts %s but none named query; embedding it without instructions"
+                    " (set `instructions` to use them)", model, sorted(prompts))  # fmt: skip
     base = os.path.basename(os.path.normpath(model)).lower()
     for pattern, preset in KNOWN_MODELS.items():
         if fnmatch.fnmatch(base, pattern):
@@ -135,6 +144,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows: let huggingface_hub ask through it
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

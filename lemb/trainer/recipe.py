@@ -283,6 +283,7 @@ class TrainRecipe:
         path = self.out / "model"
         tasks = sorted(set(self.tasks))
         self.model.prompts = self.instructions.prompts()  # every task's: `auto` finds them again in eval
+        self.model.default_prompt_name = None  # the base's default prompt is not among them
         self.model.eval()
         old = None
         with atomic(path) as tmp:

@@ -76,3 +76,46 @@ def test_hub_ids_without_a_network_follow_their_names(monkeypatch):
     assert resolve_instructions("auto", "BAAI/llm-embedder").table == LLM_EMBEDDER
     assert resolve_instructions("auto", "BAAI/bge-small-en-v1.5").name == "bge"
     assert resolve_instructions("auto", "sentence-transformers/all-mpnet-base-v2").name == "none"
+
+
+def test_unknown_presets_and_tasks_are_refused_from_python_too(tmp_path):
+    with pytest.raises(ValueError, match="unknown instruction preset 'bert'"):
+        resolve_instructions("bert", "all-minilm-l6-v2")
+    with pytest.raises(ValueError, match="instructions: unknown task 'poem'"):
+        resolve_instructions({"poem": ["a", "b"]}, "all-minilm-l6-v2")
+
+
+def test_a_model_trained_on_some_tasks_has_no_instruction_for_the_others(tmp_path):
+    found = model_instructions(_model_folder(tmp_path / "m", {"qa_query": "Q: ", "qa_key": "K: "}))
+    assert found.table["qa"] == ("Q: ", "K: ") and found.table["tool"] == ("", "")
+
+
+def test_prompts_under_unknown_names_are_reported_not_used(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="lemb.stages.instructions"):
+        found = model_instructions(_model_folder(tmp_path / "nomic", {"search_query": "search_query: "}))
+    assert found.name == "none" and "['search_query'] but none named query" in caplog.text
+
+
+def test_eval_entries_set_instructions_per_embedder(tiny_data, tmp_path):
+    from lemb.errors import ConfigError
+    from lemb.pipeline.config import EvalConfig, load_config
+    from lemb.trainer.evaluate import evaluate_run
+
+    with pytest.raises(ConfigError, match=r"embedders\[b\] must be a model or \{model: M, instructions: I\}"):
+        load_config(EvalConfig, queries="q.jsonl", embedders={"b": {"name": "all-minilm-l6-v2"}})
+    with pytest.raises(ConfigError, match=r"embedders\[b\]: instructions: unknown preset 'bert'"):
+        load_config(EvalConfig, queries="q.jsonl", embedders={"b": {"model": "x", "instructions": "bert"}})
+    embedders = {"plain": "all-minilm-l6-v2",
+                 "handicapped": {"model": "all-minilm-l6-v2", "instructions": "llm-embedder"}}  # fmt: skip
+    files = {"queries": str(tiny_data["queries"]), "corpus": str(tiny_data["corpus"])}
+    config = load_config(EvalConfig, run=str(tmp_path / "run"), executor="local", answer_k=0, embedders=embedders,
+                         **files)  # fmt: skip
+    evaluate_run(config, progress=False)
+    saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert saved["plain"]["embedded_with"]["instructions"]["name"] == "none"
+    assert saved["handicapped"]["embedded_with"]["instructions"]["source"] == "preset 'llm-embedder' (setting)"
+    tags = {n: (tmp_path / "run" / "eval" / n / "run.trec").read_text().split()[5] for n in embedders}
+    assert tags == {"plain": "plain|instructions=none|keys={title}:_{text}",
+                    "handicapped": "handicapped|instructions=llm-embedder|keys={title}:_{text}"}  # fmt: skip
+    scores = {n: (tmp_path / "run" / "eval" / n / "run.trec").read_text().split()[4] for n in embedders}
+    assert scores["plain"] != scores["handicapped"]  # the same model, embedded two ways
