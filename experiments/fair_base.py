@@ -157,26 +157,28 @@ def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
     return rank(config, model, folder / "rank", progress=False, instructions=instructions)
 
 
-def task_retrieval(rank_dir: Path, args) -> dict[str, dict[str, float]]:
-    """{metric: {query: value}} of the task's own retrieval metrics (`TaskSpec.metrics`, e.g. tool's nDCG@5), from
-    the ranking an arm's retrieve run wrote."""
+def dev_retrieval(ranking: dict, args) -> dict[str, dict[str, float]]:
+    """{metric: {query: value}}: lemb eval's "all" row and the task's own retrieval metrics (`TaskSpec.metrics`,
+    e.g. tool's nDCG@5) of the dev queries with a positive."""
     from lemb.data.readers import read_queries
-    from lemb.data.schemas import by_query
     from lemb.data.tasks import task_spec
-    from lemb.pipeline.shards import stage_files
-    from lemb.trainer.evaluate import retrieval_metrics
+    from lemb.trainer.evaluate import IR_NAMES, RETRIEVAL_METRICS
 
-    names = tuple(m for m in task_spec(args.task).metrics if m.partition("@")[0] in ("recall", "ndcg", "mrr"))
+    own = tuple(m for m in task_spec(args.task).metrics if m.partition("@")[0] in IR_NAMES)
+    names = RETRIEVAL_METRICS + tuple(m for m in own if m not in RETRIEVAL_METRICS)
+    return dict(per_query_retrieval(ranking, read_queries(args.dev).to_pylist(), names))
+
+
+def saved_ranking(rank_dir: Path) -> dict[str, list[tuple[str, float]]]:
+    """The ranking an arm's retrieve run wrote (for arms scored before their task's own metrics were)."""
+    from lemb.data.schemas import by_query
+    from lemb.pipeline.shards import stage_files
+
     ranking = {}
     for f in stage_files(rank_dir / "candidates"):
         for rows in by_query(pq.read_table(f).to_pylist()):
             ranking[rows[0]["query_id"]] = [(r["key_id"], r["retrieval_score"]) for r in rows]
-    out: dict[str, dict[str, float]] = {}
-    for q in read_queries(args.dev).to_pylist():
-        if q["positive_ids"]:
-            for name, value in retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q], names).items():
-                out.setdefault(name, {})[q["query_id"]] = value
-    return out
+    return ranking
 
 
 def scored_arm(
@@ -184,7 +186,6 @@ def scored_arm(
 ) -> dict[str, Any]:
     """{"per_query": {metric: {query: value}}, "seconds": {...}} of one arm, trained and ranked once. `spec`:
     (instructions trained with or None, instructions scored with, model or None for the base)."""
-    from lemb.data.readers import read_queries
     from lemb.vocabulary import DEFAULT_EMBEDDER
 
     cached = folder / DEV_METRICS
@@ -196,7 +197,7 @@ def scored_arm(
         saved["made"].setdefault("llm", False)
         if saved["made"] != made:
             raise SystemExit(f"{cached}: made with {saved['made']}, not {made}; use another --out")
-        saved["per_query"] |= task_retrieval(folder / "rank", args)  # the task's own depths too (tool: nDCG@5)
+        saved["per_query"] |= dev_retrieval(saved_ranking(folder / "rank"), args)  # the task's own depths too
         return saved
     seconds = {}
     model = given or DEFAULT_EMBEDDER
@@ -206,8 +207,7 @@ def scored_arm(
         seconds["train_s"] = json.loads((folder / "train" / "log.jsonl").read_text().splitlines()[-1])["elapsed_s"]
     ranked = clock(f"{name}/dev", lambda: rank_arm(model, folder, args, scored_with))
     seconds["dev_s"] = clock.seconds[f"{name}/dev"]
-    per_query = dict(per_query_retrieval(ranked.ranking, read_queries(args.dev).to_pylist()))
-    per_query |= task_retrieval(folder / "rank", args)
+    per_query = dev_retrieval(ranked.ranking, args)
     if args.llm is not None:
         per_query |= clock(f"{name}/llm", lambda: args.llm(ranked))
         seconds["llm_s"] = clock.seconds[f"{name}/llm"]

@@ -191,14 +191,17 @@ def rank_dev(model: str, queries: Path, corpus: Path, out: Path, args: argparse.
     return rank(config, model, out, progress=False)
 
 
-def per_query_retrieval(ranking: dict, records: list[dict]) -> dict[str, dict[str, float]]:
-    """{metric: {query_id: value}} with lemb eval's measures, one query at a time."""
-    from lemb.trainer.evaluate import retrieval_metrics
+def per_query_retrieval(
+    ranking: dict, records: list[dict], names: tuple[str, ...] | None = None
+) -> dict[str, dict[str, float]]:
+    """{metric: {query_id: value}} with lemb eval's measures (`names`, default its "all" row), one query at a time."""
+    from lemb.trainer.evaluate import RETRIEVAL_METRICS, retrieval_metrics
 
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for q in records:
         if q["positive_ids"]:
-            for name, value in retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q]).items():
+            for name, value in retrieval_metrics({q["query_id"]: ranking[q["query_id"]]}, [q],
+                                                 names or RETRIEVAL_METRICS).items():  # fmt: skip
                 out[name][q["query_id"]] = value
     return out
 

@@ -242,13 +242,15 @@ class EvalConfig:
         out = _check_instructions(self.instructions)
         out += template_problems(self.key_template) if self.key_template is not None else []
         for name, spec in self.embedders.items():
-            if isinstance(spec, dict):
-                unknown = sorted(set(spec) - {"model", "instructions"})
-                if unknown or not isinstance(spec.get("model"), str):
-                    out.append(f"embedders[{name}] must be a model or {{model: M, instructions: I}}, got {spec!r}")
-                out += [f"embedders[{name}]: {p}" for p in _check_instructions(spec.get("instructions", "auto"))]
-            elif not isinstance(spec, str):
+            table = (
+                isinstance(spec, dict)
+                and set(spec) <= {"model", "instructions"}
+                and isinstance(spec.get("model"), str)
+            )
+            if not (isinstance(spec, str) or table):
                 out.append(f"embedders[{name}] must be a model or {{model: M, instructions: I}}, got {spec!r}")
+            if isinstance(spec, dict):
+                out += [f"embedders[{name}]: {p}" for p in _check_instructions(spec.get("instructions", "auto"))]
         if not self.queries:
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:

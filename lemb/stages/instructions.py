@@ -1,8 +1,8 @@
 """Which task instructions an embedder is used with: the `instructions` setting of retrieve, train and eval.
 
 A model is embedded the way its authors use it. all-MiniLM-L6-v2, the default base, was trained without
-instructions: given the LLM-Embedder's it loses 0.046 nDCG@10 on BEIR SciFact and 0.08 on NQ (RESULTS.md, "The fair
-base"), so a comparison against it so handicapped measures the handicap. The default, `auto`, follows the model:
+instructions: given the LLM-Embedder's it loses 0.046 nDCG@10 on BEIR SciFact and 0.113 on NQ (RESULTS.md,
+section 6), so a comparison against it so handicapped measures the handicap. The default, `auto`, follows the model:
 
 1. a model trained by lemb: the table it saved as its sentence-transformers prompts (`<task>_query`, `<task>_key`);
 2. a model with sentence-transformers prompts of its own: its query prompt for every task's queries, its document
