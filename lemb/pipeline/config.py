@@ -66,6 +66,51 @@ class Cluster:
         return out
 
 
+@dataclass
+class LLMServer:
+    """OpenAI-compatible LLM servers for `backend: server` (vLLM's `vllm serve`). None of it is hashed: the served
+    model's identity is, as the stage's fingerprint, so a job can move to other servers of the same model."""
+
+    llm_url: str | list[str] = setting("", "Base URL(s) of OpenAI-compatible servers of the LLM (backend server), "
+                                           "e.g. http://gpu1:8000/v1; several comma-separated or a list.")  # fmt: skip
+    api_key_env: str = setting("VLLM_API_KEY", "Environment variable holding the servers' API key (never saved).")
+    max_concurrency: int = setting(64, "Requests a label worker keeps in flight (over all its servers).")
+    request_timeout: float = setting(600.0, "Seconds before a request is abandoned (and retried).")
+    request_retries: int = setting(10, "Retries of a request after a connection error, timeout, 429 or 5xx "
+                                       "(backoff 0.5 s doubling to 30 s: about 2.5 min in all).")  # fmt: skip
+    tokenizer: str | None = setting(None, "Tokenizer of the served LLM for lemb's client-side rendering (none: --llm,"
+                                          " else the served model's path).")  # fmt: skip
+
+    @property
+    def urls(self) -> list[str]:
+        """The base URLs, without trailing slashes."""
+        items = self.llm_url.split(",") if isinstance(self.llm_url, str) else self.llm_url
+        return [u.strip().rstrip("/") for u in items if u.strip()]
+
+    def problems(self) -> list[str]:
+        out = _at_least_one(self, "max_concurrency")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                out.append(f"llm_url {url!r} must start with http:// or https://")
+        if self.request_timeout <= 0:
+            out.append(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.request_retries < 0:
+            out.append(f"request_retries must be >= 0, got {self.request_retries}")
+        if not self.api_key_env.strip():
+            out.append("api_key_env must name an environment variable")
+        return out
+
+
+def _backend_problems(backend: str, server: LLMServer) -> list[str]:
+    if backend == "vllm" and not vllm_installed():
+        return [f"backend 'vllm' needs vllm, which is not installed; install it with: {VLLM_INSTALL}"]
+    if backend == "server" and not server.urls:
+        return ["backend 'server' needs llm_url: the base URL of an OpenAI-compatible server (--llm-url)"]
+    if backend != "server" and server.urls:
+        return [f"llm_url is set but backend is {backend!r}: add --backend server to label with the server"]
+    return []
+
+
 def _at_least_one(config: Any, *names: str) -> list[str]:
     return [f"{n} must be >= 1, got {getattr(config, n)}" for n in names if getattr(config, n) < 1]
 
@@ -131,7 +176,9 @@ class LabelConfig:
     restart: bool = setting(False, "Discard earlier output made with other settings.")
     cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
     llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.")
-    backend: Backend = setting(factory=default_backend, help="vllm (the default where installed) or transformers.")
+    backend: Backend = setting(factory=default_backend, help="vllm (the default where installed), transformers, or "
+                               "server (an OpenAI-compatible server at llm_url).")  # fmt: skip
+    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
     dtype: str = setting("float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).")
     n_samples: int = setting(8, "N: samples from the prompt without a candidate.")
     per_candidate_samples: int = setting(2, "m: samples from each candidate's prompt, pooled with the N.")
@@ -145,9 +192,7 @@ class LabelConfig:
     trust_remote_code: bool = setting(False, "Allow the model's own code (off unless asked).")
 
     def problems(self) -> list[str]:
-        out = []
-        if self.backend == "vllm" and not vllm_installed():
-            out.append(f"backend 'vllm' needs vllm, which is not installed; install it with: {VLLM_INSTALL}")
+        out = _backend_problems(self.backend, self.server)
         if self.n_samples < 0 or self.per_candidate_samples < 0 or self.n_samples + self.per_candidate_samples == 0:
             out.append("n_samples and per_candidate_samples must be >= 0 and not both 0")
         if self.temperature <= 0:
@@ -233,13 +278,15 @@ class EvalConfig:
         None, f"{KEY_TEMPLATE_HELP} Default: the run's retrieve setting, else {DEFAULT_KEY_TEMPLATE!r}."
     )
     llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.")
+    backend: Backend = setting("transformers", "LLM backend of the downstream metrics: transformers, vllm or server.")
+    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
     answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
     max_new_tokens: int = setting(24, "Tokens the LLM generates per answer.")
     batch_size: int = setting(64, "Texts per encoder forward pass.")
     max_length: int = setting(256, "Tokens per query or key.")
 
     def problems(self) -> list[str]:
-        out = _check_instructions(self.instructions)
+        out = _check_instructions(self.instructions) + _backend_problems(self.backend, self.server)
         out += template_problems(self.key_template) if self.key_template is not None else []
         for name, spec in self.embedders.items():
             table = (
@@ -398,6 +445,7 @@ EXECUTION_ONLY = frozenset(
         "run",
         "restart",
         "cluster",
+        "server",
         "threads",
         "save_every",
         "resume",
@@ -415,6 +463,7 @@ INPUT_PATHS = frozenset({"queries", "corpus"})
 UNHASHED = EXECUTION_ONLY | INPUT_PATHS
 # why a setting of another stage is not one of this stage's
 NOT_HERE = {f.name: "a setting of the sharded stages retrieve, label and eval" for f in dataclasses.fields(Cluster)}
+NOT_HERE.update({f.name: "a setting of label and eval (backend server)" for f in dataclasses.fields(LLMServer)})
 NOT_HERE["shards"] = "a setting of retrieve and eval; label's shards are retrieve's candidate shards"
 
 

@@ -54,6 +54,7 @@ class Stage(ABC):
     unit: ClassVar[str] = "rows"  # what the plan's "items" count and the progress bar shows
     required_columns: ClassVar[tuple[str, ...]]
     output_schema: ClassVar[pa.Schema]
+    holds_model: bool = True  # False: its workers are clients of a service (no CPU or GPU of their own in Ray)
 
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()  # per-shard counters (rows skipped, tokens, ...)
@@ -152,7 +153,8 @@ class _Worker:
     """One stage instance (one model copy) per Ray actor."""
 
     def __init__(self, stage: Stage, threads: int) -> None:
-        set_threads(threads)
+        if stage.holds_model:
+            set_threads(threads)
         quiet_libraries()
         self.stage = stage
         self.stage.setup()
@@ -246,13 +248,14 @@ class Executor:
                 failures.append(_failure(i, exc))
         return failures
 
-    def _pool_size(self, ray: Any) -> int:
-        """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold."""
+    def _pool_size(self, ray: Any, stage_holds_model: bool) -> int:
+        """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold; clients of a service
+        (`holds_model` False) take no resources, so any number of them run, by default one per CPU."""
         s = self.settings
         if s.workers:
             return s.workers
         resources = ray.cluster_resources()
-        if s.num_gpus:
+        if s.num_gpus and stage_holds_model:
             return max(1, int(resources.get("GPU", 0) // s.num_gpus))
         return max(1, int(resources.get("CPU", 1) // s.threads))
 
@@ -260,7 +263,7 @@ class Executor:
         s = self.settings
         ray = init_ray(s.address)
         queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
-        pool = _ActorPool(ray, stage, s, size=min(self._pool_size(ray), len(queue)))
+        pool = _ActorPool(ray, stage, s, size=min(self._pool_size(ray, stage.holds_model), len(queue)))
         try:
             return self._drain(ray, plan, out, queue, pool)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
@@ -318,7 +321,8 @@ class _ActorPool:
         self.max_start_failures = settings.max_retries + size
         self.start_failures = 0
         self.infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
-        self.actor_cls = ray.remote(num_cpus=settings.threads, num_gpus=settings.num_gpus, max_restarts=0)(_Worker)
+        cpus, gpus = (settings.threads, settings.num_gpus) if stage.holds_model else (0, 0)
+        self.actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_Worker)
         self.starting: dict[Any, Any] = {}  # ready-ref -> actor whose setup is under way (or waits for resources)
         self.idle: list[Any] = []
         self.running: dict[Any, tuple[int, Any]] = {}  # task ref -> (shard, actor)

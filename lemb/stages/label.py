@@ -14,10 +14,12 @@ not depend on the block it was labelled in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig
 from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.shards import MANIFEST, ShardPlan
+from lemb.stages.llm.base import RequestRefused
 from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,9 @@ TARGET_REQUIRED = frozenset({"qa", "icl", "chat", "lrlm"})  # tool / convsearch 
 # backend enough rows to fill its own batches (transformers: 16k KV tokens of sampling rows, 4k tokens a scoring
 # pass on CPU): 8192 prompt tokens are about 40 prompts of NQ's size. On a GPU a vLLM engine or the packed scorer
 # wants hundreds of sequences at once; 131072 tokens (about 600 prompts) has not yet been measured on one.
-BLOCK_TOKENS = {"cpu": 8192, "cuda": 131072}
+# A server backend keeps `max_concurrency` requests in flight and waits for a block's sampling before its scoring:
+# a large block keeps the servers full through that turn.
+BLOCK_TOKENS = {"cpu": 8192, "cuda": 131072, "server": 131072}
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -60,29 +65,44 @@ class LabelStage(Stage):
     )
     output_schema = schemas.REWARD
 
-    def __init__(self, config: LabelConfig) -> None:
+    def __init__(self, config: LabelConfig, served: Any = None) -> None:
         super().__init__()
         self.config = config
+        self.served = served  # server backend: the model the servers serve (server.connect, in the driver)
+        self.holds_model = config.backend != "server"  # a server backend's workers are HTTP clients
 
     def setup(self) -> None:
-        import torch
-
         from lemb.stages.llm import load_llm
 
         c = self.config
-        self.llm = load_llm(c.backend, c.llm, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
-        self.block_tokens = c.block_tokens or BLOCK_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
+        self.llm = load_llm(c.backend, c.llm, c.dtype, c.trust_remote_code, server=c.server, served=self.served)
+        if c.backend == "server":
+            self.block_tokens = c.block_tokens or BLOCK_TOKENS["server"]
+        else:
+            import torch
+
+            self.block_tokens = c.block_tokens or BLOCK_TOKENS["cuda" if torch.cuda.is_available() else "cpu"]
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"templates": templates_fingerprint(), "sampler": "per-prompt seeds"}
+        out = {"templates": templates_fingerprint(), "sampler": "per-prompt seeds"}
+        if self.served is not None:
+            out["served"] = self.served.identity()
+        return out
 
     def metadata(self) -> dict[str, str]:
         c = self.config
         sampling = {"n": c.n_samples, "m": c.per_candidate_samples, "temperature": c.temperature, "reduce": c.reduce}
+        served = {}
+        if self.served is not None:
+            from lemb.stages.llm.server import public_url
+
+            urls = [public_url(u) for u in c.server.urls]
+            served = {"lemb.llm_server": json.dumps({**self.served.identity(), "urls": urls})}
         return {
             "lemb.llm": c.llm,
             "lemb.backend": c.backend,
             "lemb.llm_revision": self.llm.revision,
+            **served,
             "lemb.prompt_templates": json.dumps(templates_fingerprint()),
             "lemb.sampling": json.dumps(sampling),
             "lemb.seed": str(c.seed),
@@ -136,10 +156,12 @@ class LabelStage(Stage):
         ns = [[c.n_samples] + [c.per_candidate_samples] * len(rows) for rows in todo]
         seeds = [[derive_seed(c.seed, rows[0]["query_id"], *k) for k in _prompt_keys(rows)] for rows in todo]
         start, generated = time.perf_counter(), self.llm.generated_tokens
-        samples = self.llm.sample_many(
-            _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds),
-            progress=report.sampling,
-        )  # fmt: skip
+        owners = [rows[0]["query_id"] for rows, per_query in zip(todo, prompts) for _ in per_query]
+        with _naming_queries(owners):
+            samples = self.llm.sample_many(
+                _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds),
+                progress=report.sampling,
+            )  # fmt: skip
         self.counters["sample_seconds"] += time.perf_counter() - start
         self.counters["samples_drawn"] += sum(map(len, samples))
         self.counters["sampled_tokens"] += self.llm.generated_tokens - generated
@@ -154,9 +176,10 @@ class LabelStage(Stage):
         items = [(p, [rows[0]["target"], *pool]) for rows, per_query, (pool, _) in zip(todo, prompts, pools)
                  for p in per_query]  # fmt: skip
         start = time.perf_counter()
-        scored = self.llm.score_many(
-            items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None, progress=report.scoring
-        )
+        with _naming_queries(owners):  # one item per prompt, as sampled
+            scored = self.llm.score_many(
+                items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None, progress=report.scoring
+            )
         self.counters["score_seconds"] += time.perf_counter() - start
         self.counters["scored_continuations"] += sum(len(conts) for _, conts in items)
         self.counters["continuation_tokens"] += sum(n for per_item in scored for _, n in per_item)
@@ -225,6 +248,19 @@ class _BlockProgress:
         self._to(1.0)
 
 
+class LLMRequestFailed(RuntimeError):
+    """A request of a query that the LLM refused: fails the shard, naming the query."""
+
+
+@contextlib.contextmanager
+def _naming_queries(owners: list[str]) -> Iterator[None]:
+    """A backend's RequestRefused (about its i-th prompt) as one line naming the query of that prompt."""
+    try:
+        yield
+    except RequestRefused as exc:
+        raise LLMRequestFailed(f"query_id {owners[exc.index]!r}: {exc}") from None
+
+
 def query_prompts(rows: list[dict[str, Any]]) -> list[str]:
     """The query's bare prompt, then one prompt per candidate."""
     first = rows[0]
@@ -261,13 +297,24 @@ def candidates_plan(run: Path) -> ShardPlan:
     return plan
 
 
-def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
+def served_model(config: LabelConfig) -> Any:
+    """The server backend's model, connected and checked once in the driver (None for the in-process backends,
+    whose model path is checked here instead): a missing model or a wrong URL fails here, not in every worker."""
+    if config.backend == "server":
+        from lemb.stages.llm.server import connect
+
+        return connect(config.server, config.llm, config.trust_remote_code)
     from lemb.stages.models import resolve_model_path
 
-    resolve_model_path(config.llm, "LLM")  # a missing model fails here, not in every worker
+    resolve_model_path(config.llm, "LLM")
+    return None
+
+
+def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     run = Path(config.run)
     plan = candidates_plan(run)
+    stage = LabelStage(config, served_model(config))
     inputs = [run / "retrieve" / "candidates" / MANIFEST]
     return Executor(config.cluster, config.restart, progress).run(
-        LabelStage(config), plan, run / "label", config, inputs, "query_id"
+        stage, plan, run / "label", config, inputs, "query_id"
     )

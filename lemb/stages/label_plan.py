@@ -3,9 +3,10 @@
 Counted exactly from the run's candidates: queries, (query, candidate) pairs, prompts and their tokens, LLM requests
 (sampling: one per prompt; scoring: one per prompt and continuation, with the pool size taken from calibration).
 Measured by calibration: the real stage, with the configured backend, on a few queries on this machine; the first
-query is a warm-up and is not timed. FLOPs follow the usual 2 x parameters per processed token (forward only), over
-the tokens the LLM must process at least: each distinct prompt once, every sampled token, every scored continuation
-token under each prompt.
+query is a warm-up and is not timed. With the server backend the queries are labelled together, as one block with
+their requests in flight at once (the servers are already warm), and the estimate is one worker's. FLOPs follow the
+usual 2 x parameters per processed token (forward only), over the tokens the LLM must process at least: each
+distinct prompt once, every sampled token, every scored continuation token under each prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lemb.data.tasks import task_spec
 from lemb.pipeline.config import LabelConfig
 from lemb.pipeline.executor import set_threads
 from lemb.stages.label import LabelStage, candidates_plan, query_prompts
+from lemb.stages.llm.server import public_url
 
 
 def param_count(path: str) -> int | None:
@@ -41,15 +43,26 @@ def param_count(path: str) -> int | None:
     return total or None
 
 
-def _calibrate(config: LabelConfig, queries: list[list[dict[str, Any]]], n: int) -> dict[str, float]:
+def _calibrate(
+    config: LabelConfig, queries: list[list[dict[str, Any]]], n: int, served: Any = None
+) -> dict[str, float]:
     """Seconds and counters per query from the real stage on the first n + 1 queries that carry a target, each
-    labelled on its own (a block of one query: the slowest case, so the estimate is an upper bound)."""
+    labelled on its own (a block of one query: the slowest case, so the estimate is an upper bound); with the server
+    backend, the first n together."""
     chosen = [rows for rows in queries if (rows[0]["target"] or "").strip()][: n + 1]
     set_threads(config.cluster.threads)
-    stage = LabelStage(config)
+    stage = LabelStage(config, served)
     start = time.perf_counter()
     stage.setup()
     timing = {"setup_seconds": time.perf_counter() - start}
+    if served is not None:
+        chosen = chosen[:n]
+        start = time.perf_counter()
+        stage.process(pa.Table.from_pylist([row for rows in chosen for row in rows]))
+        elapsed = time.perf_counter() - start
+        stage.llm.close()
+        return {**timing, **_per_query(stage, chosen, chosen), "queries_timed": len(chosen),
+                "seconds_per_query": elapsed / len(chosen), "warmup_seconds": 0.0}  # fmt: skip
     seconds = []
     for i, rows in enumerate(chosen):
         if i == 1:
@@ -58,26 +71,34 @@ def _calibrate(config: LabelConfig, queries: list[list[dict[str, Any]]], n: int)
         stage.process(pa.Table.from_pylist(rows))
         seconds.append(time.perf_counter() - start)
     timed = seconds[1:] or seconds
-    c, queries = stage.counters, max(1, len(chosen) - 1)
-    pool = c["scored_continuations"] / max(1, sum(len(rows) + 1 for rows in chosen[1:] or chosen)) - 1
     return {
         **timing,
+        **_per_query(stage, chosen[1:] or chosen, chosen[1:]),
         "queries_timed": len(timed),
         "seconds_per_query": sum(timed) / len(timed),
         "warmup_seconds": seconds[0] if len(seconds) > 1 else 0.0,
-        "pool_per_query": pool,
+    }
+
+
+def _per_query(stage: LabelStage, counted: list[list[dict[str, Any]]], timed: list) -> dict[str, float]:
+    """Pool, continuation length and samples per query from the stage's counters over the `counted` queries."""
+    c = stage.counters
+    return {
+        "pool_per_query": c["scored_continuations"] / max(1, sum(len(rows) + 1 for rows in counted)) - 1,
         "tokens_per_continuation": c["continuation_tokens"] / max(1, c["scored_continuations"]),
-        "samples_per_query": c["samples_drawn"] / queries,
+        "samples_per_query": c["samples_drawn"] / max(1, len(timed)),
     }
 
 
 def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from lemb.stages.label import served_model
     from lemb.stages.llm import LLMBackend
     from lemb.stages.models import resolve_model_path
 
-    path = resolve_model_path(config.llm, "LLM")
+    served = served_model(config)  # the server backend: connected and checked
+    path = served.tokenizer if served is not None else resolve_model_path(config.llm, "LLM")
     codec = LLMBackend()
     codec._init_codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code), None)
     c, m = config.n_samples, config.per_candidate_samples
@@ -98,7 +119,7 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
             samples += c + m * len(rows)
             sample_budget += (c + m * len(rows)) * task_spec(rows[0]["task"]).max_new_tokens
     plan: dict[str, Any] = {
-        "llm": config.llm,
+        "llm": served.id if served is not None else config.llm,
         "backend": config.backend,
         "queries": queries,
         "queries_with_target": labelled,
@@ -110,8 +131,11 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
         "sampled_tokens_max": sample_budget,
         "parameters": param_count(path),
     }
+    if served is not None:
+        plan["servers"] = [public_url(u) for u in config.server.urls]
+        plan["max_concurrency"] = config.server.max_concurrency
     if calibrate > 0 and labelled:
-        cal = _calibrate(config, first_shard, calibrate)
+        cal = _calibrate(config, first_shard, calibrate, served)
         plan["calibration"] = cal
         pool = cal["pool_per_query"]
         continuation_tokens = cal["tokens_per_continuation"] * (pool + 1) * prompts
@@ -124,7 +148,8 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
             plan["flops"] = 2.0 * plan["parameters"] * tokens
         c = config.cluster
         cluster = (os.cpu_count() or 1) // c.threads
-        workers = max(1, c.workers or (1 if c.executor == "local" else cluster))
+        # the servers' capacity, not the workers, bounds a server backend: the estimate is one worker's
+        workers = 1 if served is not None else max(1, c.workers or (1 if c.executor == "local" else cluster))
         plan["workers"] = workers
         per_worker = cal["seconds_per_query"] * labelled / workers
         plan["wall_seconds"] = cal["setup_seconds"] + cal["warmup_seconds"] + per_worker
@@ -153,8 +178,15 @@ def format_plan(plan: dict[str, Any]) -> str:
         rows += [
             ("calibration", f"{cal['queries_timed']} queries, {cal['seconds_per_query']:.2f} s each after a "
              f"{cal['warmup_seconds']:.1f} s warm-up query; model start {cal['setup_seconds']:.1f} s"),
-            ("estimated wall time", f"{plan['wall_seconds'] / 60:.1f} min on {plan['workers']} worker(s)"),
         ]  # fmt: skip
+        if "servers" in plan:
+            rows += [
+                ("servers", ", ".join(plan["servers"])),
+                ("estimated wall time", f"{plan['wall_seconds'] / 60:.1f} min for one worker with "
+                 f"{plan['max_concurrency']} requests in flight (more workers help while the servers have room)"),
+            ]  # fmt: skip
+        else:
+            rows.append(("estimated wall time", f"{plan['wall_seconds'] / 60:.1f} min on {plan['workers']} worker(s)"))
     else:
         rows.append(("sampled tokens (at most)", plan["sampled_tokens_max"]))
     width = max(len(name) for name, _ in rows)

@@ -282,9 +282,9 @@ def evaluate_run(
         embedded_with[name] = ranked.embedded_with
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
         if llm is None and config.answer_k > 0 and needs_llm:
-            from lemb.stages.llm.hf import TransformersBackend
+            from lemb.stages.llm import load_llm
 
-            llm = TransformersBackend(config.llm)
+            llm = load_llm(config.backend, config.llm, server=config.server)
             evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
         log.info("evaluating %s (%s, instructions %s) on %d queries", name, model,
                  ranked.embedded_with["instructions"]["name"], len(ranked.queries))  # fmt: skip

@@ -1,7 +1,9 @@
-"""LLM backends of the label stage and of eval's downstream metrics: transformers (`hf`) and vLLM
-(`vllm_engine`), one interface (`base.LLMBackend`)."""
+"""LLM backends of the label stage and of eval's downstream metrics: transformers (`hf`), vLLM in process
+(`vllm_engine`) and OpenAI-compatible servers (`server`), one interface (`base.LLMBackend`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from lemb.stages.llm.base import LLMBackend
 from lemb.vocabulary import BACKENDS, DEFAULT_LLM
@@ -10,9 +12,16 @@ __all__ = ["LLMBackend", "load_llm"]
 
 
 def load_llm(
-    backend: str, model: str = DEFAULT_LLM, dtype: str = "float32", trust_remote_code: bool = False
+    backend: str,
+    model: str = DEFAULT_LLM,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    server: Any = None,
+    served: Any = None,
 ) -> LLMBackend:
-    """The backend named (`LabelConfig.backend`), loading `model`."""
+    """The backend named (`LabelConfig.backend`), loading `model`; for `server`, the model as `server`
+    (an LLMServer section) serves it: `served` where the driver already connected (server.connect), else connected
+    here."""
     if backend == "vllm":
         from lemb.stages.llm.vllm_engine import VLLMBackend
 
@@ -21,4 +30,9 @@ def load_llm(
         from lemb.stages.llm.hf import TransformersBackend
 
         return TransformersBackend(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if backend == "server":
+        from lemb.stages.llm.server import ServerBackend, connect
+
+        served = served or connect(server, model, trust_remote_code)
+        return ServerBackend(served, server, trust_remote_code=trust_remote_code)
     raise ValueError(f"unknown LLM backend {backend!r}; known: {', '.join(BACKENDS)}")

@@ -17,6 +17,21 @@ def check_reduce(reduce: str) -> None:
         raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
 
 
+def restart_seed(seed: int | None, sample: int, length: int) -> int | None:
+    """Seed of the request that continues sample `sample` of a prompt after a blank line of `length` tokens (see
+    `LLMBackend.stopped_blank`): its own, so a continued sample depends on nothing else."""
+    return None if seed is None else seed + 7919 * (sample + 1) + length
+
+
+class RequestRefused(Exception):
+    """A request that can never succeed (a server's 400 or 404): `index` is the prompt (sampling) or item (scoring)
+    of the call, so the caller can name its query."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 PROMPT_CACHE = 8192  # prompts whose token ids a backend keeps
 
 
@@ -82,6 +97,13 @@ class LLMBackend:
         ends = {*self.eos_ids, getattr(self, "pad_id", None)}
         self.generated_tokens += sum(next((j for j, t in enumerate(r) if t in ends), len(r)) for r in rows)
         return self._decode(rows)
+
+    def stopped_blank(self, row: list[int], finish_reason: str | None, stop_reason: Any, max_new_tokens: int) -> bool:
+        """A vLLM sample that stopped at a newline before any text, with budget left. vLLM's stop string "\\n" ends
+        it there, where the transformers backend goes on (a line ends after its first non-blank character): the
+        vLLM-based backends continue such a sample from its newline, seeded by `restart_seed`."""
+        stopped = finish_reason == "stop" and stop_reason == "\n"
+        return stopped and len(row) < max_new_tokens and not self._decode([row])[0]
 
     def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
         """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""

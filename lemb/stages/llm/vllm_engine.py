@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lemb.errors import MissingDependency
-from lemb.stages.llm.base import LLMBackend, Progress, check_reduce
+from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, restart_seed
 from lemb.stages.models import model_fingerprint, resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM, VLLM_INSTALL
 
@@ -132,9 +132,8 @@ class VLLMBackend(LLMBackend):
     def _complete(
         self, prompts: list[list[int]], params: list[Any], max_new_tokens: int, progress: Progress | None = None
     ) -> list[list[list[int]]]:
-        """Generated token ids per prompt and sample. vLLM's stop string "\\n" also stops at a newline before any
-        text, where the transformers backend goes on (a line ends after its first non-blank character): such a
-        sample is continued from its newline, with its own seed, until it holds text or its budget is spent."""
+        """Generated token ids per prompt and sample; a sample that stopped blank (`stopped_blank`) is continued
+        from its newline, with its own seed, until it holds text or its budget is spent."""
         outs = self._run(prompts, params, progress)
         rows = [[list(o.token_ids) for o in out.outputs] for out in outs]
         for _ in range(max_new_tokens):
@@ -142,17 +141,16 @@ class VLLMBackend(LLMBackend):
                 (i, j)
                 for i, out in enumerate(outs)
                 for j, o in enumerate(out.outputs)
-                if o.finish_reason == "stop" and o.stop_reason == "\n" and len(rows[i][j]) < max_new_tokens
-                and not self._decode([rows[i][j]])[0]
-            ]  # fmt: skip
+                if self.stopped_blank(rows[i][j], o.finish_reason, o.stop_reason, max_new_tokens)
+            ]
             if not blank:
                 break
             again = []
             for i, j in blank:
                 p = params[i]
-                seed = None if p.seed is None else p.seed + 7919 * (j + 1) + len(rows[i][j])
                 again.append(p.clone())
-                again[-1].n, again[-1].seed, again[-1].max_tokens = 1, seed, max_new_tokens - len(rows[i][j])
+                again[-1].n, again[-1].seed = 1, restart_seed(p.seed, j, len(rows[i][j]))
+                again[-1].max_tokens = max_new_tokens - len(rows[i][j])
             more = self._run([prompts[i] + rows[i][j] for i, j in blank], again)
             for (i, j), out in zip(blank, more):
                 rows[i][j] += list(out.outputs[0].token_ids)
