@@ -20,7 +20,15 @@ max_abs_logprob_diff: the largest difference of a sequence's summed log-probabil
 vllm_forced_decode_lower_bound: what scoring by forced-token generation would cost at least (see the function);
 with --vllm-no-cache, vllm_prompt_logprobs_without_cache: vLLM's default (every request re-runs its prompt).
 
+With --server, the label stage through lemb's server backend against the same LLM served by vLLM's OpenAI-compatible
+server (started here on a free port, or --server-url), in one run: (a) lemb's in-process vLLM backend on the same
+candidates, (b) lemb's server backend at each --concurrency, (c) the ceiling: the very requests lemb sent (recorded)
+fired again at the same server by a bare asyncio + aiohttp loop with the same number in flight, sampling requests
+first. The server's prefix cache is emptied before each variant (its dev-mode /reset_prefix_cache). Reported:
+(query, candidate) pairs per second and LLM tokens per second (prompt + generated tokens as the server counts them).
+
     python bench/label_throughput.py [--quick] [--json OUT]
+    python bench/label_throughput.py --server --queries 8 --concurrency 4,16,64 [--json OUT]
     python bench/label_throughput.py --llm Qwen/Qwen2.5-1.5B-Instruct --dtype bfloat16 --queries 64   # one GPU
 
 `--random-init` builds the LLM's architecture from the config.json in --llm with fresh weights (saved once to a
@@ -265,6 +273,124 @@ def stage_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[st
     return out
 
 
+def server_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[str, Any]]) -> dict[str, Any]:
+    """The label stage through the server backend vs the in-process vLLM backend vs a bare client (module notes)."""
+    import asyncio
+    import sys
+    import tempfile
+    import urllib.request
+
+    import aiohttp
+
+    from lemb.pipeline.config import LabelConfig, load_config
+    from lemb.stages.label import LabelStage, served_model
+    from lemb.stages.llm.server import ServerBackend
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.llm_server import VLLMServer
+
+    table, warm = candidate_table(work), candidate_table(work[:1])
+    pairs = table.num_rows
+    common = {"llm": llm_name, "n_samples": args.samples, "per_candidate_samples": args.per_candidate,
+              "executor": "local"}  # fmt: skip
+    out: dict[str, Any] = {"variants": {}}
+    if "vllm" in args.stage_backends.split(","):
+        stage = LabelStage(load_config(LabelConfig, backend="vllm", **common))
+        stage.setup()
+        stage.process(warm)  # first-call warm-up, not timed
+        stage.llm.engine.reset_prefix_cache()
+        stage.llm.generated_tokens = stage.llm.prefilled_tokens = 0
+        print(f"in-process vllm: labelling {len(work)} queries", flush=True)
+        start = time.perf_counter()
+        stage.process(table)
+        seconds = time.perf_counter() - start
+        computed = stage.llm.prefilled_tokens + stage.llm.generated_tokens  # cache hits excluded
+        out["variants"]["vllm_in_process"] = {
+            "seconds": seconds, "pairs_per_s": pairs / seconds, "computed_tokens_per_s": computed / seconds
+        }  # fmt: skip
+        stage.llm.engine.llm_engine.engine_core.shutdown()
+        del stage
+        gc.collect()
+
+    server = None
+    url = args.server_url
+    if not url:
+        log = Path(tempfile.mkdtemp()) / "server.log"
+        server = VLLMServer(log, max_model_len=4096).start(VLLM_SERVER_DEV_MODE="1")
+        url = server.url
+    root = url.removesuffix("/v1")
+
+    def reset_cache() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{root}/reset_prefix_cache", method="POST"), timeout=60)
+        except OSError as exc:
+            print(f"prefix cache not reset ({exc}): start the server with VLLM_SERVER_DEV_MODE=1", flush=True)
+
+    recorded: list[dict[str, Any]] = []
+    post = ServerBackend._post
+
+    async def recording(self: ServerBackend, payload: dict[str, Any], index: int) -> dict[str, Any]:
+        reply = await post(self, payload, index)
+        recorded.append({"body": {"model": self.served.id, **payload}, "usage": reply.get("usage", {})})
+        return reply
+
+    async def bare(payloads: list[dict[str, Any]], concurrency: int) -> int:
+        """The requests at `concurrency` in flight, nothing else: the server's ceiling. Tokens the server counted."""
+        slots = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one(body: dict[str, Any]) -> int:
+                async with slots, session.post(f"{url}/completions", json=body) as reply:
+                    return (await reply.json())["usage"]["total_tokens"]
+
+            return sum(await asyncio.gather(*(one(b) for b in payloads)))
+
+    try:
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            config = load_config(LabelConfig, backend="server", llm_url=url, max_concurrency=concurrency, **common)
+            stage = LabelStage(config, served_model(config))
+            stage.setup()
+            stage.process(warm)
+            ServerBackend._post = recording  # type: ignore[method-assign]
+            recorded.clear()
+            reset_cache()
+            print(f"server backend, {concurrency} in flight: labelling {len(work)} queries", flush=True)
+            start = time.perf_counter()
+            stage.process(table)
+            seconds = time.perf_counter() - start
+            ServerBackend._post = post  # type: ignore[method-assign]
+            stage.llm.close()
+            tokens = sum(r["usage"].get("total_tokens", 0) for r in recorded)
+            # sampling requests first, as the stage sends them (the scoring ones carry prompt_logprobs)
+            payloads = sorted((r["body"] for r in recorded), key=lambda b: "prompt_logprobs" in b)
+            reset_cache()
+            print(f"bare client, {concurrency} in flight: {len(payloads)} requests", flush=True)
+            start = time.perf_counter()
+            bare_tokens = asyncio.run(bare(payloads, concurrency))
+            bare_seconds = time.perf_counter() - start
+            out["variants"][f"server_c{concurrency}"] = {
+                "seconds": seconds, "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
+                "requests": len(payloads),
+            }  # fmt: skip
+            out["variants"][f"bare_c{concurrency}"] = {
+                "seconds": bare_seconds, "pairs_per_s": pairs / bare_seconds,
+                "tokens_per_s": bare_tokens / bare_seconds,
+            }  # fmt: skip
+            out[f"server_vs_bare_c{concurrency}"] = bare_seconds / seconds
+    finally:
+        ServerBackend._post = post  # type: ignore[method-assign]
+        if server is not None:
+            server.stop()
+    runs = [k for k in out["variants"] if k.startswith("server_c")]
+    best = max(runs, key=lambda k: out["variants"][k]["pairs_per_s"])
+    out["best_concurrency"] = int(best.removeprefix("server_c"))
+    if "vllm_in_process" in out["variants"]:
+        out["server_best_vs_in_process"] = (
+            out["variants"][best]["pairs_per_s"] / out["variants"]["vllm_in_process"]["pairs_per_s"]
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 queries instead of 16 (under 5 minutes here)")
@@ -281,6 +407,9 @@ def main() -> None:
     parser.add_argument(
         "--vllm-no-cache", action="store_true", help="also time vLLM's default: prompt_logprobs without cache reads"
     )
+    parser.add_argument("--server", action="store_true", help="server backend vs in-process vLLM vs a bare client")
+    parser.add_argument("--server-url", default="", help="--server: a running server (default: start one here)")
+    parser.add_argument("--concurrency", default="4,16,64", help="--server: requests in flight, comma-separated")
     parser.add_argument("--stage", action="store_true", help="the whole label stage, per-query vs batched blocks")
     parser.add_argument("--stage-backends", default="transformers,vllm")
     parser.add_argument("--per-candidate", type=int, default=2, help="m samples per candidate prompt (--stage)")
@@ -300,11 +429,13 @@ def main() -> None:
         llm_name = random_init_llm(resolve_model_path(llm_name, "LLM"), args.dtype)
     n_queries = args.queries or (4 if args.quick else 16)
     work = make_workload(args.data, n_queries, args.candidates)
-    if args.stage:
-        out = stage_throughput(args, resolve_model_path(llm_name, "LLM"), work)
+    if args.stage or args.server:
+        run = server_throughput if args.server else stage_throughput
+        out = run(args, resolve_model_path(llm_name, "LLM"), work)
         out["workload"] = {"llm": llm_name, "dtype": args.dtype, "queries": n_queries, "candidates": args.candidates,
                            "n_samples": args.samples, "per_candidate_samples": args.per_candidate,
-                           "threads": args.threads, "cpus": os.cpu_count()}  # fmt: skip
+                           "threads": args.threads, "cpus": os.cpu_count(),
+                           "machine": platform.processor() or platform.machine()}  # fmt: skip
         print(json.dumps(out, indent=1))
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))

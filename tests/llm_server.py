@@ -44,8 +44,8 @@ class VLLMServer:
             "--port", str(self.port), "--max-model-len", str(self.max_model_len),
         ]  # fmt: skip
 
-    def start(self, timeout: float = 600) -> VLLMServer:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    def start(self, timeout: float = 600, **env_vars: str) -> VLLMServer:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", **env_vars}
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)  # fmt: skip

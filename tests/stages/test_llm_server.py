@@ -58,6 +58,22 @@ def test_a_failing_server_is_set_aside_and_the_other_takes_its_requests():
     assert servers.pick() == "http://a/v1" and servers.failures["http://a/v1"] == 0
 
 
+def test_the_served_model_is_hashed_and_the_servers_are_not():
+    from lemb.pipeline.config import LabelConfig, config_hash
+    from lemb.stages.label import LabelStage
+    from lemb.stages.llm.server import ServedModel
+
+    def digest(url, served):
+        config = load_config(LabelConfig, backend="server", llm_url=url, max_concurrency=8)
+        return config_hash(config, LabelStage(config, served).fingerprint())
+
+    llama = ServedModel("llama", "/models/llama-70b", "/models/llama-70b", "abc")
+    other = ServedModel("llama", "/models/llama-70b-v2", "/models/llama-70b-v2", "def")
+    assert digest("http://a:8000/v1", llama) == digest("http://b:9000/v1,http://c:9000/v1", llama)
+    assert digest("http://a:8000/v1", llama) != digest("http://a:8000/v1", other)
+    assert not LabelStage(load_config(LabelConfig, backend="server", llm_url="http://a/v1"), llama).holds_model
+
+
 # -- against the real server ---------------------------------------------------------------------------------------
 
 
@@ -244,3 +260,20 @@ def test_dry_run_calibrates_against_the_server(llm_server, server_run, tmp_path)
     assert "server backend" in result.stdout and "estimated wall time" in result.stdout
     assert "requests in flight" in result.stdout
     assert not (run / "label").exists()
+
+
+@slow
+def test_eval_downstream_metrics_through_the_server_equal_the_transformers_backend(llm_server, tiny_data, tmp_path):
+    from lemb.pipeline.config import EvalConfig
+    from lemb.trainer.evaluate import evaluate_run
+    from lemb.vocabulary import DEFAULT_EMBEDDER
+
+    got = {}
+    for backend, extra in (("transformers", {}), ("server", {"llm_url": llm_server.url})):
+        cfg = load_config(EvalConfig, run=str(tmp_path / backend), queries=str(tiny_data["queries"]),
+                          corpus=str(tiny_data["corpus"]), executor="local", backend=backend, **extra)  # fmt: skip
+        got[backend] = evaluate_run(cfg, {"base": DEFAULT_EMBEDDER}, progress=False)["base"]
+    # greedy answers (qa) and the perplexity of the desired output (chat) through either backend
+    assert "answer_em" in got["server"]["qa"] and "perplexity" in got["server"]["chat"]
+    for task in ("qa", "chat"):
+        assert got["server"][task] == pytest.approx(got["transformers"][task], rel=1e-4), task
