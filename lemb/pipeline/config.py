@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -197,6 +198,8 @@ class LabelConfig:
             out.append("n_samples and per_candidate_samples must be >= 0 and not both 0")
         if self.temperature <= 0:
             out.append(f"temperature must be > 0, got {self.temperature}")
+        if self.tie_tolerance < 0:
+            out.append(f"tie_tolerance must be >= 0, got {self.tie_tolerance}")
         for name in ("score_batch_tokens", "block_tokens"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must be >= 0 (0: the measured default), got {getattr(self, name)}")
@@ -343,6 +346,8 @@ def type_problems(name: str, value: Any, hint: Any) -> list[str]:
         return out
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return [f"{name} must be a finite number, got {value!r}"]
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:

@@ -301,9 +301,12 @@ def served_model(config: LabelConfig) -> Any:
     """The server backend's model, connected and checked once in the driver (None for the in-process backends,
     whose model path is checked here instead): a missing model or a wrong URL fails here, not in every worker."""
     if config.backend == "server":
-        from lemb.stages.llm.server import connect
+        from lemb.stages.llm.server import connect, public_url
 
-        return connect(config.server, config.llm, config.trust_remote_code)
+        served = connect(config.server, config.llm, config.trust_remote_code)
+        log.info("labelling with %s as served at %s (tokenizer %s)", served.id,
+                 ", ".join(map(public_url, config.server.urls)), served.tokenizer)  # fmt: skip
+        return served
     from lemb.stages.models import resolve_model_path
 
     resolve_model_path(config.llm, "LLM")

@@ -140,3 +140,19 @@ def test_every_scalar_setting_is_a_flag_and_set_takes_any_setting(tmp_path):
     assert bad.exit_code == 1 and "loss[qa] must be graded, kl or contrastive, got 'hinge'" in bad.stderr
     bad = runner.invoke(app, ["train", "--run", str(tmp_path), "--set", "steps"])
     assert bad.exit_code == 1 and "--set 'steps': expected KEY=VALUE" in bad.stderr
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("name", ["lr", "tau", "alpha", "warmup"])
+def test_float_settings_must_be_finite(name, value):
+    from lemb.commands import parse_sets
+
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        load_config(TrainConfig, **parse_sets([f"{name}={value}"]))
+
+
+def test_label_refuses_a_negative_tie_tolerance_and_a_nan_temperature():
+    with pytest.raises(ConfigError, match="tie_tolerance must be >= 0"):
+        load_config(LabelConfig, tie_tolerance=-1.0)
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):
+        load_config(LabelConfig, temperature=float("nan"))
