@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -262,6 +263,9 @@ class TrainRecipe:
             batch = batch[: len(batch) - len(batch) % self.world.size]  # every rank embeds an equal slice
             self.optimizer.zero_grad(set_to_none=True)
             task, loss = self._step(batch)
+            if not math.isfinite(loss):
+                raise LembError(f"train: the loss of step {step} (task {task}) is {loss}: training diverged (a "
+                                f"learning rate of {c.lr:g} too high?); no model saved")  # fmt: skip
             self.precision.step(self.optimizer, c.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
@@ -285,6 +289,10 @@ class TrainRecipe:
         self.model.prompts = self.instructions.prompts()  # every task's: `auto` finds them again in eval
         self.model.default_prompt_name = None  # the base's default prompt is not among them
         self.model.eval()
+        broken = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise LembError(f"train: {len(broken)} weight tensors are not finite after the last step (first: "
+                            f"{broken[0]}): training diverged; no model saved")  # fmt: skip
         old = None
         with atomic(path) as tmp:
             self.model.save(str(tmp))

@@ -138,3 +138,18 @@ def test_a_label_shard_without_a_column_is_refused_in_one_line(labelled_run, tmp
     write_shard(run / "label", 1, old, old.schema, {}, {"rows_out": old.num_rows})
     with pytest.raises(InputError, match=r"part-00001.parquet: file, field 'pool_size': missing column"):
         train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_in_one_line_and_saves_no_model(labelled_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+
+    run = _copy_run(labelled_run, tmp_path / "run")
+    args = ["train", "--run", str(run), "--quiet", "--steps", "6", "--batch-size", "2", "--lr", "1e6",
+            "--save-every", "0"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0 and "training diverged" in result.stderr
+    assert not (run / "train" / "model").exists()
