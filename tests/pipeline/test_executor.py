@@ -190,3 +190,14 @@ def test_running_shards_report_progress_to_the_bar_and_to_status(labelled_run, t
     assert f"(pid {int(dead.stdout)} on" in run_status(run) and "that process is gone" in run_status(run)
     bar = _Bar(LabelStage.__new__(LabelStage), plan, stage_dir, [0, 1], enabled=False)
     assert bar.done() == 1 + plan.items(1)  # shard 1 is finished: all of its queries count
+
+
+def test_more_gpus_per_worker_than_the_cluster_has_is_one_line_not_a_wait(tmp_path):
+    import ray
+
+    try:
+        with pytest.raises(LembError, match=r"^echo: num_gpus 1000 per worker, but the Ray cluster has \d+ GPUs$"):
+            _run(tmp_path, ["q1", "q2"], "ray", num_gpus=1000.0)
+        assert not list((tmp_path / "echo").glob("part-*.parquet"))
+    finally:
+        ray.shutdown()
