@@ -172,6 +172,7 @@ def init_ray(address: str | None) -> Any:
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         address = address or os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(address)
         if address is None:  # a cluster of its own, even where another local one runs
             address = "local"
             kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free
@@ -180,6 +181,20 @@ def init_ray(address: str | None) -> Any:
         if threading.current_thread() is threading.main_thread() and callable(handler):
             signal.signal(signal.SIGTERM, handler)  # ray.init replaces it with sys.exit(15): the CLI's stops cleanly
     return ray
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A `host:port` Ray address that does not accept a connection is one line, not Ray's minutes of retries."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise LembError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                        f"`ray start --head` or check --address") from None
 
 
 def check_columns(schema: pa.Schema, required: tuple[str, ...], what: str) -> None:

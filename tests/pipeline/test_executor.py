@@ -201,3 +201,10 @@ def test_more_gpus_per_worker_than_the_cluster_has_is_one_line_not_a_wait(tmp_pa
         assert not list((tmp_path / "echo").glob("part-*.parquet"))
     finally:
         ray.shutdown()
+
+
+def test_an_address_where_no_ray_cluster_answers_is_one_line(tmp_path):
+    from tests.llm_server import free_port
+
+    with pytest.raises(LembError, match=r"^cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(.*\); start it with"):
+        _run(tmp_path, ["q1"], "ray", address=f"127.0.0.1:{free_port()}")
