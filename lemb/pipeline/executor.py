@@ -193,8 +193,10 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise LembError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
-                        f"`ray start --head` or check --address") from None
+        raise LembError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+            f"`ray start --head` or check --address"
+        ) from None
 
 
 def check_columns(schema: pa.Schema, required: tuple[str, ...], what: str) -> None:

@@ -266,8 +266,10 @@ def retrieve(
     stats: dict[str, Any] = {"instructions": instructions.describe()}
     new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
     lock = StageLock(out, "retrieve")
+    held = False  # a process refused by the lock touches nothing: the staging files are the holder's
     try:
         with lock:
+            held = True
             queries, wanted = _partition_queries(config, staging / "queries")
             keys_dir = None
             if config.corpus:
@@ -282,10 +284,11 @@ def retrieve(
             if warn_short_pools:  # eval ranks to a fixed depth: short pools are expected there
                 _warn_short_pools(stats["candidates"], config.top_k)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (out.exists() and any(out.iterdir())):
-            lock.path.unlink(missing_ok=True)  # nothing was written: leave no trace of this run
-        for d in reversed(new_dirs):
-            if d.exists() and not any(d.iterdir()):
-                d.rmdir()
+        if held:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (out.exists() and any(out.iterdir())):
+                lock.path.unlink(missing_ok=True)  # nothing was written: leave no trace of this run
+            for d in reversed(new_dirs):
+                if d.exists() and not any(d.iterdir()):
+                    d.rmdir()
     return stats

@@ -62,3 +62,19 @@ def test_label_and_a_restart_on_the_same_run_cannot_mix_their_shards(labelled_ru
     assert manifest["config"]["n_samples"] == 2
     for part in sorted((run / "label").glob("part-*.parquet")):
         assert json.loads(pq.read_schema(part).metadata[b"lemb.sampling"])["n"] == 2
+
+
+def test_a_refused_retrieve_leaves_the_running_ones_staging_files(tiny_data, tmp_path):
+    from lemb.pipeline.config import RetrieveConfig, load_config
+    from lemb.stages.retrieve import retrieve
+
+    out = tmp_path / "run" / "retrieve"
+    staged = out / ".input" / "keys" / "input-00000.parquet"  # what the running retrieve reads next
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"PAR1")
+    config = load_config(RetrieveConfig, run=str(tmp_path / "run"), queries=str(tiny_data["queries"]),
+                         corpus=str(tiny_data["corpus"]), executor="local")  # fmt: skip
+    with StageLock(out, "retrieve"):  # the running one
+        with pytest.raises(LembError, match="another"):
+            retrieve(config, progress=False)
+    assert staged.read_bytes() == b"PAR1"
