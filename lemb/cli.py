@@ -18,6 +18,23 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        import lemb
+
+        typer.echo(f"lemb {lemb.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print lemb's version and exit.")
+    ] = False,
+) -> None:
+    """LLM-aware retrieval embedders: retrieve, label, train, eval."""
+
+
 @app.command()
 @user_errors
 @stage_command(RetrieveConfig)

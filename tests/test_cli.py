@@ -132,3 +132,10 @@ def test_long_texts_are_truncated_counted_and_warned_once(tmp_path, caplog):
 def test_an_embedder_item_without_a_name_is_one_line(tmp_path):
     result = runner.invoke(app, ["eval", "--run", str(tmp_path), "--queries", "q.jsonl", "--embedder", "bad"])
     assert result.exit_code == 1 and result.stderr.strip() == "error: --embedder 'bad': expected NAME=MODEL"
+
+
+def test_version():
+    import lemb
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"lemb {lemb.__version__}"
