@@ -140,7 +140,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # Ray's blocking calls re-raise a plain KeyboardInterrupt for any signal: the handler noted which
             signum = exc.signum if isinstance(exc, Interrupted) else (_RECEIVED[-1] if _RECEIVED else signal.SIGINT)
             name = signal.Signals(signum).name
-            typer.echo(f"interrupted ({name}): finished work is kept; run the same command again to resume", err=True)
+            again = "the same command with --resume" if fn.__name__ == "train" else "the same command again"
+            typer.echo(f"interrupted ({name}): finished work is kept; run {again} to resume", err=True)
             raise typer.Exit(128 + signum) from None
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -82,6 +82,7 @@ def test_train_stops_cleanly_keeping_its_checkpoint(labelled_run, tmp_path, sign
     checkpoint = run / "train" / "checkpoint.pt"
     code, err = _interrupt_when(train, checkpoint.exists, signum)
     assert code == 128 + signum and f"interrupted ({signal.Signals(signum).name})" in err, err[-2000:]
+    assert "run the same command with --resume to resume" in err  # without --resume a rerun is refused
     leftovers = [p.name for p in (run / "train").iterdir() if p.name.startswith(".")]
     assert checkpoint.exists() and leftovers == [], leftovers  # the texts file and any temporary file are gone
     assert os.path.getsize(checkpoint) > 0
