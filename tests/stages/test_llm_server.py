@@ -45,9 +45,9 @@ def test_urls_lose_their_credentials_and_errors_their_envelope():
 
 
 def test_a_failing_server_is_set_aside_and_the_other_takes_its_requests():
-    from lemb.stages.llm.server import SET_ASIDE_AFTER, ServedModel, _Servers
+    from lemb.stages.llm.server import SET_ASIDE_AFTER, _Servers
 
-    servers = _Servers(["http://a/v1", "http://b/v1"], ServedModel("m", "m", "m", "r"))
+    servers = _Servers(["http://a/v1", "http://b/v1"])
     servers.in_flight["http://b/v1"] = 5
     assert servers.pick() == "http://a/v1"  # fewest in flight
     for _ in range(SET_ASIDE_AFTER):

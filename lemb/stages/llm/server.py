@@ -40,7 +40,7 @@ import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lemb.errors import ConfigError
@@ -114,8 +114,6 @@ class ServedModel:
     root: str
     tokenizer: str
     revision: str
-    max_model_len: int | None = None
-    urls: tuple[str, ...] = field(default=(), compare=False)
 
     def identity(self) -> dict[str, str]:
         """Hashed into the stage's config hash and written into every shard: rewards of two models never mix."""
@@ -183,10 +181,7 @@ def connect(server: LLMServer, llm: str, trust_remote_code: bool = False) -> Ser
     root = str(first.get("root") or first["id"])
     candidates = [server.tokenizer] if server.tokenizer else [local, root if os.path.exists(root) else None, llm]
     path, tokenizer = _load_tokenizer([c for c in candidates if c], trust_remote_code)
-    served = ServedModel(
-        id=str(first["id"]), root=root, tokenizer=path, revision=model_fingerprint(path),
-        max_model_len=first.get("max_model_len"), urls=tuple(server.urls),
-    )  # fmt: skip
+    served = ServedModel(id=str(first["id"]), root=root, tokenizer=path, revision=model_fingerprint(path))
     _check_tokenizer(served, tokenizer, next(iter(found)), server.api_key_env)
     return served
 
@@ -210,8 +205,8 @@ class _Servers:
     """Which server takes the next request: the one with the fewest in flight among those not set aside, each
     checked to serve the run's model before its first request."""
 
-    def __init__(self, urls: Sequence[str], served: ServedModel) -> None:
-        self.urls, self.served = list(urls), served
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
         self.in_flight = dict.fromkeys(self.urls, 0)
         self.failures = dict.fromkeys(self.urls, 0)
         self.aside_until = dict.fromkeys(self.urls, 0.0)
@@ -257,18 +252,15 @@ class ServerBackend(LLMBackend):
             eos = None
         self._init_codec(tokenizer, eos)
         self.prefilled_tokens = 0  # prompt tokens the servers reported (benchmarks, cost reports)
-        self.requests = 0  # requests answered
-        self.retries = 0  # requests sent again after a transient fault
-        self.servers = _Servers(server.urls, served)
+        self.servers = _Servers(server.urls)
         self._client = _Client()
-        self._loop = self._client.loop
         # connections closed when the backend is collected, or before the interpreter goes
         self.close = weakref.finalize(self, self._client.close)
 
     # -- the event loop: one per backend, on its own thread; the public methods block on it ---------------------
 
     def _call(self, work: Awaitable[Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(work, self._client.loop).result()
 
     async def _gather(self, jobs: list[Awaitable[Any]], weights: list[float], progress: Progress | None) -> list[Any]:
         """All jobs at once (at most `max_concurrency` requests in flight), in order; the first failure cancels the
@@ -332,7 +324,6 @@ class ServerBackend(LLMBackend):
                         if response.status == 200:
                             reply = await response.json()
                             self.servers.succeeded(url)
-                            self.requests += 1
                             return reply
                         message = _error_message(await response.text())
                         if response.status not in RETRIED_STATUS:
@@ -351,7 +342,6 @@ class ServerBackend(LLMBackend):
                 self.servers.failed(url, problem)
                 if attempt == s.request_retries:
                     break
-                self.retries += 1
                 await asyncio.sleep(wait)
         raise ServerUnavailable(f"{public_url(url)}: request failed {s.request_retries + 1} times (last: {problem})")
 
