@@ -23,6 +23,13 @@ class StageConflict(LembError):
     """A rerun whose config or inputs differ from the output already on disk."""
 
 
+class CannotWrite(LembError):
+    """The storage refused a write (a full disk, a read-only folder): the file and the system's reason."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: cannot write ({problem})")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption): the stage stops as on Ctrl-C, keeping its finished shards. A
     KeyboardInterrupt, so that no `except Exception` takes it for a shard's failure and Ray's blocking calls let

@@ -8,6 +8,7 @@ error it is removed. A reader never sees a half-written file, and a process kill
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lemb.errors import CannotWrite
 
 
 def temporary_path(final: Path) -> Path:
@@ -24,15 +27,55 @@ def temporary_path(final: Path) -> Path:
 @contextmanager
 def atomic(final: str | Path) -> Iterator[Path]:
     """A temporary path to write `final` at; renamed into place when the block ends without an error. A folder
-    replaces only a missing or empty `final` folder (use `move_aside` on an old one first)."""
+    replaces only a missing or empty `final` folder (use `move_aside` on an old one first). A full disk or a
+    read-only folder, whichever library was writing, is one line naming `final` (CannotWrite)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, final)
+    except Exception as exc:
+        problem = storage_problem(exc, final.parent)
+        free = free_space(final.parent)  # before the temporary file's space is given back
+        remove(tmp)
+        if problem is None:
+            raise
+        raise CannotWrite(final, f"{problem}; {free}") from None
     finally:
         remove(tmp)
+
+
+# errors of the storage, not of lemb or of the data: a full disk or quota, a read-only or forbidden folder
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_FULL = 1 << 20  # less free than this where a write just failed: the disk is full, whatever the library said
+
+
+def storage_problem(exc: BaseException, folder: Path) -> str | None:
+    """What a failed write says about the storage, or None when it says nothing of it: an OSError's reason, or,
+    for libraries that write in C++ or Rust and raise their own errors (torch's "unexpected pos", safetensors'
+    I/O errors), a full disk under `folder`."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    try:
+        full = shutil.disk_usage(_existing(folder)).free < _FULL
+    except OSError:
+        full = False
+    if full:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return f"No space left on device: {lines[-1].strip() if lines else type(exc).__name__}"
+    return None
+
+
+def free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(_existing(folder)).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def move_aside(path: Path, tag: str) -> Path:

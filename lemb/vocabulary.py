@@ -46,6 +46,7 @@ ExecutorKind = Literal["ray", "local"]
 
 # How a continuation's token log-probabilities become its score.
 Reduce = Literal["mean", "sum"]
+DType = Literal["float32", "float16", "bfloat16"]  # the LLM's weights in the label stage
 
 # Autocast of the embedder's forward pass in training.
 Precision = Literal["fp32", "bf16", "fp16"]

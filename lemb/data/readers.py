@@ -6,7 +6,9 @@ writes anything.
 
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,12 @@ def _check_grades(path: Path, label: str, field: str, value: Any) -> dict[str, i
     """{key_id: grade}: an object (JSONL) or (key, grade) pairs (Parquet map) of ids to integer grades >= 0."""
     if value is None:
         return None
-    pairs = value.items() if isinstance(value, dict) else value if isinstance(value, list) else None
-    if pairs is None:
-        raise InputError(path, label, field, "expected an object of key ids to grades")
+    if isinstance(value, dict):
+        pairs = value.items()
+    elif isinstance(value, list) and path.suffix == ".parquet" and all(isinstance(v, tuple) for v in value):
+        pairs = value  # a Parquet map reads as (key, value) tuples; a JSON list (`["k1"]`) is not an object
+    else:
+        raise InputError(path, label, field, f"expected an object of key ids to grades, got {type(value).__name__}")
     out: dict[str, int] = {}
     for item in pairs:
         kid, grade = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
@@ -82,12 +87,47 @@ def _check_relevance(path: Path, label: str, record: dict[str, Any]) -> None:
         raise InputError(path, label, "relevance", f"{odd!r} {side} (positive_ids must be the ids graded > 0)")
 
 
-def _iter_raw(path: Path, batch_rows: int):
-    """(location, record) pairs, read a batch at a time (JSONL line by line, Parquet by record batch)."""
+def _check_file(path: Path, kind: str) -> None:
     if not path.exists():
         raise InputError(path, "file", None, "not found")
     if path.is_dir():
-        raise InputError(path, "file", None, "is a directory, not a JSONL or Parquet file")
+        raise InputError(path, "file", None, f"is a directory, not {kind}")
+
+
+def iter_jsonl(path: Path, wrap: Callable[[dict, str], dict] | None = None) -> Iterator[tuple[str, dict]]:
+    """("line N", object) for each non-blank line of a JSONL file, read line by line. A missing or unreadable file,
+    a line that is not UTF-8, not JSON or not a JSON object is one InputError naming the file and the line. A UTF-8
+    byte-order mark is skipped at the very start of the file (utf-8-sig), and only there. `wrap(obj, where)`, when
+    given, is applied to every object the line holds (a `json.loads` object hook that knows the line)."""
+    _check_file(path, "a JSONL file")
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except PermissionError:
+        raise InputError(path, "file", None, "permission denied") from None
+    with fh:
+        for n, raw in enumerate(fh, start=1):
+            where = f"line {n}"
+            skipped = len(codecs.BOM_UTF8) if n == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                line = raw[skipped:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 text (byte {skipped + exc.start} of the line)"  # counted from the line start
+                raise InputError(path, where, None, problem) from None
+            if not line.strip():
+                continue
+            hook = None if wrap is None else (lambda obj, where=where: wrap(obj, where))
+            try:
+                record = json.loads(line, object_hook=hook)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, where, None, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(path, where, None, "expected a JSON object")
+            yield where, record
+
+
+def _iter_raw(path: Path, batch_rows: int):
+    """(location, record) pairs, read a batch at a time (JSONL line by line, Parquet by record batch)."""
+    _check_file(path, "a JSONL or Parquet file")
     if path.suffix == ".parquet":
         try:
             parquet = pq.ParquetFile(path)
@@ -99,25 +139,7 @@ def _iter_raw(path: Path, batch_rows: int):
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(path, "file", None, f"not a readable Parquet file ({exc})") from None
         return
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    except PermissionError:
-        raise InputError(path, "file", None, "permission denied") from None
-    with fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(path, f"line {n}", None, f"not UTF-8 text (byte {exc.start} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"line {n}", None, f"not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(path, f"line {n}", None, "expected a JSON object")
-            yield f"line {n}", record
+    yield from iter_jsonl(path)
 
 
 def _iter_records(path: str | Path, schema: pa.Schema, id_field: str, batch_rows: int, check=None):

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lemb.data.readers import iter_jsonl
 from lemb.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,8 @@ def _loads(text: str, path: Path, where: str) -> Any:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise InputError(path, "file", None, "not found")
-    with open(path, encoding="utf-8-sig") as fh:
-        return [_loads(line, path, f"line {n}") for n, line in enumerate(fh, start=1) if line.strip()]
+    """The objects of a JSONL file, read by lemb's own reader: a bad line names the file and the line."""
+    return [record for _, record in iter_jsonl(path, lambda obj, where: _Record(obj, path, where))]
 
 
 def _json(path: Path) -> Any:

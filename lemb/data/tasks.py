@@ -162,7 +162,13 @@ def template_problems(setting: Any, name: str = "key_template") -> list[str]:
     unknown = sorted(fields - set(KEY_FIELDS))
     if unknown:
         return [f"{name} {setting!r}: unknown field {{{unknown[0]}}}; a key has {{title}} and {{text}}"]
-    return [] if "text" in fields else [f"{name} {setting!r} must contain {{text}}"]
+    if "text" not in fields:
+        return [f"{name} {setting!r} must contain {{text}}"]
+    try:  # a format spec or conversion that only fails on a real key ({text:d}, {title!x})
+        setting.format(text="a key's text", title="a title")
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return [f"{name} {setting!r} cannot render a key ({exc})"]
+    return []
 
 
 def render_key(template: str, text: str, title: str | None) -> str:

@@ -27,6 +27,7 @@ from lemb.vocabulary import (
     TASKS,
     VLLM_INSTALL,
     Backend,
+    DType,
     ExecutorKind,
     IndexKind,
     Loss,
@@ -180,7 +181,7 @@ class LabelConfig:
     backend: Backend = setting(factory=default_backend, help="vllm (the default where installed), transformers, or "
                                "server (an OpenAI-compatible server at llm_url).")  # fmt: skip
     server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
-    dtype: str = setting("float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).")
+    dtype: DType = setting("float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).")
     n_samples: int = setting(8, "N: samples from the prompt without a candidate.")
     per_candidate_samples: int = setting(2, "m: samples from each candidate's prompt, pooled with the N.")
     temperature: float = setting(1.0, "Sampling temperature.")

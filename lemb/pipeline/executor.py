@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
 from lemb.errors import LembError, MissingDependency
-from lemb.files import write_json
+from lemb.files import remove, write_json
 from lemb.pipeline.config import Cluster, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import (
     ShardPlan,
     finish_stage,
+    has_output,
     open_stage,
     progress_path,
     remove_leftovers,
@@ -221,7 +222,12 @@ class Executor:
     ) -> dict[str, Any]:
         check_columns(pq.read_schema(plan.inputs[0]), stage.required_columns, f"{stage.name} input")
         with StageLock(out, stage.name):
-            return self._run(stage, plan, out, config, inputs, id_column)
+            try:
+                return self._run(stage, plan, out, config, inputs, id_column)
+            except BaseException:
+                if out.exists() and not has_output(out):  # nothing finished: leave no manifest to trip a rerun
+                    remove(out)
+                raise
 
     def _run(
         self, stage: Stage, plan: ShardPlan, out: Path, config: Any, inputs: list[Path], id_column: str

@@ -263,12 +263,13 @@ def open_stage(
         same = old["config_hash"] == config_hash and old["plan"] == plan.describe()
         same = same and len(old["inputs"]) == len(manifest["inputs"])
         same = same and all(_same_content(a, b) for a, b in zip(old["inputs"], manifest["inputs"]))
-        if not same and not restart:
+        if not same and not restart and has_output(stage_dir):
             raise StageConflict(
                 f"{stage_dir}: earlier output was made with other settings or inputs"
                 f" ({_describe_change(old, manifest)}); pass --restart to discard it"
             )
-        if not same:
+        if not same:  # --restart, or an earlier try that finished no shard: nothing of value is lost
+            log.info("%s: discarding earlier output (%s)", stage_dir, _describe_change(old, manifest))
             _discard(stage_dir)
     elif stage_dir.exists():
         # output without a manifest cannot be trusted (a killed --restart, or files from elsewhere)
@@ -289,6 +290,11 @@ def open_stage(
             continue
         done.add(i)
     return done
+
+
+def has_output(stage_dir: Path) -> bool:
+    """Whether a stage folder holds anything a rerun must not lose: a finished shard or a record of failed ones."""
+    return (stage_dir / FAILURES).exists() or any(stage_dir.glob("part-*.parquet"))
 
 
 def remove_leftovers(stage_dir: Path) -> None:

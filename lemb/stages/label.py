@@ -307,9 +307,9 @@ def served_model(config: LabelConfig) -> Any:
         log.info("labelling with %s as served at %s (tokenizer %s)", served.id,
                  ", ".join(map(public_url, config.server.urls)), served.tokenizer)  # fmt: skip
         return served
-    from lemb.stages.models import resolve_model_path
+    from lemb.stages.models import check_model
 
-    resolve_model_path(config.llm, "LLM")
+    check_model(config.llm, "LLM", trust_remote_code=config.trust_remote_code)
     return None
 
 

@@ -10,11 +10,15 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import socket
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
-from lemb.errors import MissingDependency
+from lemb.errors import LembError, MissingDependency
 from lemb.files import atomic
 from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
@@ -57,6 +61,76 @@ def resolve_model_path(name: str, what: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise FileNotFoundError(f"{what} path not found: {name}")
     return name
+
+
+def check_model(
+    name: str, what: str, max_length: int | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """Everything about the model `name` that can be known before loading it, checked in the driver before any
+    worker starts or any output is written, each problem one line: a local path that does not exist or holds no
+    model, a hub id neither cached nor reachable (at once, not after the hub client's minute of retries), an LLM
+    that is not a causal language model, a `max_length` beyond the embedder's positions. Returns its config."""
+    path = resolve_model_path(name, what)
+    if os.path.isdir(path):
+        config_file = _config_file(path)
+        if config_file is None:
+            raise LembError(f"{what} folder {path} holds no model (no config.json)")
+    else:
+        config_file = _hub_config(name, what)
+    try:
+        with open(config_file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise LembError(f"{what} {name}: its config.json cannot be read ({exc})") from None
+    model_type = config.get("model_type")
+    if what == "LLM" and not trust_remote_code and model_type:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        heads = config.get("architectures") or []
+        generates = [a for a in heads if a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))]
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (heads and not generates):
+            kind = f"{model_type} ({', '.join(heads)})" if heads else model_type
+            raise LembError(f"LLM {name} is a {kind} model, which does not generate text: pass a causal (decoder) "
+                            "language model")  # fmt: skip
+    positions = config.get("max_position_embeddings")
+    if max_length is not None and isinstance(positions, int) and max_length > positions:
+        raise LembError(f"max_length {max_length} is more than the {positions} positions of {what} {name}")
+    return config
+
+
+def _config_file(folder: str) -> str | None:
+    """config.json of a model folder: at its root, or in a sentence-transformers folder's Transformer module."""
+    candidates = [os.path.join(folder, "config.json")]
+    try:
+        with open(os.path.join(folder, "modules.json"), encoding="utf-8") as fh:
+            candidates += [os.path.join(folder, m.get("path", ""), "config.json") for m in json.load(fh)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def _hub_config(repo: str, what: str) -> str:
+    """A hub model's config.json: from the local cache, else downloaded once the hub answers a plain connection."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json")
+    if isinstance(cached, str):
+        return cached
+    where = f"{what} {repo!r} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise LembError(f"{where}, and HF_HUB_OFFLINE is set; download it where the hub is reachable, or pass a "
+                        "local folder")  # fmt: skip
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as exc:
+        raise LembError(f"{where}, and {host} cannot be reached ({exc.strerror or exc}); download it where the hub "
+                        "is reachable, or pass a local folder") from None  # fmt: skip
+    try:
+        return hf_hub_download(repo, "config.json")
+    except Exception as exc:  # a repository that does not exist, is gated or private: the hub's own words
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise LembError(f"{what} {repo!r}: {lines[0] if lines else type(exc).__name__}") from None
 
 
 def _packaged_embedder() -> str:

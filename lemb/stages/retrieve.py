@@ -34,7 +34,7 @@ from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder
 from lemb.stages.index import TaskIndex, indexes_from_shards
 from lemb.stages.instructions import Instructions, resolve_instructions
-from lemb.stages.models import resolve_model_path
+from lemb.stages.models import check_model
 from lemb.vocabulary import PER_QUERY_TASKS
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,9 @@ def _check_positives(
                 raise InputError(path, where, "task", problem)
             else:
                 is_key = lambda p, task=q["task"]: positive_task.get(p) == task  # noqa: E731
-            for field, ids in (("positive_ids", q["positive_ids"]), ("relevance", schemas.grades(q["relevance"]))):
+            # `relevance` first: the reader fills positive_ids from it when they are left out (and else requires
+            # them to be its ids graded > 0), so an id in both came from `relevance`, the field the user wrote
+            for field, ids in (("relevance", schemas.grades(q["relevance"])), ("positive_ids", q["positive_ids"])):
                 bad = [p for p in ids if not is_key(p)]
                 if bad:
                     raise InputError(path, where, field, f"{bad[0]!r} is not in the corpus ({q['task']} keys)")
@@ -256,7 +258,7 @@ def retrieve(
     Queries and corpus stream through the record checks into per-shard input files (a hidden folder beside the
     output, removed at the end), so neither the driver nor a worker holds more than a shard of either; every
     input is validated before anything is embedded."""
-    resolve_model_path(config.embedder, "embedder")  # a missing model fails here, not in every worker
+    check_model(config.embedder, "embedder", config.max_length)  # a bad model fails here, not in every worker
     instructions = resolve_instructions(config.instructions, config.embedder)
     log.info("%s embeds with instructions %s: %s", config.embedder, instructions.name, instructions.source)
     out = Path(config.run) / "retrieve" if out is None else out
@@ -264,12 +266,8 @@ def retrieve(
     inputs = [Path(p) for p in (config.queries, config.corpus) if p]
     executor = Executor(config.cluster, config.restart, progress)
     stats: dict[str, Any] = {"instructions": instructions.describe()}
-    new_dirs = [d for d in (out.parent, out) if not d.exists()]  # removed again if a bad input stops the run
-    lock = StageLock(out, "retrieve")
-    held = False  # a process refused by the lock touches nothing: the staging files are the holder's
-    try:
-        with lock:
-            held = True
+    with StageLock(out, "retrieve"):  # a process refused here touches nothing: the staging files are the holder's
+        try:
             queries, wanted = _partition_queries(config, staging / "queries")
             keys_dir = None
             if config.corpus:
@@ -283,12 +281,6 @@ def retrieve(
             stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
             if warn_short_pools:  # eval ranks to a fixed depth: short pools are expected there
                 _warn_short_pools(stats["candidates"], config.top_k)
-    finally:
-        if held:
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if not (out.exists() and any(out.iterdir())):
-                lock.path.unlink(missing_ok=True)  # nothing was written: leave no trace of this run
-            for d in reversed(new_dirs):
-                if d.exists() and not any(d.iterdir()):
-                    d.rmdir()
     return stats

@@ -41,7 +41,9 @@ from lemb.errors import LembError
 from lemb.files import write_json, write_text
 from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
 from lemb.pipeline.executor import set_threads
+from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
+from lemb.stages.models import check_model
 from lemb.stages.retrieve import retrieve
 from lemb.trainer.report import write_report
 
@@ -270,6 +272,15 @@ def evaluate_run(
     per-query details to `<run>/eval/`."""
     run = Path(config.run)
     embedders = embedders or config.embedders or _default_embedders(run)
+    if config.answer_k > 0 and config.backend != "server":  # a bad LLM fails now, not after the ranking
+        check_model(config.llm, "LLM")
+    with StageLock(run / "eval", "eval"):  # one eval per run at a time: its reports and rankings are shared
+        return _evaluate(config, run, embedders, progress, report_to)
+
+
+def _evaluate(
+    config: EvalConfig, run: Path, embedders: dict[str, Any], progress: bool, report_to: Path | None
+) -> dict[str, Any]:
     set_threads(config.cluster.threads)
     llm = None
     evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)

@@ -29,6 +29,7 @@ from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
+from lemb.stages.models import check_model
 from lemb.trainer.batches import (
     SIGNAL_COLUMNS,
     TEXT_COLUMNS,
@@ -216,9 +217,6 @@ class TrainRecipe:
         tie_tolerance = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
         contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")
         self.out.mkdir(parents=True, exist_ok=True)
-        for pattern in (".texts-*.arrow", ".*.tmp-*", ".model.old-*"):  # left by a killed run
-            for stale in self.out.glob(pattern):
-                remove(stale)
         self.texts_file = self.out / f".texts-{os.getpid()}.arrow"
         shards = (pq.read_table(f) for f in files)
         return build_groups(
@@ -344,6 +342,14 @@ class TrainRecipe:
                                  and k not in UNHASHED) + ")"  # fmt: skip
         raise StageConflict(f"{model}: {changed}; pass --restart to train again")
 
+    def remove_leftovers(self) -> None:
+        """What a killed run left (its text file, a half-written model or checkpoint, a model folder moved aside):
+        removed by the next run, whatever that run then does."""
+        for pattern in (".texts-*.arrow", ".*.tmp-*", ".model.old-*"):
+            for stale in self.out.glob(pattern):
+                if not _alive(stale.name):  # another rank of this job may be writing its own
+                    remove(stale)
+
     def cleanup(self) -> None:
         """Close the training log; drop the memory-mapped text file of the run's groups."""
         if getattr(self, "train_log", None) is not None:
@@ -352,6 +358,20 @@ class TrainRecipe:
         if texts_file is not None:
             self.groups = None
             texts_file.unlink(missing_ok=True)
+
+
+def _alive(name: str) -> bool:
+    """Whether the process whose pid ends a leftover's name (`.texts-PID.arrow`, `.model.tmp-PID`) still runs."""
+    digits = "".join(c for c in name.removesuffix(".arrow").rsplit("-", 1)[-1] if c.isdigit())
+    if not digits or int(digits) == os.getpid():
+        return False
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _device(setting: str) -> torch.device:
@@ -375,10 +395,12 @@ def _init_distributed() -> World:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Path:
+    check_model(config.embedder, "embedder", config.max_length)  # a bad model fails here, before any file
     recipe = TrainRecipe(config)
     # one training job per run folder: the first process of a job holds the lock (the others are its ranks)
     lock = StageLock(recipe.out, "train") if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     with lock:
+        recipe.remove_leftovers()
         if not recipe.should_run():
             return recipe.out / "model"
         try:

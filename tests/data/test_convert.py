@@ -187,3 +187,53 @@ def test_bad_beir_records_and_a_missing_split(tmp_path):
         fh.write('{"title": "no id", "text": "x"}\n')
     result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "corpus.jsonl: line 4, field '_id': missing" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("corpus.jsonl", b'{"_id": "d1", "text": "x"}\n\n[1, 2]\n', "corpus.jsonl: line 3: expected a JSON object"),
+        ("queries.jsonl", b'{"_id": "q1", "text": "x"}\n"q2"\n', "queries.jsonl: line 2: expected a JSON object"),
+        (
+            "corpus.jsonl",
+            b'{"_id": "d1", "text": "x"}\n{"_id": "d2", "text": "caf\xe9"}\n',
+            "corpus.jsonl: line 2: not UTF-8 text (byte 26 of the line)",
+        ),
+        (
+            "queries.jsonl",
+            b'{"_id": "q1", "text": "\xff"}\n',
+            "queries.jsonl: line 1: not UTF-8 text (byte 23 of the line)",
+        ),
+        ("corpus.jsonl", None, "corpus.jsonl: file: is a directory, not a JSONL file"),
+        (
+            "corpus.jsonl",
+            b'{"_id": "d1", "text": "x"}\n\xef\xbb\xbf{"_id": "d2", "text": "y"}\n',
+            "corpus.jsonl: line 2: not valid JSON (Unexpected UTF-8 BOM",  # a mark is skipped at the start only
+        ),
+    ],
+)
+def test_bad_beir_jsonl_lines_name_the_file_and_the_line(tmp_path, name, content, message):
+    folder = _beir_folder(tmp_path / "beir")
+    (folder / name).unlink()
+    if content is None:
+        (folder / name).mkdir()
+    else:
+        (folder / name).write_bytes(content)
+    result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # no traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{folder / message.split(':')[0]}:" in lines[0] and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_beir_and_lemb_files_may_start_with_a_byte_order_mark(tmp_path):
+    folder = _beir_folder(tmp_path / "beir")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    result = convert("beir", "--data", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    for name in ("corpus.jsonl", "queries.jsonl"):  # lemb's own reader takes what a BOM-writing editor saved
+        path = tmp_path / "out" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [q["query_id"] for q in read_queries(tmp_path / "out" / "queries.jsonl").to_pylist()] == ["q1", "q2"]
+    assert read_keys(tmp_path / "out" / "corpus.jsonl").column("key_id").to_pylist() == ["d1", "d2", "3"]

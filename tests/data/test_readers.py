@@ -54,8 +54,15 @@ def test_graded_relevance_gives_the_positives_and_survives_parquet(tmp_path):
         ([{**GOOD, "relevance": {"k1": 1.5}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got 1.5"),
         ([{**GOOD, "relevance": {"k1": -1}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got -1"),
         ([{**GOOD, "relevance": {"k1": True}}], r"field 'relevance': grade of 'k1' must be an integer >= 0, got True"),
-        ([{**GOOD, "relevance": ["k1"]}], r"field 'relevance': key ids must be non-empty strings"),
-        ([{**GOOD, "relevance": "k1"}], r"field 'relevance': expected an object of key ids to grades"),
+        (
+            [{**GOOD, "relevance": ["k1"]}],
+            r"line 1 \(query_id 'q1'\), field 'relevance': expected an object of key ids to grades, got list$",
+        ),
+        (
+            [{**GOOD, "relevance": [["k1", 1]]}],
+            r"field 'relevance': expected an object of key ids to grades, got list$",
+        ),
+        ([{**GOOD, "relevance": "k1"}], r"field 'relevance': expected an object of key ids to grades, got str$"),
         (
             [{**GOOD, "relevance": {"k1": 0, "k2": 2}}],
             r"field 'relevance': 'k1' is in positive_ids but not graded > 0",
@@ -106,3 +113,26 @@ def test_a_directory_non_utf8_bytes_and_an_unreadable_file_are_one_line_each(tmp
     monkeypatch.setattr("builtins.open", refuse)
     with pytest.raises(InputError, match=r"locked.jsonl: file: permission denied"):
         read_keys(locked)
+
+
+def test_relevance_that_is_not_a_map_in_parquet_names_the_row_and_field(tmp_path):
+    pq.write_table(pa.table({**{k: [v] for k, v in GOOD.items()}, "relevance": [["k1"]]}), tmp_path / "q.parquet")
+    with pytest.raises(
+        InputError, match=r"row 1 \(query_id 'q1'\), field 'relevance': expected an object .*, got list$"
+    ):
+        read_queries(tmp_path / "q.parquet")
+
+
+def test_a_byte_order_mark_is_skipped_at_the_start_of_a_file_only(tmp_path):
+    first, second = (json.dumps({"key_id": k, "task": "qa", "text": "fine"}).encode() for k in ("k1", "k2"))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + first + b"\n" + second + b"\n")
+    assert read_keys(bom).column("key_id").to_pylist() == ["k1", "k2"]
+    bom.write_bytes(first + b"\n\xef\xbb\xbf" + second + b"\n")  # inside the file it is a stray character
+    with pytest.raises(InputError, match=r"bom.jsonl: line 2: not valid JSON \(Unexpected UTF-8 BOM"):
+        read_keys(bom)
+    latin = b"\xef\xbb\xbf" + first[:-1] + b', "title": "caf\xe9"}\n'
+    bom.write_bytes(latin)  # the byte is counted from the start of the line, the mark included
+    at = latin.index(b"\xe9")
+    with pytest.raises(InputError, match=rf"bom.jsonl: line 1: not UTF-8 text \(byte {at} of the line\)"):
+        read_keys(bom)

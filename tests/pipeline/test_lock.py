@@ -78,3 +78,45 @@ def test_a_refused_retrieve_leaves_the_running_ones_staging_files(tiny_data, tmp
         with pytest.raises(LembError, match="another"):
             retrieve(config, progress=False)
     assert staged.read_bytes() == b"PAR1"
+
+
+def _tree(root):
+    """Every file and folder under `root` (hidden ones included) with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+REFUSED = {  # command -> the folder its lock guards
+    "retrieve": (["retrieve"], "retrieve"),
+    "retrieve --restart": (["retrieve", "--restart", "--top-k", "1"], "retrieve"),
+    "label": (["label", "--n-samples", "3", "--per-candidate-samples", "1"], "label"),
+    "label --restart": (["label", "--restart", "--n-samples", "2"], "label"),
+    "train": (["train", "--steps", "2"], "train"),
+    "train --restart": (["train", "--steps", "2", "--restart"], "train"),
+    "rescore": (["rescore"], "rescore/rank"),
+    "eval": (["eval", "--embedder", "base=all-minilm-l6-v2"], "eval"),
+}
+
+
+@pytest.mark.parametrize("command", list(REFUSED))
+def test_a_command_refused_by_the_lock_touches_nothing(labelled_run, tiny_data, tmp_path, command):
+    """Whatever phase the holder is in, every file of the run stays as it was: the lock is the first thing each
+    stage (and --restart) takes, before it creates, moves or removes anything."""
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    args, folder = REFUSED[command]
+    data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"])]
+    if args[0] in ("retrieve", "eval"):
+        args = [*args, *data, "--shards", "2", "--executor", "local"]
+    elif args[0] == "label":
+        args = [*args, "--executor", "local"]
+    args = [args[0], str(run)] + args[1:] if args[0] == "rescore" else [args[0], "--run", str(run), *args[1:]]
+    with StageLock(run / folder, args[0]):
+        before = _tree(run)
+        result = CliRunner().invoke(app, [*args, "--quiet"] if args[0] not in ("rescore",) else args)
+        assert result.exit_code == 1, result.output
+        assert "is running on this folder" in result.output
+        assert _tree(run) == before

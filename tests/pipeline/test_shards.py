@@ -120,9 +120,23 @@ def test_changed_input_is_named(tmp_path):
     inp.write_text("x\n")
     plan = _plan(["a"], 1, tmp_path / "in")
     open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
+    write_shard(tmp_path / "s", 0, _candidates(1), schemas.CANDIDATE, {}, {"rows_out": 1})
     inp.write_text("changed content\n")
     with pytest.raises(StageConflict, match="input changed"):
         open_stage(tmp_path / "s", "s", {}, "h", [inp], plan)
+
+
+def test_a_stage_that_finished_no_shard_takes_other_settings_without_restart(tmp_path):
+    """A first try that failed before any shard (a model that did not load, a bad template) leaves only its
+    manifest: the fixed command runs as it is, without --restart."""
+    plan = _plan([f"q{i}" for i in range(20)], 2, tmp_path / "in")
+    stage = tmp_path / "stage"
+    open_stage(stage, "label", {"dtype": "foo"}, "h1", [], plan)
+    assert open_stage(stage, "label", {"dtype": "float32"}, "h2", [], plan) == set()
+    assert json.loads((stage / "_manifest.json").read_text())["config"] == {"dtype": "float32"}
+    write_shard(stage, 0, _candidates(2), schemas.CANDIDATE, {}, {"rows_out": 2})
+    with pytest.raises(StageConflict, match=r"dtype: 'float32' -> 'bfloat16'"):  # now there is work to keep
+        open_stage(stage, "label", {"dtype": "bfloat16"}, "h3", [], plan)
 
 
 def test_output_without_manifest_is_not_taken_as_done(tmp_path):
@@ -207,6 +221,6 @@ def test_a_full_disk_while_a_shard_is_written_leaves_no_temporary_file(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shards.pq, "write_table", fill_the_disk)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(LembError, match=r"part-00000.parquet: cannot write \(No space left on device; \d+ MiB free"):
         write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lemb.cli import app
-from lemb.errors import ConfigError, StageConflict
+from lemb.errors import ConfigError, InputError, StageConflict
 from lemb.pipeline.config import RetrieveConfig, load_config
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import Encoder
@@ -195,3 +195,22 @@ def test_rescore_reads_label_shards_written_before_grades_existed(labelled_run, 
     out = read_stage(run / "rescore" / "likelihood")
     assert summary["rows"] == out.num_rows and out.column("relevance").null_count == out.num_rows
     assert out.schema.names == schemas.REWARD.names
+
+
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ({"relevance": {"d1": 1, "zz": 2}}, "relevance"),  # positive_ids left out: the reader takes them from here
+        ({"positive_ids": ["d1", "zz"], "relevance": {"d1": 1, "zz": 2}}, "relevance"),  # written in both
+        ({"positive_ids": ["d1", "zz"]}, "positive_ids"),
+    ],
+)
+def test_an_absent_positive_is_reported_in_the_field_the_user_wrote(beir, tmp_path, query, field):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query_id": "q1", "task": "qa", "text": "x", **query}) + "\n")
+    config = load_config(RetrieveConfig, run=str(tmp_path / "run"), queries=str(queries),
+                         corpus=str(beir / "corpus.jsonl"), executor="local")  # fmt: skip
+    with pytest.raises(InputError) as err:
+        retrieve(config, progress=False)
+    assert str(err.value) == f"{queries}: query_id 'q1', field '{field}': 'zz' is not in the corpus (qa keys)"
+    assert not (tmp_path / "run").exists()

@@ -67,6 +67,7 @@ def test_rescore_names_the_file_row_and_field_of_a_bad_logprob(labelled_run, tmp
     write_shard(run / "label", 0, table.from_pylist(rows, schema=table.schema), schemas.REWARD, meta, {})
     with pytest.raises(InputError, match=rf"part-00000.parquet: query_id '{bad['query_id']}'.*'target_logprob'"):
         rescore(run, "rank")
+    assert not (run / "rescore").exists()  # refused before any shard: no manifest, lock or folder left behind
     with pytest.raises(LembError, match="known rewards are rank, likelihood, improvement"):
         rescore(run, "perplexity")
 

@@ -153,3 +153,31 @@ def test_a_diverging_run_fails_in_one_line_and_saves_no_model(labelled_run, tmp_
     assert result.exit_code == 1, result.output
     assert result.stderr.strip().count("\n") == 0 and "training diverged" in result.stderr
     assert not (run / "train" / "model").exists()
+
+
+def test_a_damaged_label_shard_stops_train_in_one_line_and_leaves_nothing(labelled_run, tmp_path):
+    from lemb.errors import LembError
+
+    run = _copy_run(labelled_run, tmp_path / "run")
+    shard = run / "label" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk or a bad copy
+    with pytest.raises(LembError, match=r"part-00000.parquet: damaged: .*rerun `lemb label`"):
+        train(load_config(TrainConfig, run=str(run), **SETTINGS), progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["label", "retrieve"]  # no .train.lock, no empty train/
+
+
+def test_what_a_killed_run_left_is_removed_even_when_the_run_is_already_trained(labelled_run, tmp_path):
+    """A run killed right after its model's rename leaves its text file; the next run removes it, although it
+    finds the model trained and does nothing else."""
+    run = _copy_run(labelled_run, tmp_path / "run")
+    settings = {**SETTINGS, "steps": 2}
+    train(load_config(TrainConfig, run=str(run), **settings), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [run / "train" / f".texts-{int(dead.stdout)}.arrow", run / "train" / f".model.old-{int(dead.stdout)}"]
+    leftovers[0].write_bytes(b"texts of a killed run")
+    leftovers[1].mkdir()
+    model = run / "train" / "model" / "model.safetensors"
+    written = model.stat().st_mtime_ns
+    train(load_config(TrainConfig, run=str(run), **settings), progress=False)  # already trained
+    assert not any(p.exists() for p in leftovers)
+    assert model.stat().st_mtime_ns == written

@@ -1,0 +1,66 @@
+"""What the driver checks about a model before any worker starts or any file is written: each problem one line."""
+
+import shutil
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from lemb.cli import app
+from lemb.errors import LembError
+from lemb.stages.models import check_model, resolve_model_path
+from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
+
+
+def _one_line_failure(args, run):
+    result = CliRunner().invoke(app, [*args, "--run", str(run), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: "), result.stderr
+    return result.stderr
+
+
+def test_an_embedder_folder_without_a_model_is_one_line_and_writes_nothing(tiny_data, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    run = tmp_path / "run"
+    data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]), "--executor", "local"]
+    err = _one_line_failure(["retrieve", "--embedder", str(empty), *data], run)
+    assert f"embedder folder {empty} holds no model (no config.json)" in err
+    assert not run.exists()
+    err = _one_line_failure(["train", "--embedder", str(empty)], run)
+    assert "holds no model" in err and not run.exists()
+
+
+def test_a_max_length_beyond_the_embedders_positions_is_one_line_before_any_output(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]), "--executor", "local"]
+    err = _one_line_failure(["retrieve", "--max-length", "100000", *data], run)
+    assert "max_length 100000 is more than the 512 positions of embedder" in err
+    assert not run.exists()
+
+
+def test_an_encoder_given_as_the_llm_is_one_line_before_any_output(labelled_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run / "retrieve", run / "retrieve")
+    bert = resolve_model_path(DEFAULT_EMBEDDER, "embedder")
+    for backend in ("transformers", "vllm"):
+        err = _one_line_failure(["label", "--llm", bert, "--backend", backend, "--executor", "local"], run)
+        assert "is a bert (BertModel) model, which does not generate text" in err
+        assert sorted(p.name for p in run.iterdir()) == ["retrieve"]
+    assert check_model(DEFAULT_LLM, "LLM")["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_neither_cached_nor_reachable_fails_at_once_in_one_line(monkeypatch, offline):
+    """Offline, or where the hub cannot be reached (these machines), or where it answers that the repository does
+    not exist: one line within seconds, not the hub client's retries and a worker traceback per actor."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    started = time.time()
+    with pytest.raises(LembError) as err:
+        check_model("lemb-tests/no-such-model", "embedder")
+    assert time.time() - started < 30
+    assert "embedder 'lemb-tests/no-such-model'" in str(err.value) and "\n" not in str(err.value)
+    if offline:
+        assert "not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
