@@ -139,3 +139,23 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"lemb {lemb.__version__}"
+
+
+def test_status_shows_a_running_or_stopped_training_run(tmp_path):
+    import json
+    import os
+
+    from lemb.pipeline.lock import StageLock
+
+    train = tmp_path / "run" / "train"
+    train.mkdir(parents=True)
+    rows = [{"step": 0, "task": "qa", "loss": 0.9}, {"step": 1, "task": "qa", "loss": 0.75}]
+    (train / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with StageLock(train, "train"):  # as `lemb train` holds it while it runs
+        result = runner.invoke(app, ["status", str(tmp_path / "run")])
+        assert result.exit_code == 0, result.output
+        assert f"running (pid {os.getpid()} on " in result.output and "2 steps done, loss 0.7500" in result.output
+    (train / "checkpoint.pt").write_bytes(b"weights")
+    result = runner.invoke(app, ["status", str(tmp_path / "run")])
+    assert "stopped: 2 steps done, loss 0.7500; checkpoint of " in result.output
+    assert "lemb train --resume continues it" in result.output

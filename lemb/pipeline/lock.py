@@ -100,6 +100,21 @@ class StageLock:
                 return
 
 
+def holder_of(stage_dir: Path) -> str | None:
+    """Who holds a stage folder's lock ("pid 4242 on node-3, started ..."), or None when nobody does."""
+    path = Path(stage_dir).parent / f".{Path(stage_dir).name}.lock"
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(handle.read())
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
+
+
 def _holder(text: str) -> str:
     try:
         who = json.loads(text)

@@ -2,12 +2,13 @@
 
 A stage folder holds `_manifest.json` (written before any work), `part-NNNNN.parquet` (one per
 shard, renamed into place only when complete), `part-NNNNN.stats.json` (its counters, and the shard's row
-count, size in bytes and schema fingerprint, written before the rename), and at the end `_stats.json` and
+count, size in bytes, schema fingerprint and SHA-256, written before the rename), and at the end `_stats.json` and
 `_failures.jsonl` (shards that failed on their data).
 
-A shard counts as done only while it matches what was recorded when it was written: `verify_shard` reads its
-size and footer (no data pages), so a truncated, replaced or schema-changed file is found in milliseconds; the
-stage's rerun redoes such shards and the next stage refuses them, naming the file and the problem.
+A shard counts as done only while it matches what was recorded when it was written: `verify_shard` checks its
+size, footer and content hash, so a truncated, replaced, schema-changed or bit-flipped file is found; the stage's
+rerun redoes such shards, the next stage refuses them naming the file and the problem, `lemb status` shows them
+DAMAGED and `lemb inspect` refuses them.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def write_shard(
         footer = pq.ParquetFile(tmp).metadata  # read back
         if footer.num_rows != table.num_rows:
             raise OSError(f"{tmp}: wrote {footer.num_rows} rows, expected {table.num_rows}")
-        record = {"rows": footer.num_rows, "bytes": tmp.stat().st_size,
-                  "schema": schema_fingerprint(footer.schema.to_arrow_schema())}  # fmt: skip
+        schema_print = schema_fingerprint(footer.schema.to_arrow_schema())
+        record = {"rows": footer.num_rows, "bytes": tmp.stat().st_size, "schema": schema_print,
+                  "sha256": content_hash(tmp)}  # fmt: skip
         write_json(_stats_path(stage_dir, index), {**stats, "shard": record})
     return shard_path(stage_dir, index)
 
@@ -167,9 +169,16 @@ def schema_fingerprint(schema: pa.Schema) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (about a fifth of the time a read of the shard takes: BENCHMARKS.md)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def verify_shard(stage_dir: Path, index: int) -> str | None:
-    """What is wrong with a finished shard, or None: its file against the row count, size and schema recorded
-    when it was written (footer and size only)."""
+    """What is wrong with a finished shard, or None: its file against the row count, size, schema and content hash
+    recorded when it was written. Size and footer find a truncated or replaced file; the hash finds a changed byte
+    anywhere (a bad disk, a bad copy, an edit)."""
     path = shard_path(stage_dir, index)
     try:
         record = json.loads(_stats_path(stage_dir, index).read_text()).get("shard")
@@ -188,6 +197,8 @@ def verify_shard(stage_dir: Path, index: int) -> str | None:
         return f"{meta.num_rows} rows where {record['rows']} were written"
     if schema_fingerprint(meta.schema.to_arrow_schema()) != record["schema"]:
         return "its columns or types differ from those it was written with"
+    if "sha256" in record and content_hash(path) != record["sha256"]:  # shards of earlier versions have no hash
+        return "its content differs from what was written (a changed byte: a bad disk, a bad copy or an edit)"
     return None
 
 

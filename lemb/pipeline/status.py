@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from lemb.errors import LembError
+from lemb.pipeline.lock import holder_of
 from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, shard_path, verify_shard
 
 
@@ -88,20 +89,55 @@ def run_status(run: Path) -> str:
                 f"  shard {r['shard']}: {int(r['done'])}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
                 f" ({where})"
             )
-    model = run / "train" / "model"
     if (run / "train").exists():
-        lines.append(f"{'train':<22}{'model saved' if model.exists() else 'no model yet'}")
+        lines.append(f"{'train':<22}{train_status(run / 'train')}")
     return "\n".join(lines)
+
+
+def train_status(train_dir: Path) -> str:
+    """Whether a training run is under way (its lock held) and how far it is (its log's last row, its checkpoint)."""
+    holder = holder_of(train_dir)
+    log, checkpoint = train_dir / "log.jsonl", train_dir / "checkpoint.pt"
+    last = None
+    if log.exists():
+        rows = [line for line in log.read_text().splitlines() if line.strip()]
+        last = json.loads(rows[-1]) if rows else None
+    where = f"{last['step'] + 1} steps done, loss {last['loss']:.4f}" if last else "no step done yet"
+    saved = ""
+    if checkpoint.exists():
+        saved = f"; checkpoint of {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(checkpoint.stat().st_mtime))}"
+    if holder is not None:
+        return f"running ({holder}): {where}{saved}"
+    if checkpoint.exists():
+        return f"stopped: {where}{saved} (lemb train --resume continues it)"
+    return "model saved" if (train_dir / "model").exists() else "no model yet"
+
+
+def _checked_shards(path: Path) -> list[Path]:
+    """The shards at `path` (a shard folder or one shard); a shard of a stage folder is refused if it is damaged
+    since it was written (as the next stage would refuse it)."""
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise LembError(f"{path}: no Parquet shards here")
+    for f in files:
+        index = f.name.removeprefix("part-").removesuffix(".parquet")
+        if (f.parent / MANIFEST).exists() and index.isdigit():
+            problem = verify_shard(f.parent, int(index))
+            if problem:
+                stage = json.loads((f.parent / MANIFEST).read_text())["stage"]
+                raise LembError(f"{f}: damaged: {problem}; rerun `lemb {stage}` on this run to redo it")
+    return files
 
 
 def inspect_shards(path: Path, top: int = 3) -> str:
     import polars as pl
 
-    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
-    if not files or not files[0].exists():
-        raise LembError(f"{path}: no Parquet shards here")
-    lf = pl.scan_parquet(files)
-    df = lf.collect()
+    files = _checked_shards(path)
+    try:
+        df = pl.scan_parquet(files).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LembError(f"{path}: not a readable Parquet file or shard folder ({first})") from None
     out = [f"{path}: {df.height} rows in {len(files)} shard(s); columns: {', '.join(df.columns)}"]
     with pl.Config(tbl_rows=50, fmt_str_lengths=60, tbl_width_chars=140):
         if "task" in df.columns:

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from lemb.errors import LembError
 from lemb.stages.models import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Encoder:
 
     def __init__(self, model: str, max_length: int = 256, batch_size: int = 64, trust_remote_code: bool = False):
         self.model = load_embedder(model, max_length, trust_remote_code, device=None)  # one encoder per GPU
+        self.name = model
         self.max_length = max_length
         self.batch_size = batch_size
         self.truncated = 0
@@ -64,4 +66,10 @@ class Encoder:
             full, prompt="", batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         )  # fmt: skip
+        broken = ~np.isfinite(emb).all(axis=1)
+        if broken.any():  # NaN vectors would rank nothing, silently: a model with broken weights stops here
+            first = full[int(np.argmax(broken))]
+            raise LembError(f"embedder {self.name} gave non-finite embeddings for {int(broken.sum())} of "
+                            f"{len(full)} texts (first: {first[:60]!r}): its weights are broken (a diverged "
+                            "training?)")  # fmt: skip
         return emb.astype(np.float32, copy=False)

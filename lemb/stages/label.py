@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,9 +195,11 @@ class LabelStage(Stage):
         """Reward rows of one query from its pool and its scores (bare prompt first, then each candidate's)."""
         n, tol = sum(counts), self.config.tie_tolerance
         baseline = [s for s, _ in scored[0]]
+        self._check_finite(rows[0], None, baseline)
         out = []
         for r, scores in zip(rows, scored[1:]):
             values = [s for s, _ in scores]
+            self._check_finite(r, r["key_id"], values)
             row = {
                 **{name: None for name in self.output_schema.names},
                 **_carried(r),
@@ -220,6 +223,16 @@ class LabelStage(Stage):
             out.append(row)
         self.counters["queries_labelled" if n else "queries_skipped_no_competing_samples"] += 1
         return out
+
+    def _check_finite(self, row: dict[str, Any], key_id: str | None, values: list[float]) -> None:
+        """A NaN or infinite log-probability is the LLM's fault (broken weights, an overflowing dtype), not a
+        reward: the stage stops in one line rather than write it."""
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            prompt = f"key_id {key_id!r}" if key_id is not None else "the bare prompt"
+            raise LembError(f"LLM {self.config.llm} gave a non-finite log-probability ({bad}) for query_id "
+                            f"{row['query_id']!r} under {prompt}: its weights or dtype ({self.config.dtype}) may "
+                            "be broken")  # fmt: skip
 
 
 class _BlockProgress:

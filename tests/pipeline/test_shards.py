@@ -224,3 +224,51 @@ def test_a_full_disk_while_a_shard_is_written_leaves_no_temporary_file(tmp_path,
     with pytest.raises(LembError, match=r"part-00000.parquet: cannot write \(No space left on device; \d+ MiB free"):
         write_shard(tmp_path, 0, _candidates(3), schemas.CANDIDATE, {}, {"rows_out": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_flipped_byte_in_a_finished_shard_is_found_everywhere_it_is_read(labelled_run, tmp_path):
+    """Same size, same footer, one changed byte inside a data page: status, inspect, the next stage and the stage's
+    own rerun all treat the shard as damaged."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+    from lemb.pipeline.status import run_status
+
+    run = tmp_path / "run"
+    shutil.copytree(labelled_run, run)
+    label = run / "label"
+    shard = shard_path(label, 0)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert pq.ParquetFile(shard).metadata.num_rows > 0  # the footer still reads: only the content hash sees it
+    assert verify_shard(label, 0).startswith("its content differs from what was written")
+    status = run_status(run)
+    assert "shard 0: DAMAGED, its content differs" in status and "1/2" in status
+    result = CliRunner().invoke(app, ["inspect", str(label)])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "part-00000.parquet: damaged: its content differs" in result.stderr
+    with pytest.raises(LembError, match=r"part-00000.parquet: damaged: its content differs.*rerun `lemb label`"):
+        stage_files(label)  # what train, rescore and eval read through
+    manifest = json.loads((label / "_manifest.json").read_text())
+    plan = ShardPlan.of_stage(run / "retrieve" / "candidates", "query_id")
+    inputs = [run / "retrieve" / "candidates" / "_manifest.json"]
+    assert open_stage(label, "label", manifest["config"], manifest["config_hash"], inputs, plan) == {1}
+    assert not shard.exists()  # the rerun redoes exactly that shard
+
+
+def test_inspect_on_a_file_that_is_not_parquet_or_is_cut_is_one_line(labelled_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from lemb.cli import app
+
+    not_parquet = tmp_path / "notes.parquet"
+    not_parquet.write_text("a text file\n")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(shard_path(labelled_run / "label", 0).read_bytes()[:-200])
+    for path in (not_parquet, cut):
+        result = CliRunner().invoke(app, ["inspect", str(path)])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith(f"error: {path}: not a readable Parquet file or shard folder (")

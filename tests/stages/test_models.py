@@ -64,3 +64,36 @@ def test_a_hub_id_neither_cached_nor_reachable_fails_at_once_in_one_line(monkeyp
     assert "embedder 'lemb-tests/no-such-model'" in str(err.value) and "\n" not in str(err.value)
     if offline:
         assert "not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
+
+
+def test_an_embedder_with_broken_weights_stops_retrieve_in_one_line(tiny_data, tmp_path):
+    """A model whose weights went NaN (a diverged training saved by other tools) would rank nothing, silently."""
+    import torch
+
+    from lemb.stages.encoder import load_embedder
+
+    model = load_embedder(DEFAULT_EMBEDDER)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    broken = tmp_path / "broken-model"
+    model.save(str(broken))
+    run = tmp_path / "run"
+    data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]), "--executor", "local"]
+    err = _one_line_failure(["retrieve", "--embedder", str(broken), *data], run)
+    assert f"embedder {broken} gave non-finite embeddings for " in err and "its weights are broken" in err
+
+
+def test_a_non_finite_log_probability_from_the_llm_stops_label_naming_the_query():
+    from lemb.pipeline.config import LabelConfig, load_config
+    from lemb.stages.label import LabelStage
+
+    stage = LabelStage(load_config(LabelConfig, backend="transformers"))
+    rows = [{"query_id": "q7", "task": "qa", "key_id": "k2", "retrieval_rank": 1, "target": "Paris",
+             "query_text": "capital of France?", "positive_ids": [], "relevance": None, "key_text": "...",
+             "key_title": None}]  # fmt: skip
+    good = [[(-1.0, 2), (-2.0, 2)]]
+    with pytest.raises(LembError, match=r"gave a non-finite log-probability \(nan\) for query_id 'q7' under key_id 'k2'"):
+        stage._rows(rows, ["London"], [1], good + [[(-1.0, 2), (float("nan"), 2)]])
+    with pytest.raises(LembError, match=r"\(-inf\) for query_id 'q7' under the bare prompt"):
+        stage._rows(rows, ["London"], [1], [[(float("-inf"), 2), (-2.0, 2)]] + good)
+    assert stage._rows(rows, ["London"], [1], good + good)[0]["rank"] is not None
