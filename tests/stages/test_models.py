@@ -92,7 +92,8 @@ def test_a_non_finite_log_probability_from_the_llm_stops_label_naming_the_query(
              "query_text": "capital of France?", "positive_ids": [], "relevance": None, "key_text": "...",
              "key_title": None}]  # fmt: skip
     good = [[(-1.0, 2), (-2.0, 2)]]
-    with pytest.raises(LembError, match=r"gave a non-finite log-probability \(nan\) for query_id 'q7' under key_id 'k2'"):
+    nan = r"gave a non-finite log-probability \(nan\) for query_id 'q7' under key_id 'k2'"
+    with pytest.raises(LembError, match=nan):
         stage._rows(rows, ["London"], [1], good + [[(-1.0, 2), (float("nan"), 2)]])
     with pytest.raises(LembError, match=r"\(-inf\) for query_id 'q7' under the bare prompt"):
         stage._rows(rows, ["London"], [1], [[(float("-inf"), 2), (-2.0, 2)]] + good)
