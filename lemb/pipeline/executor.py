@@ -285,10 +285,14 @@ class Executor:
     def _run_ray(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
         s = self.settings
         ray = init_ray(s.address)
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
         if stage.holds_model and s.num_gpus > gpus:  # Ray would wait forever for an actor it can never place
             raise LembError(f"{stage.name}: num_gpus {s.num_gpus:g} per worker, but the Ray cluster has {gpus:g} "
                             f"GPUs")  # fmt: skip
+        if stage.holds_model and s.threads > cpus:  # likewise: each worker asks for `threads` CPUs
+            raise LembError(f"{stage.name}: threads {s.threads} per worker, but the Ray cluster has {cpus:g} CPUs "
+                            f"(lower --threads)")  # fmt: skip
         queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
         pool = _ActorPool(ray, stage, s, size=min(self._pool_size(ray, stage.holds_model), len(queue)))
         try:

@@ -199,6 +199,9 @@ def test_more_gpus_per_worker_than_the_cluster_has_is_one_line_not_a_wait(tmp_pa
         with pytest.raises(LembError, match=r"^echo: num_gpus 1000 per worker, but the Ray cluster has \d+ GPUs$"):
             _run(tmp_path, ["q1", "q2"], "ray", num_gpus=1000.0)
         assert not list((tmp_path / "echo").glob("part-*.parquet"))
+        with pytest.raises(LembError, match=r"^echo: threads 1000 per worker, but the Ray cluster has \d+ CPUs"):
+            _run(tmp_path, ["q1", "q2"], "ray", threads=1000)
+        assert not (tmp_path / "echo").exists()  # nothing finished: no manifest left to trip the fixed command
     finally:
         ray.shutdown()
 
