@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 _DIR = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(_DIR))
@@ -14,6 +15,7 @@ fair_base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fair_base)
 
 
+@pytest.mark.slow
 def test_each_arm_is_ranked_with_the_instructions_it_was_trained_with(labelled_run, tiny_data, tmp_path):
     from lemb.data.tasks import INSTRUCTION_PRESETS
     from lemb.pipeline.shards import stage_files

@@ -25,6 +25,7 @@ def test_variants_change_one_setting_at_a_time_and_skip_the_default_value():
     }
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_trains_each_variant_and_compares_it_with_the_reference(labelled_run, tiny_data, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--run", str(labelled_run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
@@ -41,6 +42,7 @@ def test_a_tiny_sweep_trains_each_variant_and_compares_it_with_the_reference(lab
     assert "alpha: 0.5" in logged
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, tiny_data, tmp_path):
     out = tmp_path / "sweep"
     argv = [
@@ -94,6 +96,7 @@ def test_a_rerun_with_another_value_reuses_the_finished_variants(labelled_run, t
     assert "recall@1: alpha=0.5 - reference" in joined["paired_bootstrap_95"]
 
 
+@pytest.mark.slow
 def test_a_sweep_on_another_task_trains_and_scores_that_task_only(labelled_run, tiny_data, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--run", str(labelled_run), "--dev", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]),
@@ -114,6 +117,7 @@ def test_a_sweep_on_another_task_trains_and_scores_that_task_only(labelled_run, 
         sweep.main([*argv, "--task", "lrlm"])
 
 
+@pytest.mark.slow
 def test_a_sweep_on_a_sub_pool_trains_on_the_cut_rewards(labelled_run, tiny_data, tmp_path, monkeypatch):
     from lemb.pipeline.config import LabelConfig, RetrieveConfig, load_config
     from lemb.stages.label import label

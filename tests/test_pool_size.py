@@ -58,6 +58,7 @@ def test_subpool_rows_recompute_rank_and_reward_over_the_kept_samples_by_hand():
             assert r["reward"] == pytest.approx((2 + 1 - r["rank"]) / 2)
 
 
+@pytest.mark.slow
 def test_pool_size_study_on_a_tiny_real_run(tiny_data, tmp_path):
     import json
 

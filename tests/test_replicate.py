@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 _PATH = Path(__file__).resolve().parents[1] / "experiments" / "replicate.py"
@@ -73,6 +74,7 @@ def test_per_query_feedback_values():
     assert list(values) == ["t1"] and abs(values["t1"] - 1 / math.log2(3)) < 1e-12
 
 
+@pytest.mark.slow
 def test_part_feedback_labels_trains_each_variant_and_compares_them_per_kind(tmp_path):
     out = tmp_path / "fb"
     argv = ["--part", "feedback", "--out", str(out), "--fb-queries", "2", "--fb-dev", "2", "--fb-steps", "2",

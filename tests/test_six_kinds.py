@@ -53,6 +53,7 @@ def run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_candidates_are_own_history_or_same_task_corpus(run):
     data = run.parent / "data"
     queries = {q["query_id"]: q for q in read_queries(data / "queries.jsonl").to_pylist()}

@@ -132,6 +132,7 @@ def test_write_demo_writes_readable_jsonl(tmp_path):
     assert read_queries(paths["heldout"]).to_pylist() == expected
 
 
+@pytest.mark.slow
 def test_distractors_fool_the_base_embedder_but_gold_stays_in_reach():
     """The default embedder, used without instructions, ranks the gold first for at most two thirds of the queries
     of a task, yet in its top 5 for most."""

@@ -161,6 +161,7 @@ def test_workers_hide_library_deprecations_but_not_lemb_warnings():
     logging.getLogger("torch._library").setLevel(level)
 
 
+@pytest.mark.slow
 def test_running_shards_report_progress_to_the_bar_and_to_status(labelled_run, tmp_path):
     import shutil
 
@@ -192,6 +193,7 @@ def test_running_shards_report_progress_to_the_bar_and_to_status(labelled_run, t
     assert bar.done() == 1 + plan.items(1)  # shard 1 is finished: all of its queries count
 
 
+@pytest.mark.slow
 def test_more_gpus_per_worker_than_the_cluster_has_is_one_line_not_a_wait(tmp_path):
     import ray
 

@@ -40,6 +40,7 @@ def _no_leftovers(stage_dir):
     return not list(stage_dir.glob(".*.tmp-*")) and not list(stage_dir.glob("part-*.progress.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_label_on_ray_stops_cleanly_and_resumes(labelled_run, tmp_path, signum):
     run = tmp_path / "run"
@@ -62,6 +63,7 @@ def test_label_on_ray_stops_cleanly_and_resumes(labelled_run, tmp_path, signum):
     assert len(list(stage.glob("part-*.parquet"))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_retrieve_stops_cleanly(tiny_data, tmp_path, signum):
     run = tmp_path / "run"
@@ -74,6 +76,7 @@ def test_retrieve_stops_cleanly(tiny_data, tmp_path, signum):
     assert not (retrieve / ".input").exists()  # the per-shard input files are removed too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_train_stops_cleanly_keeping_its_checkpoint(labelled_run, tmp_path, signum):
     run = tmp_path / "run"

@@ -35,6 +35,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_releases_the_lock(tmp_p
         pass
 
 
+@pytest.mark.slow
 def test_label_and_a_restart_on_the_same_run_cannot_mix_their_shards(labelled_run, tmp_path):
     """The corruption this prevents: a `--restart` with other settings rewrote the manifest under a running label,
     which went on writing its shards into the new folder."""

@@ -56,6 +56,7 @@ def test_bad_record_deep_in_a_streamed_file_is_named(tmp_path):
         partition(iter_keys(corpus, batch_rows=8), "key_id", 2, tmp_path / "parts", corpus, KEY_INPUT)
 
 
+@pytest.mark.slow
 def test_streaming_holds_a_batch_not_the_corpus(tmp_path):
     corpus = _corpus(tmp_path / "c.jsonl", 20_000, text_len=400)  # about 8.5 MB of text
 

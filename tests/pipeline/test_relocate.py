@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from lemb.pipeline.shards import input_fingerprint
 
 
@@ -12,6 +14,7 @@ def _lemb(cwd, *args):
     return subprocess.run([sys.executable, "-m", "lemb.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_a_moved_run_and_its_data_resume_from_another_directory(labelled_run, tiny_data, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(labelled_run, moved / "run")

@@ -154,6 +154,7 @@ def test_eval_takes_the_key_template_of_the_run_it_evaluates(tmp_path):
     assert template(key_template="{title} | {text}") == "{title} | {text}"  # eval's own setting wins
 
 
+@pytest.mark.slow
 def test_label_reads_candidate_shards_written_before_grades_existed(labelled_run, tmp_path):
     import shutil
 

@@ -45,6 +45,7 @@ def test_clean_sample_cuts_at_newline_after_first_non_blank() -> None:
     assert clean_sample("one line ") == "one line"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 def test_shared_prefix_scores_match_naive(llm, shared_scores, reduce: str) -> None:
     naive = llm.score_naive(PROMPT, CONTINUATIONS, reduce=reduce)
@@ -61,6 +62,7 @@ def test_mean_is_sum_over_tokens(shared_scores) -> None:
         assert mean == pytest.approx(total / n, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_batching_does_not_change_scores(llm) -> None:
     """Rows of different lengths in one left-padded pass score as each row alone (padding and the other rows
     are masked out), and a budget smaller than any row runs them one by one."""
@@ -125,6 +127,7 @@ def test_empty_continuation_is_refused(llm) -> None:
         llm.score(PROMPT, ["Quelm", "", "Paris"])
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_per_seed(llm) -> None:
     first = sample_one(llm, PROMPT, n=4, max_new_tokens=12, temperature=1.0, seed=7)
     torch.rand(5)  # unrelated use of the global RNG must not matter
@@ -141,6 +144,7 @@ def test_sample_is_reproducible_per_seed(llm) -> None:
 SHORT, MEDIUM = "Name a colour.", "Background: Quelm is the capital of Zorbia.\n\nWhat is the capital of Zorbia?"
 
 
+@pytest.mark.slow
 def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatch) -> None:
     """The label stage samples a block of queries in one call: each prompt must get what it gets alone, wherever
     it sits in the call, next to prompts of other lengths (left padding) and however the call is split into
@@ -214,6 +218,7 @@ def test_first_tokens_follow_the_tempered_softmax(llm, temperature: float) -> No
     assert abs(frequency - p) < 4 * (p * (1 - p) / n) ** 0.5, (frequency, p)
 
 
+@pytest.mark.slow
 def test_sampling_prints_no_warnings_and_ignores_the_models_generation_config(llm, tmp_path, capfd) -> None:
     """A generation_config.json's penalties, top_k or temperature must not change what the samplers read (vLLM
     ignores that file too), and greedy decoding must not warn about sampling settings it does not use."""
@@ -244,6 +249,7 @@ def test_sampling_prints_no_warnings_and_ignores_the_models_generation_config(ll
     assert (captured.out, captured.err) == ("", "")
 
 
+@pytest.mark.slow
 def test_scores_of_several_prompts_in_one_call_are_the_per_prompt_scores(llm) -> None:
     """The label stage scores many queries' prompts in one call: each item must score as it does alone, with the
     default budget and with one that splits the call. The float32 passes differ in shape (one call caches only the
@@ -288,6 +294,7 @@ def test_resolve_llm_path(tmp_path) -> None:
     assert os.path.isfile(os.path.join(resolve_model_path(DEFAULT_LLM, "LLM"), "config.json"))
 
 
+@pytest.mark.slow
 def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> None:
     """The fast head (decoder + 2-D matmul) is taken for this model; the model's own logits (for heads that scale
     or cap after the matmul) and the per-sequence path (prompts longer than an attention window) score the same."""

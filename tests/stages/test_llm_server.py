@@ -116,6 +116,7 @@ def reference(llm_server, server_run, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @slow
 def test_scores_equal_the_transformers_backend_across_a_merging_boundary(llm_server):
     from lemb.stages.llm import load_llm
@@ -144,6 +145,7 @@ def test_scores_equal_the_transformers_backend_across_a_merging_boundary(llm_ser
     server.close()
 
 
+@pytest.mark.slow
 @slow
 def test_a_shard_labelled_twice_is_identical_and_names_the_served_model(llm_server, server_run, reference, tmp_path):
     run = fresh_run(server_run, tmp_path)
@@ -161,6 +163,7 @@ def test_a_shard_labelled_twice_is_identical_and_names_the_served_model(llm_serv
         assert proxy.requests <= 2  # its model list and tokenizer check only
 
 
+@pytest.mark.slow
 @slow
 def test_many_model_free_ray_workers_share_one_server(llm_server, server_run, reference, tmp_path):
     """Workers of the server backend take no CPU in Ray: more of them than this machine has CPUs all start."""
@@ -172,6 +175,7 @@ def test_many_model_free_ray_workers_share_one_server(llm_server, server_run, re
     assert rewards(run) == rewards(reference)
 
 
+@pytest.mark.slow
 @slow
 def test_injected_500s_are_retried_and_change_nothing(llm_server, server_run, reference, tmp_path):
     run = fresh_run(server_run, tmp_path)
@@ -183,6 +187,7 @@ def test_injected_500s_are_retried_and_change_nothing(llm_server, server_run, re
     assert rewards(run) == rewards(reference)
 
 
+@pytest.mark.slow
 @slow
 def test_a_server_killed_mid_shard_and_restarted_gives_the_uninterrupted_shards(
     llm_server, server_run, reference, tmp_path
@@ -204,6 +209,7 @@ def test_a_server_killed_mid_shard_and_restarted_gives_the_uninterrupted_shards(
     assert rewards(run) == rewards(reference)
 
 
+@pytest.mark.slow
 @slow
 def test_the_api_key_comes_from_its_variable_and_is_never_written(llm_server, server_run, tmp_path, monkeypatch):
     run = fresh_run(server_run, tmp_path)
@@ -251,6 +257,7 @@ def test_a_prompt_over_the_served_context_fails_its_shard_naming_the_query(llm_s
     assert "query_id 'q1'" in result.stderr and "HTTP 400" in result.stderr and "context" in result.stderr
 
 
+@pytest.mark.slow
 @slow
 def test_dry_run_calibrates_against_the_server(llm_server, server_run, tmp_path):
     run = fresh_run(server_run, tmp_path)
@@ -262,6 +269,7 @@ def test_dry_run_calibrates_against_the_server(llm_server, server_run, tmp_path)
     assert not (run / "label").exists()
 
 
+@pytest.mark.slow
 @slow
 def test_eval_downstream_metrics_through_the_server_equal_the_transformers_backend(llm_server, tiny_data, tmp_path):
     from lemb.pipeline.config import EvalConfig

@@ -39,6 +39,7 @@ def pool(vllm_backend) -> list[str]:
     return [s for per_prompt in samples for s in per_prompt if s]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_logprobs_of_target_and_samples_match_transformers(vllm_backend, transformers_backend, pool, reduce) -> None:
     continuations = ["Quelm", *pool]
@@ -57,6 +58,7 @@ def test_scoring_again_reads_the_cache_and_gives_the_same_numbers(vllm_backend) 
     assert vllm_backend.score(PROMPT, CONTINUATIONS, reduce="sum") == first
 
 
+@pytest.mark.slow
 def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(vllm_backend) -> None:
     """Each prompt is its own seeded request: alone or among prompts of other lengths, in any position, it gets the
     same samples (the label stage samples a block of queries in one call)."""
@@ -82,6 +84,7 @@ def test_prompt_lengths_match_transformers(vllm_backend, transformers_backend) -
     assert vllm_backend.prompt_lengths(messages) == transformers_backend.prompt_lengths(messages)
 
 
+@pytest.mark.slow
 def test_scoring_just_sampled_prompts_does_not_compute_them_again(vllm_backend, monkeypatch) -> None:
     """The sampling requests leave each prompt's full KV blocks in the prefix cache: score_many's prefill of those
     prompts, and its scoring requests, compute only each prompt's last partial block; the prefill of prompts never

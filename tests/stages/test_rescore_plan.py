@@ -94,6 +94,7 @@ def test_dry_run_counts_the_plan_and_writes_nothing(labelled_run, tmp_path):
     assert not (run / "label").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_calibrates_on_this_machine(labelled_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(labelled_run / "retrieve", run / "retrieve")

@@ -14,6 +14,7 @@ from tests.stages.test_llm import CONTINUATIONS, PROMPT
 pytest.importorskip("vllm")
 
 
+@pytest.mark.slow
 def test_a_backend_after_another_in_the_same_process_keeps_working() -> None:
     set_threads(1)
     first = VLLMBackend(DEFAULT_LLM, max_model_len=1024)

@@ -64,6 +64,7 @@ def test_killed_training_resumes_to_the_same_weights(labelled_run, tmp_path):
     assert len(rows(killed)) == 8 and rows(killed) == rows(reference)
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_refuses(labelled_run, tmp_path):
     run = _copy_run(labelled_run, tmp_path / "run")
     recipe = TrainRecipe(load_config(TrainConfig, run=str(run), **SETTINGS))
@@ -79,6 +80,7 @@ def test_resume_with_changed_settings_refuses(labelled_run, tmp_path):
     assert train(load_config(TrainConfig, run=str(run), resume=True, **SETTINGS), progress=False).exists()
 
 
+@pytest.mark.slow
 def test_train_never_discards_a_run_silently(labelled_run, tmp_path):
     run = _copy_run(labelled_run, tmp_path / "run")
     recipe = TrainRecipe(load_config(TrainConfig, run=str(run), **SETTINGS))

@@ -23,6 +23,7 @@ def trained(labelled_run):
     return labelled_run, train(config, progress=False)
 
 
+@pytest.mark.slow
 def test_trained_model_loads_in_both_libraries_with_instructions(trained):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
@@ -57,6 +58,7 @@ def test_training_changed_weights_and_logged_loss(trained):
     assert json.loads((run / "train" / "_stats.json").read_text())["groups"] >= 3
 
 
+@pytest.mark.slow
 def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog):
     import logging
     import shutil
@@ -99,6 +101,7 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     assert not (run / "train" / "tensorboard").exists()  # a fresh run without events leaves none of the last one
 
 
+@pytest.mark.slow
 def test_eval_writes_metrics_report_and_plots(trained, tiny_data):
     run, _ = trained
     cfg = load_config(
