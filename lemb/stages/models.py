@@ -116,6 +116,11 @@ def _hub_config(repo: str, what: str) -> str:
     cached = try_to_load_from_cache(repo, "config.json")
     if isinstance(cached, str):
         return cached
+    modules = try_to_load_from_cache(repo, "modules.json")  # a sentence-transformers repo with its model in a module
+    if isinstance(modules, str):
+        found = _config_file(os.path.dirname(modules))
+        if found is not None:
+            return found
     where = f"{what} {repo!r} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         raise LembError(f"{where}, and HF_HUB_OFFLINE is set; download it where the hub is reachable, or pass a "
