@@ -138,7 +138,7 @@ def run_lemb(args: argparse.Namespace, grad_chunk: int = 0, checkpointing: bool 
     sync(args.device)
     start = time.perf_counter()
     for _ in range(20):
-        graded_loss(q, k, rewards, valid).backward()
+        graded_loss(q, k, rewards, valid, tau=cfg.tau, alpha=cfg.alpha).backward()
     sync(args.device)
     loss_s = (time.perf_counter() - start) / 20
     return {
