@@ -37,8 +37,7 @@ def atomic(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
     except Exception as exc:
         problem = storage_problem(exc, final.parent)
-        free = free_space(final.parent)  # before the temporary file's space is given back
-        remove(tmp)
+        free = free_space(final.parent)  # before `finally` gives the temporary file's space back
         if problem is None:
             raise
         raise CannotWrite(final, f"{problem}; {free}") from None

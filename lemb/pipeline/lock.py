@@ -28,7 +28,7 @@ class StageLock:
     def __init__(self, stage_dir: Path, stage: str) -> None:
         stage_dir = Path(stage_dir)
         self.folder, self.stage = stage_dir, stage
-        self.path = stage_dir.parent / f".{stage_dir.name}.lock"
+        self.path = lock_path(stage_dir)
         self._file: IO[str] | None = None
         self._created: list[Path] = []  # folders this holder made (removed again if they stay empty)
 
@@ -100,11 +100,14 @@ class StageLock:
                 return
 
 
+def lock_path(stage_dir: Path) -> Path:
+    return Path(stage_dir).parent / f".{Path(stage_dir).name}.lock"
+
+
 def holder_of(stage_dir: Path) -> str | None:
     """Who holds a stage folder's lock ("pid 4242 on node-3, started ..."), or None when nobody does."""
-    path = Path(stage_dir).parent / f".{Path(stage_dir).name}.lock"
     try:
-        with open(path) as handle:
+        with open(lock_path(stage_dir)) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -113,6 +116,17 @@ def holder_of(stage_dir: Path) -> str | None:
     except OSError:
         pass
     return None
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` of this host is known to have ended (a process we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _holder(text: str) -> str:

@@ -354,12 +354,18 @@ def stage_files(stage_dir: Path) -> list[Path]:
     shard damaged since it was written (naming the file, the problem and the command that redoes it)."""
     files = [shard_path(stage_dir, i) for i in range(len(read_manifest(stage_dir)["plan"]))]
     _require_done(stage_dir, files)
-    for i, f in enumerate(files):
-        problem = verify_shard(stage_dir, i)
-        if problem:
-            stage = read_manifest(stage_dir)["stage"]
-            raise LembError(f"{f}: damaged: {problem}; rerun `lemb {stage}` on this run to redo it")
+    for i in range(len(files)):
+        refuse_damaged(stage_dir, i)
     return files
+
+
+def refuse_damaged(stage_dir: Path, index: int) -> None:
+    """One line naming a shard damaged since it was written, its problem and the command that redoes it."""
+    problem = verify_shard(stage_dir, index)
+    if problem:
+        stage = read_manifest(stage_dir)["stage"]
+        raise LembError(f"{shard_path(stage_dir, index)}: damaged: {problem}; rerun `lemb {stage}` on this run to "
+                        "redo it")  # fmt: skip
 
 
 def read_stage(stage_dir: Path, columns: list[str] | None = None) -> pa.Table:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
 
 from lemb.errors import LembError
-from lemb.pipeline.lock import holder_of
-from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, shard_path, verify_shard
+from lemb.pipeline.lock import holder_of, process_gone
+from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, refuse_damaged, shard_path, verify_shard
 
 
 def stage_status(stage_dir: Path) -> dict:
@@ -59,12 +58,10 @@ def _gone(progress: dict) -> bool:
     if progress.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(progress["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, KeyError, TypeError):
+        pid = int(progress["pid"])
+    except (ValueError, KeyError, TypeError):
         return False
-    return False
+    return process_gone(pid)
 
 
 def run_status(run: Path) -> str:
@@ -122,10 +119,7 @@ def _checked_shards(path: Path) -> list[Path]:
     for f in files:
         index = f.name.removeprefix("part-").removesuffix(".parquet")
         if (f.parent / MANIFEST).exists() and index.isdigit():
-            problem = verify_shard(f.parent, int(index))
-            if problem:
-                stage = json.loads((f.parent / MANIFEST).read_text())["stage"]
-                raise LembError(f"{f}: damaged: {problem}; rerun `lemb {stage}` on this run to redo it")
+            refuse_damaged(f.parent, int(index))
     return files
 
 

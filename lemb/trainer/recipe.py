@@ -25,7 +25,7 @@ from lemb.errors import ConfigError, InputError, LembError, MissingDependency, S
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
-from lemb.pipeline.lock import StageLock
+from lemb.pipeline.lock import StageLock, process_gone
 from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
@@ -365,13 +365,7 @@ def _alive(name: str) -> bool:
     digits = "".join(c for c in name.removesuffix(".arrow").rsplit("-", 1)[-1] if c.isdigit())
     if not digits or int(digits) == os.getpid():
         return False
-    try:
-        os.kill(int(digits), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return not process_gone(int(digits))
 
 
 def _device(setting: str) -> torch.device:
