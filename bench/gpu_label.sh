@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reward-labelling throughput on one GPU, in under 8 minutes: bench/label_throughput.py (naive transformers scoring,
-# lemb's transformers backend, lemb's vLLM backend) with a larger LLM. Needs an environment with lemb and the `gpu`
+# lemb's transformers backend, lemb's vLLM backend) with a larger LLM. Needs an environment with lemb and the `vllm`
 # extra (PyPI vllm, which brings its CUDA torch):
 #
-#   python -m venv .venv-gpu && .venv-gpu/bin/pip install -e '.[gpu]'
+#   python -m venv .venv-gpu && .venv-gpu/bin/pip install -e '.[vllm]'
 #   PYTHON=.venv-gpu/bin/python bash bench/gpu_label.sh [OUT_DIR]
 #
 # LLM: a hub id (needs network access) or a local model folder (default Qwen/Qwen2.5-1.5B-Instruct).

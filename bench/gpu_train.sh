@@ -19,8 +19,9 @@ COMMON=(--model "$MODEL" "${INIT[@]}" --data "$DATA" --device cuda --precision b
 mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, \
-'transformers', transformers.__version__, 'sentence-transformers', st.__version__)" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, transformers, sentence_transformers as st; assert torch.cuda.is_available(), 'no CUDA device \
+visible'; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', \
+st.__version__)" | tee -a "$OUT/gpu.txt"
 
 echo "== step paths agree on the GPU"
 $PY bench/gpu_step_check.py --model "$MODEL" "${INIT[@]}" --data "$DATA" | tee "$OUT/step_check.json"

@@ -85,8 +85,13 @@ def bench_driver_memory(sizes: list[int], shards: int = 16) -> list[dict]:
     import tempfile
     import tracemalloc
 
+    import pyarrow as pa
+
+    from lemb.data import schemas
     from lemb.data.readers import iter_keys, read_keys
     from lemb.pipeline.shards import partition
+
+    schema = schemas.KEY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))  # as retrieve streams keys
 
     rows = []
     for n in sizes:
@@ -101,7 +106,7 @@ def bench_driver_memory(sizes: list[int], shards: int = 16) -> list[dict]:
                 if name == "read_whole":
                     read_keys(corpus)
                 else:
-                    partition(iter_keys(corpus), "key_id", shards, Path(tmp) / "parts", corpus)
+                    partition(iter_keys(corpus), "key_id", shards, Path(tmp) / "parts", corpus, schema)
                 peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
                 tracemalloc.stop()
             rows.append(

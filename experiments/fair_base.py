@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lemb.files import write_json
+from lemb.trainer.bootstrap import paired_bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_settings import task_files, task_rows  # noqa: E402
@@ -50,7 +51,6 @@ from replicate import (  # noqa: E402
     bootstrap_table,
     machine,
     md_table,
-    paired_bootstrap,
     per_query_feedback,
     per_query_retrieval,
 )

@@ -34,10 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lemb.files import write_json
+from lemb.trainer.bootstrap import paired_bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pool_size import dev_metrics, label_setup, subpool_table, train_on  # noqa: E402
-from replicate import Clock, bootstrap_table, machine, md_table, paired_bootstrap  # noqa: E402
+from replicate import Clock, bootstrap_table, machine, md_table  # noqa: E402
 
 log = logging.getLogger("loss_settings")
 METRICS = ("ndcg@10", "recall@1")

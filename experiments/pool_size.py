@@ -33,8 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lemb.trainer.bootstrap import paired_bootstrap
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate import Clock, machine, md_table, paired_bootstrap, per_query_retrieval  # noqa: E402
+from replicate import Clock, machine, md_table, per_query_retrieval  # noqa: E402
 
 log = logging.getLogger("pool_size")
 

@@ -14,10 +14,11 @@ Part 1 (`--part qa`), NQ oracle (2,600 passages, 1,615 questions):
 Part 2 (`--part multitask`): all six task kinds; one model trained on the mixture vs one model per
   kind (the same run's labels, `task_weights` restricted to that kind), per-task dev metrics.
 
-Train/dev split: a question is dev when the first 8 hex digits of sha256("<split seed>:<query_id>"),
+Train/dev split: a question is dev when the first 8 hex digits of sha256("<salt>:<query_id>"),
 read as a fraction of 2**32, fall below `--dev-fraction`; each side is ordered by that hash, so
 `--queries N` takes the first N training questions of a fixed pseudo-random order and a larger N
-only adds questions. The split does not depend on `--seed` (which seeds sampling and training).
+only adds questions (lemb/data/split.py, the split of `lemb convert --dev-fraction`). The split does not
+depend on `--seed` (which seeds sampling and training).
 
     python experiments/replicate.py --part all --out runs/replicate --queries 160
 """
@@ -25,7 +26,6 @@ only adds questions. The split does not depend on `--seed` (which seeds sampling
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from lemb.data.split import hash_fraction, split_by_hash
+from lemb.trainer.bootstrap import paired_bootstrap
+
 log = logging.getLogger("replicate")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # replaced by --data
-SPLIT_SEED = "lemb-replicate"
 QA_VARIANTS = {  # name -> (reward, loss): the paper's 2 x 2 ablation, and contrastive on the gold passages
     "contrastive": ("rank", "contrastive"),
     "likelihood_kl": ("likelihood", "kl"),
@@ -52,19 +54,6 @@ QA_VARIANTS = {  # name -> (reward, loss): the paper's 2 x 2 ablation, and contr
 
 
 # ---------------------------------------------------------------- pure helpers (tested)
-
-
-def hash_fraction(item_id: str, salt: str = SPLIT_SEED) -> float:
-    """A stable number in [0, 1) for an id: the first 32 bits of sha256("<salt>:<id>")."""
-    return int(hashlib.sha256(f"{salt}:{item_id}".encode()).hexdigest()[:8], 16) / 2**32
-
-
-def split_by_hash(ids: Iterable[str], dev_fraction: float, salt: str = SPLIT_SEED) -> tuple[list[str], list[str]]:
-    """(train ids, dev ids), each ordered by hash: an id is dev when hash_fraction(id) < dev_fraction."""
-    ordered = sorted(ids, key=lambda i: (hash_fraction(i, salt), i))
-    dev = [i for i in ordered if hash_fraction(i, salt) < dev_fraction]
-    dev_set = set(dev)
-    return [i for i in ordered if i not in dev_set], dev
 
 
 def alias_answer_scores(answer: str, aliases: list[str]) -> tuple[float, float]:
@@ -78,17 +67,6 @@ def alias_answer_scores(answer: str, aliases: list[str]) -> tuple[float, float]:
     got = normalize_answer(answer)
     wanted = [normalize_answer(a) for a in aliases if normalize_answer(a)]
     return float(any(got == a for a in wanted)), float(any(f" {a} " in f" {got} " for a in wanted))
-
-
-def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean of a - b over paired per-query values with a 95% percentile bootstrap interval."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if diff.size == 0:
-        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"diff": float(diff.mean()), "lo": float(lo), "hi": float(hi), "n": int(diff.size)}
 
 
 # ---------------------------------------------------------------- running lemb's stages

@@ -7,15 +7,32 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
-from lemb.commands import name_value_pairs, stage_command, user_errors
+from lemb.commands import default_note, name_value_pairs, stage_command, user_errors
 from lemb.errors import LembError
 from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig
+from lemb.stages.plots import LOSS_PLOT, REWARDS_PLOT
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+WORKFLOW = """A run, start to end (each command's --help lists all of its settings):
+
+lemb convert nq_oracle --data ../shared/data --out data --limit 200 --dev-fraction 0.2
+
+lemb retrieve --run runs/a --queries data/queries.jsonl --corpus data/corpus.jsonl
+
+lemb label --run runs/a   (lemb label --run runs/a --dry-run: the plan and its cost first)
+
+lemb train --run runs/a
+
+lemb eval --run runs/a --queries data/dev.jsonl --corpus data/corpus.jsonl
+
+lemb status runs/a   (what is done; a stopped stage resumes when run again)"""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, epilog=WORKFLOW,
                   help="LLM-aware retrieval embedders: retrieve, label, train, eval.")  # fmt: skip
 
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars. " + default_note("false"))]
+PIPELINE, RUNS, DEMO = "Stages, in the order a run takes them", "Look at and reuse a run", "Try it"
 
 
 def _version(value: bool) -> None:
@@ -35,7 +52,74 @@ def _main(
     """LLM-aware retrieval embedders: retrieve, label, train, eval."""
 
 
-@app.command()
+class _ConvertCommand(TyperCommand):
+    """`lemb convert`, whose --help ends with the table of sources (read from lemb/data/convert.py when shown)."""
+
+    @property
+    def epilog(self) -> str:
+        from lemb.data.convert import sources_help
+
+        return sources_help()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass
+
+
+@app.command(cls=_ConvertCommand, rich_help_panel=PIPELINE)
+@user_errors
+def convert(
+    source: Annotated[
+        list[str],
+        typer.Argument(
+            help="NAME or NAME:SPLIT (the sources are listed below), several mixed into one set.", show_default=False
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(help="Data root laid out like ../shared/data, or the source's own folder.", show_default=False),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output folder: queries.jsonl + corpus.jsonl (+ dev.jsonl), or <task>.json files.", show_default=False
+        ),
+    ],
+    limit: Annotated[
+        Optional[int], typer.Option(help="First N queries of each source. " + default_note("all"))
+    ] = None,
+    max_keys: Annotated[
+        Optional[int],
+        typer.Option(
+            help="At most N keys per source; the kept queries' positives always stay. " + default_note("all")
+        ),
+    ] = None,
+    split: Annotated[
+        Optional[str], typer.Option(help="Split for sources named without one. " + default_note("the source's first"))
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="lemb or flagembedding (llm_embedder JSONL).")] = "lemb",
+    dev_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Also hold out this fraction of the queries as dev.jsonl, by a stable hash of each query_id (the "
+            "same id always falls on the same side). " + default_note("none")
+        ),
+    ] = None,
+) -> None:
+    """Real data of the six task kinds, FlagEmbedding llm_embedder files or a BEIR folder, as lemb records."""
+    from lemb.data.convert import convert as run_convert
+
+    result = run_convert(
+        source, data, out, limit=limit, max_keys=max_keys, split=split, fmt=format, dev_fraction=dev_fraction
+    )
+    tasks = ", ".join(f"{t} {n}" for t, n in sorted(result["per_task"].items()))
+    typer.echo(f"{result['queries']} queries ({tasks}), {result['keys']} keys in {out}")
+    if result["dev"]:
+        dev = ", ".join(f"{t} {n}" for t, n in sorted(result["dev_per_task"].items()))
+        typer.echo(f"{result['dev']} held-out queries ({dev}) in {result['dev_path']}")
+
+
+@app.command(rich_help_panel=PIPELINE)
 @user_errors
 @stage_command(RetrieveConfig)
 def retrieve(cfg: RetrieveConfig, quiet: bool) -> None:
@@ -47,13 +131,15 @@ def retrieve(cfg: RetrieveConfig, quiet: bool) -> None:
     typer.echo(f"candidates: {rows} rows in {Path(cfg.run) / 'retrieve' / 'candidates'}")
 
 
-@app.command()
+@app.command(rich_help_panel=PIPELINE)
 @user_errors
 @stage_command(LabelConfig)
 def label(
     cfg: LabelConfig,
     quiet: bool,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and its cost; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and its cost; write nothing. " + default_note("false"))
+    ] = False,
     calibrate: Annotated[int, typer.Option(help="Queries timed by --dry-run (0: counts only, no LLM).")] = 2,
 ) -> None:
     """Sample the LLM, score the desired output under each candidate, write rank-aware reward shards."""
@@ -68,42 +154,29 @@ def label(
     silent = stats.get("queries_skipped_no_competing_samples", 0) + stats.get("queries_skipped_no_target", 0)
     typer.echo(
         f"rewards: {int(stats.get('rows_out', 0))} rows, {int(stats.get('queries_labelled', 0))} queries labelled, "
-        f"{int(silent)} without signal, in {Path(cfg.run) / 'label'}"
+        f"{int(silent)} without signal, in {Path(cfg.run) / 'label'} (histogram: {REWARDS_PLOT})"
     )
 
 
-@app.command()
+@app.command(rich_help_panel=PIPELINE)
 @user_errors
 @stage_command(TrainConfig)
 def train(cfg: TrainConfig, quiet: bool) -> None:
     """Graded distillation of the embedder from the run's reward shards; saves <run>/train/model."""
     from lemb.trainer.recipe import train as run_train
 
-    typer.echo(f"model: {run_train(cfg, progress=not quiet)}")
+    model = run_train(cfg, progress=not quiet)
+    typer.echo(f"model: {model}  loss curve: {model.parent / LOSS_PLOT}")
 
 
-@app.command()
-@user_errors
-def export(
-    model: Annotated[Path, typer.Argument(help="A trained model folder, or a run folder (its train/model).")],
-    out: Annotated[Path, typer.Option(help="New folder to write.")],
-    format: Annotated[str, typer.Option("--format", help="flagembedding (llm_embedder's layout).")] = "flagembedding",
-) -> None:
-    """Write a trained model in another project's layout, with its task instructions."""
-    from lemb.trainer.export import export as run_export
-
-    path, flags = run_export(model, out, format)
-    typer.echo(f"exported to {path}; FlagEmbedding flags: {flags}")
-
-
-@app.command("eval")
+@app.command("eval", rich_help_panel=PIPELINE)
 @user_errors
 @stage_command(EvalConfig)
 def eval_(
     cfg: EvalConfig,
     quiet: bool,
     embedder: Annotated[
-        Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable; default: base and trained.")
+        Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable. " + default_note("base and <run>/train/model"))
     ] = None,
 ) -> None:
     """Each task's metrics (TaskSpec.metrics) for each embedder, base vs trained; writes <run>/eval/."""
@@ -115,31 +188,46 @@ def eval_(
     typer.echo("\n".join(task_tables(metrics)))
 
 
-@app.command()
+@app.command(rich_help_panel=RUNS)
 @user_errors
-def convert(
-    source: Annotated[
-        list[str],
-        typer.Argument(help="NAME or NAME:SPLIT, several mixed into one set (lemb/data/convert.py SOURCES)."),
+def status(run: Annotated[Path, typer.Argument(help="Run folder.", show_default=False)]) -> None:
+    """Which stages and shards of a run are done, pending or failed."""
+    from lemb.pipeline.status import run_status
+
+    typer.echo(run_status(run))
+
+
+@app.command(rich_help_panel=RUNS)
+@user_errors
+def inspect(
+    path: Annotated[
+        Path, typer.Argument(help="A stage folder of shards (e.g. <run>/label) or one shard file.", show_default=False)
     ],
-    data: Annotated[Path, typer.Option(help="Data root laid out like ../shared/data, or the source's own folder.")],
-    out: Annotated[Path, typer.Option(help="Output folder: queries.jsonl + corpus.jsonl, or <task>.json files.")],
-    limit: Annotated[Optional[int], typer.Option(help="First N queries of each source.")] = None,
-    max_keys: Annotated[
-        Optional[int], typer.Option(help="At most N keys per source; the kept queries' positives always stay.")
+    top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3,
+    agreement: Annotated[
+        bool,
+        typer.Option(
+            "--agreement",
+            help="For a label folder: how each reward agrees with the known positives, per task. "
+            + default_note("false"),
+        ),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="With --agreement: write the report here. " + default_note("none"))
     ] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split for sources named without one.")] = None,
-    format: Annotated[str, typer.Option("--format", help="lemb or flagembedding (llm_embedder JSONL).")] = "lemb",
 ) -> None:
-    """Real data of the six task kinds, or FlagEmbedding llm_embedder files, as lemb records."""
-    from lemb.data.convert import convert as run_convert
+    """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
+    if agreement:
+        from lemb.stages.agreement import agreement_report
 
-    result = run_convert(source, data, out, limit=limit, max_keys=max_keys, split=split, fmt=format)
-    tasks = ", ".join(f"{t} {n}" for t, n in sorted(result["per_task"].items()))
-    typer.echo(f"{result['queries']} queries ({tasks}), {result['keys']} keys in {out}")
+        typer.echo(agreement_report(path, json_out))
+        return
+    from lemb.pipeline.status import inspect_shards
+
+    typer.echo(inspect_shards(path, top))
 
 
-@app.command()
+@app.command(rich_help_panel=RUNS)
 @user_errors
 def rescore(
     run: Annotated[Path, typer.Argument(help="Run folder with a finished label stage.")],
@@ -155,37 +243,47 @@ def rescore(
                f" in {s['out']}")  # fmt: skip
 
 
-@app.command()
+@app.command(rich_help_panel=RUNS)
 @user_errors
-def inspect(
-    path: Path,
-    top: Annotated[int, typer.Option(help="Examples shown at each end.")] = 3,
-    agreement: Annotated[
-        bool, typer.Option(help="For a label folder: how each reward agrees with the known positives, per task.")
-    ] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="With --agreement: write the report here.")] = None,
+def export(
+    model: Annotated[Path, typer.Argument(help="A trained model folder, or a run folder (its train/model).")],
+    out: Annotated[Path, typer.Option(help="New folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="flagembedding (llm_embedder's layout).")] = "flagembedding",
 ) -> None:
-    """A polars summary of a shard folder: rows, per-task counts, reward distribution, top and bottom rows."""
-    if agreement:
-        from lemb.stages.agreement import agreement_report
+    """Write a trained model in another project's layout, with its task instructions."""
+    from lemb.trainer.export import export as run_export
 
-        typer.echo(agreement_report(path, json_out))
-        return
-    from lemb.pipeline.status import inspect_shards
-
-    typer.echo(inspect_shards(path, top))
+    path, flags = run_export(model, out, format)
+    typer.echo(f"exported to {path}; FlagEmbedding flags: {flags}")
 
 
-@app.command()
+@app.command(rich_help_panel=RUNS)
 @user_errors
-def status(run: Path) -> None:
-    """Which stages and shards of a run are done, pending or failed."""
-    from lemb.pipeline.status import run_status
+def push(
+    model: Annotated[
+        Path, typer.Argument(help="A run folder (its train/model) or a trained model folder.", show_default=False)
+    ],
+    repo: Annotated[
+        str, typer.Option(help="OWNER/NAME on the Hugging Face Hub; created if missing.", show_default=False)
+    ],
+    private: Annotated[
+        bool,
+        typer.Option(
+            "--private", help="Create the repo private (an existing repo stays as it is). " + default_note("false")
+        ),
+    ] = False,
+    revision: Annotated[
+        Optional[str], typer.Option(help="Branch to push to, created if missing. " + default_note("main"))
+    ] = None,
+) -> None:
+    """Upload a trained model with its model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    from lemb.trainer.push import push as run_push
 
-    typer.echo(run_status(run))
+    folder, url = run_push(model, repo, private=private, revision=revision)
+    typer.echo(f"pushed {folder} to {url}")
 
 
-@app.command()
+@app.command(rich_help_panel=DEMO)
 @user_errors
 def demo(
     size: Annotated[str, typer.Option(help="tiny (about 3 minutes) or small.")] = "small",

@@ -23,7 +23,7 @@ import typer
 import yaml
 
 from lemb.errors import ConfigError, Interrupted, LembError
-from lemb.pipeline.config import load_config
+from lemb.pipeline.config import GROUPS, IO, load_config
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 _SCALARS = (int, float, str, bool)
@@ -41,17 +41,41 @@ def _flag_type(hint: Any) -> Any | None:
     return hint if hint in _SCALARS else None
 
 
-def _describe(f: dataclasses.Field, hint: Any) -> str:
-    notes = []
+def default_text(f: dataclasses.Field) -> str:
+    """A setting's default as --help shows it: `none` for None, `true`/`false`, a table as YAML, zeros included."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)
+
+
+def default_note(text: str) -> str:
+    """`[default: TEXT]` as typer shows an option's default (dimmed), for defaults typer cannot show itself: a setting
+    whose flag defaults to 'not given', or a default that is a rule rather than a value ('all')."""
+    return "[dim]\\[default: " + text.replace("[", "\\[") + "][/dim]"
+
+
+def _describe(f: dataclasses.Field, hint: Any, table: bool) -> str:
+    """The help line of a setting's flag: its help, its choices, how a table is given, then `[required]` or its
+    default in the style typer gives the defaults of other options (markup: `[` escaped, the default dimmed)."""
+    text = f.metadata.get("help", "")
     if typing.get_origin(hint) is typing.Literal:
-        notes.append(" | ".join(typing.get_args(hint)))
-    if f.default is not dataclasses.MISSING and f.default not in (None, "", False):
-        notes.append(f"default {f.default}")
-    return f.metadata.get("help", "") + (f" ({'; '.join(notes)})" if notes else "")
+        text += f" ({' | '.join(typing.get_args(hint))})"
+    if table:
+        text += " A table, as YAML."
+    elif _flag_type(hint) is str and any(typing.get_origin(a) is dict for a in typing.get_args(hint)):
+        text += f" A table: --set {f.name}=YAML."
+    text = text.replace("[", "\\[")
+    if f.metadata.get("required"):
+        return text + " [red]\\[required][/red]"
+    return text + " " + default_note(default_text(f))
 
 
 def setting_options(cls: type) -> list[inspect.Parameter]:
-    """A keyword parameter with a typer option for each scalar setting of `cls` and of its sections."""
+    """A keyword parameter with a typer option for each setting of `cls` and of its sections, in its --help panel;
+    a table setting's flag takes YAML."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
@@ -59,23 +83,44 @@ def setting_options(cls: type) -> list[inspect.Parameter]:
             params += setting_options(hints[f.name])
             continue
         kind = _flag_type(hints[f.name])
-        if kind is None:
-            continue  # a table: --set or --config
         flag = "--" + f.name.replace("_", "-")
         decls = [flag] if kind is not bool or f.default is False else [f"{flag}/--no-{flag[2:]}"]
-        option = typer.Option(*decls, help=_describe(f, hints[f.name]), show_default=False)
-        params.append(inspect.Parameter(f.name, _KW, default=None, annotation=Annotated[Optional[kind], option]))
+        option = typer.Option(
+            *decls,
+            help=_describe(f, hints[f.name], table=kind is None),
+            show_default=False,
+            rich_help_panel=f.metadata.get("group"),
+            metavar="YAML" if kind is None else None,
+        )
+        annotation = Annotated[Optional[kind or str], option]
+        params.append(inspect.Parameter(f.name, _KW, default=None, annotation=annotation))
     return params
 
 
+def _tables(cls: type) -> set[str]:
+    """The settings of `cls` (and its sections) whose flag takes YAML."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= _tables(hints[f.name])
+        elif _flag_type(hints[f.name]) is None:
+            out.add(f.name)
+    return out
+
+
 _COMMON = [
-    inspect.Parameter("config", _KW, default=None,
-                      annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of settings.")]),
+    inspect.Parameter("config", _KW, default=None, annotation=Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML file of settings (flags and --set win over it).", rich_help_panel=IO)]),
     inspect.Parameter("sets", _KW, default=None, annotation=Annotated[Optional[list[str]], typer.Option(
-        "--set", help="KEY=VALUE (VALUE read as YAML), repeatable: any setting, tables included.")]),
-    inspect.Parameter("quiet", _KW, default=False,
-                      annotation=Annotated[bool, typer.Option("--quiet", help="No progress bars.")]),
+        "--set", help="KEY=VALUE (VALUE read as YAML), repeatable: any setting.", rich_help_panel=IO)]),
+    inspect.Parameter("quiet", _KW, default=False, annotation=Annotated[bool, typer.Option(
+        "--quiet", help="No progress bars. " + default_note("false"), rich_help_panel=IO)]),
 ]  # fmt: skip
+
+
+def _panel(param: inspect.Parameter) -> str:
+    return typing.get_args(param.annotation)[1].rich_help_panel
 
 
 def name_value_pairs(items: list[str] | None, flag: str, form: str = "NAME=VALUE") -> dict[str, str]:
@@ -91,13 +136,15 @@ def name_value_pairs(items: list[str] | None, flag: str, form: str = "NAME=VALUE
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` items, each VALUE read as YAML."""
-    out = {}
-    for key, value in name_value_pairs(items, "--set", "KEY=VALUE").items():
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}={value!r}: VALUE is not valid YAML ({str(exc).splitlines()[0]})") from None
-    return out
+    return {k: read_yaml(v, f"--set {k}={v!r}") for k, v in name_value_pairs(items, "--set", "KEY=VALUE").items()}
+
+
+def read_yaml(value: str, where: str) -> Any:
+    """A setting's value given as YAML text (a --set item, a table setting's flag); `where` names it in errors."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -106,15 +153,17 @@ def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         extra = [p.replace(kind=_KW) for p in list(inspect.signature(fn, eval_str=True).parameters.values())[2:]]
-        names = {p.name for p in extra}
+        names, tables = {p.name for p in extra}, _tables(cls)
 
         def command(**kwargs: Any) -> Any:
             own = {k: kwargs.pop(k) for k in names}
             path, sets, quiet = kwargs.pop("config"), kwargs.pop("sets"), kwargs.pop("quiet")
             flags = {k: v for k, v in kwargs.items() if v is not None}
+            flags.update({k: read_yaml(v, f"--{k.replace('_', '-')} {v!r}") for k, v in flags.items() if k in tables})
             return fn(load_config(cls, path, **{**parse_sets(sets), **flags}), quiet, **own)
 
-        command.__signature__ = inspect.Signature(setting_options(cls) + _COMMON + extra)  # type: ignore[attr-defined]
+        settings = sorted(setting_options(cls) + _COMMON, key=lambda p: GROUPS.index(_panel(p)))
+        command.__signature__ = inspect.Signature(settings + extra)  # type: ignore[attr-defined]
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
         return command
 

@@ -41,5 +41,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 class MissingDependency(LembError):
-    def __init__(self, module: str, install: str) -> None:
-        super().__init__(f"{module} is not installed; install it with: {install}")
+    def __init__(self, module: str, install: str, plural: bool = False) -> None:
+        are, them = ("are", "them") if plural else ("is", "it")
+        super().__init__(f"{module} {are} not installed; install {them} with: {install}")

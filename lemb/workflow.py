@@ -22,9 +22,13 @@ def run_demo(size: str, out: Path, executor: str = "ray", threads: int = 1, prog
     """Generate the demo world, then retrieve -> label -> train -> eval; returns the metrics."""
     from lemb.data.demo import write_demo
     from lemb.stages.label import label
+    from lemb.stages.models import require_packaged
     from lemb.stages.retrieve import retrieve
     from lemb.trainer.recipe import train
+    from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
+    # a default model without its package: one line naming the install, before any file is written or Ray starts
+    require_packaged([DEFAULT_EMBEDDER, DEFAULT_LLM])
     s = DEMO_SETTINGS[size]
     files = write_demo(out / "data", size=size)
     run = out / "run"

@@ -73,9 +73,22 @@ def test_status_and_inspect_on_a_run(labelled_run):
     result = runner.invoke(app, ["status", str(labelled_run)])
     assert result.exit_code == 0
     assert "label" in result.stdout and "2/2" in result.stdout
-    result = runner.invoke(app, ["inspect", str(labelled_run / "label")])
+    result = runner.invoke(app, ["inspect", str(labelled_run / "label"), "--top", "2"])
     assert result.exit_code == 0
     assert "8 rows in 2 shard(s)" in result.stdout and "reward distribution" in result.stdout
+    # the top and bottom pairs come with the texts a person reads: the query, the key and the desired output
+    import polars as pl
+
+    rows = pl.read_parquet(sorted((labelled_run / "label").glob("part-*.parquet"))).filter(
+        pl.col("reward").is_not_null()
+    )
+    best = rows.sort("reward", descending=True).row(0, named=True)
+    top = result.stdout.split("top 2 by reward:")[1].split("bottom 2 by reward:")[0]
+    assert f"{best['query_id']} / {best['key_id']}: reward {best['reward']:.3f}" in top
+    assert f"query  {' '.join(best['query_text'].split())[:60]}" in top and f"target {best['target']}" in top
+    assert "key    " in top and top.count("query  ") == 2
+    # label drew the reward histogram as it finished
+    assert (labelled_run / "label" / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

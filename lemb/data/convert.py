@@ -20,6 +20,7 @@ from typing import Any
 from lemb.data import sources
 from lemb.data.flagembedding import read_flagembedding, write_flagembedding
 from lemb.data.readers import read_keys, read_queries, write_jsonl
+from lemb.data.split import split_by_hash
 from lemb.errors import LembError
 
 Records = tuple[list[dict[str, Any]], list[dict[str, Any]]]
@@ -161,10 +162,17 @@ def convert(
     max_keys: int | None = None,
     split: str | None = None,
     fmt: str = "lemb",
+    dev_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Convert `specs` ('name' or 'name:split') and write them into `out`; returns counts and paths."""
+    """Convert `specs` ('name' or 'name:split') and write them into `out`; returns counts and paths. With
+    `dev_fraction`, the queries whose id hashes below it (lemb/data/split.py) go to `dev.jsonl` instead of
+    `queries.jsonl`, both over the one corpus."""
     if fmt not in FORMATS:
         raise LembError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dev_fraction is not None and not 0 < dev_fraction < 1:
+        raise LembError(f"--dev-fraction must be a fraction in (0, 1), got {dev_fraction}")
+    if dev_fraction is not None and fmt != "lemb":
+        raise LembError("--dev-fraction writes queries.jsonl and dev.jsonl: use it with --format lemb")
     if not specs:
         raise LembError(f"name at least one source; known: {', '.join(SOURCES)}")
     for name, value in (("--limit", limit), ("--max-keys", max_keys)):
@@ -179,8 +187,42 @@ def convert(
         parts.append((spec, (queries, keys)))
     queries, keys = _merge(parts)
     out = Path(out)
+    dev: list[dict[str, Any]] = []
+    if dev_fraction is not None:
+        queries, dev = _split(queries, dev_fraction)
     paths = _write(queries, keys, out, fmt)
-    return {"queries": len(queries), "keys": len(keys), "per_task": dict(Counter(q["task"] for q in queries)), **paths}
+    if dev:
+        paths["dev_path"] = write_jsonl(dev, out / "dev.jsonl")
+        read_queries(paths["dev_path"])
+    return {
+        "queries": len(queries),
+        "keys": len(keys),
+        "per_task": dict(Counter(q["task"] for q in queries)),
+        "dev": len(dev),
+        "dev_per_task": dict(Counter(q["task"] for q in dev)),
+        **paths,
+    }
+
+
+def _split(queries: list[dict], dev_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, dev) queries, each in the sources' order; a side left empty is an error, not a silent empty file."""
+    dev_ids = set(split_by_hash([q["query_id"] for q in queries], dev_fraction)[1])
+    train = [q for q in queries if q["query_id"] not in dev_ids]
+    dev = [q for q in queries if q["query_id"] in dev_ids]
+    if not train or not dev:
+        side = "dev.jsonl" if not dev else "queries.jsonl"
+        raise LembError(f"--dev-fraction {dev_fraction} leaves {side} empty ({len(queries)} queries in all)")
+    return train, dev
+
+
+def sources_help() -> str:
+    """The sources `lemb convert` reads, a line each (name, splits, task kind and what it is), for --help."""
+    lines = []
+    for name, source in SOURCES.items():
+        splits = f" (splits: {', '.join(source.splits)})" if source.splits and not source.any_split else ""
+        where = f"DATA/{source.folder}" if source.folder else "DATA is the folder"
+        lines.append(f"{name}{splits}: {source.about} ({where})")
+    return "\n\n".join(["Sources (NAME or NAME:SPLIT; DATA is --data, a root laid out like ../shared/data):", *lines])
 
 
 def _write(queries: list[dict], keys: list[dict], out: Path, fmt: str) -> dict[str, Path]:

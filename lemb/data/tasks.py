@@ -70,7 +70,8 @@ class TaskSpec:
 # Evaluation measures by name, as the paper evaluates each task kind (LLM ones use the top-`answer_k` retrieved
 # candidates in the task's prompt, the same prompt the rewards were labelled with).
 METRICS = {
-    "recall@k": "known positives among the top k (ir-measures R@k)",
+    "recall@k": "known positives among the top k (ir-measures R@k); recall@100 (qa, convsearch: what a reader or "
+    "reranker after the retriever could still find) needs eval_depth >= 100",
     "mrr@k": "reciprocal rank of the first positive within the top k (RR@k)",
     "ndcg@k": "nDCG of the top k against the known positives (nDCG@k); the paper's tool and convsearch measure",
     "answer_accuracy": "the LLM's greedy answer holds the normalised target as a whole-word span (icl: label match)",
@@ -86,7 +87,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=16,
         loss="graded",
         in_batch_negatives=True,
-        metrics=("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em"),
+        metrics=("recall@1", "recall@5", "mrr@10", "ndcg@10", "recall@100", "answer_accuracy", "answer_em"),
     ),
     "icl": TaskSpec(
         "icl",
@@ -131,7 +132,7 @@ TASK_SPECS: dict[str, TaskSpec] = {
         max_new_tokens=32,
         loss="contrastive",
         in_batch_negatives=True,
-        metrics=("ndcg@3", "recall@1", "recall@5"),
+        metrics=("ndcg@3", "recall@1", "recall@5", "recall@100"),
     ),
 }
 

@@ -40,22 +40,40 @@ from lemb.vocabulary import (
     vllm_installed,
 )
 
+# the panels of a stage's --help, in the order they are shown
+IO, METHOD, PERF, SERVER = "Inputs and outputs", "Method", "Cluster and performance", "LLM server (--backend server)"
+GROUPS = (IO, METHOD, SERVER, PERF)
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A setting: its default (or `factory` for a mutable one) and the one line of help that the CLI shows."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = dataclasses.MISSING,
+    group: str = METHOD,
+    required: bool = False,
+) -> Any:
+    """A setting: its default (or `factory` for a mutable one), the one line of help that the CLI shows, the panel
+    of --help it is listed in, and whether a stage cannot run without it (given as a flag or in --config)."""
+    return field(
+        default=default, default_factory=factory, metadata={"help": help, "group": group, "required": required}
+    )
 
 
 @dataclass
 class Cluster:
     """Where a sharded stage's shards run (retrieve, label, eval's ranking): none of it changes the output."""
 
-    executor: ExecutorKind = setting("ray", "ray (Ray actors) or local (in this process, no Ray).")
-    address: str | None = setting(None, "Ray cluster address; none: RAY_ADDRESS, else a new local cluster.")
-    workers: int = setting(0, "Actors in the pool, one model copy each (0: as many as the CPUs or GPUs hold).")
-    num_gpus: float = setting(0.0, "GPUs per actor.")
-    threads: int = setting(1, "Torch threads per worker (1 is fastest on 2 vCPUs).")
-    max_retries: int = setting(3, "Resubmissions of a shard whose actor or node died.")
+    executor: ExecutorKind = setting("ray", "ray (Ray actors) or local (in this process, no Ray).", group=PERF)
+    address: str | None = setting(
+        None, "Ray cluster address; none: RAY_ADDRESS, else a new local cluster.", group=PERF
+    )
+    workers: int = setting(
+        0, "Actors in the pool, one model copy each (0: as many as the CPUs or GPUs hold).", group=PERF
+    )
+    num_gpus: float = setting(0.0, "GPUs per actor.", group=PERF)
+    threads: int = setting(1, "Torch threads per worker (1 is fastest on 2 vCPUs).", group=PERF)
+    max_retries: int = setting(3, "Resubmissions of a shard whose actor or node died.", group=PERF)
 
     def problems(self) -> list[str]:
         out = _at_least_one(self, "threads")
@@ -73,15 +91,28 @@ class LLMServer:
     """OpenAI-compatible LLM servers for `backend: server` (vLLM's `vllm serve`). None of it is hashed: the served
     model's identity is, as the stage's fingerprint, so a job can move to other servers of the same model."""
 
-    llm_url: str | list[str] = setting("", "Base URL(s) of OpenAI-compatible servers of the LLM (backend server), "
-                                           "e.g. http://gpu1:8000/v1; several comma-separated or a list.")  # fmt: skip
-    api_key_env: str = setting("VLLM_API_KEY", "Environment variable holding the servers' API key (never saved).")
-    max_concurrency: int = setting(64, "Requests a label worker keeps in flight (over all its servers).")
-    request_timeout: float = setting(600.0, "Seconds before a request is abandoned (and retried).")
-    request_retries: int = setting(10, "Retries of a request after a connection error, timeout, 429 or 5xx "
-                                       "(backoff 0.5 s doubling to 30 s: about 2.5 min in all).")  # fmt: skip
-    tokenizer: str | None = setting(None, "Tokenizer of the served LLM for lemb's client-side rendering (none: --llm,"
-                                          " else the served model's path).")  # fmt: skip
+    llm_url: str | list[str] = setting(
+        "",
+        "Base URL(s) of OpenAI-compatible servers of the LLM (backend server), "
+        "e.g. http://gpu1:8000/v1; several comma-separated or a list.",
+        group=SERVER,
+    )
+    api_key_env: str = setting(
+        "VLLM_API_KEY", "Environment variable holding the servers' API key (never saved).", group=SERVER
+    )
+    max_concurrency: int = setting(64, "Requests a label worker keeps in flight (over all its servers).", group=SERVER)
+    request_timeout: float = setting(600.0, "Seconds before a request is abandoned (and retried).", group=SERVER)
+    request_retries: int = setting(
+        10,
+        "Retries of a request after a connection error, timeout, 429 or 5xx "
+        "(backoff 0.5 s doubling to 30 s: about 2.5 min in all).",
+        group=SERVER,
+    )
+    tokenizer: str | None = setting(
+        None,
+        "Tokenizer of the served LLM for lemb's client-side rendering (none: --llm, else the served model's path).",
+        group=SERVER,
+    )
 
     @property
     def urls(self) -> list[str]:
@@ -135,7 +166,7 @@ def _check_instructions(value: Any) -> list[str]:
 INSTRUCTIONS_HELP = (
     "Task instructions of the embedder: auto (the model's own: those a lemb-trained model saved, its"
     " sentence-transformers prompts, its authors' preset, else none), a preset (none, llm-embedder, bge) for every"
-    " embedder, or {task: \\[query_instruction, key_instruction]} (other tasks: auto)."
+    " embedder, or {task: [query_instruction, key_instruction]} (other tasks: auto)."
 )
 KEY_TEMPLATE_HELP = (
     "A corpus key's text as the embedder and the LLM see it: a template over {title} and {text}, or {task: template};"
@@ -145,22 +176,26 @@ KEY_TEMPLATE_HELP = (
 
 @dataclass
 class RetrieveConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
-    restart: bool = setting(False, "Discard earlier output made with other settings.")
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
+    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO)
     cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
-    shards: int = setting(4, "Output files per step (the unit of work and of resume); label keeps them.")
-    queries: str = setting("", "Query records (JSONL or Parquet).")
-    corpus: str | None = setting(None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).")
-    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.")
+    shards: int = setting(4, "Output files per step (the unit of work and of resume); label keeps them.", group=PERF)
+    queries: str = setting("", "Query records (JSONL or Parquet).", group=IO, required=True)
+    corpus: str | None = setting(
+        None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).", group=IO
+    )
+    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.", group=IO)
     instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     key_template: str | dict[Task, str] = setting(DEFAULT_KEY_TEMPLATE, KEY_TEMPLATE_HELP)
     top_k: int = setting(8, "Candidates per query.")
     add_positives: bool = setting(True, "Put known positives among the candidates (replacing the lowest-ranked).")
-    index: IndexKind = setting("flat", "flat (exact inner product), ivf or hnsw, for corpora too large for exact.")
-    nprobe: int = setting(16, "IVF lists searched per query.")
-    hnsw_m: int = setting(32, "HNSW links per node.")
-    ef_search: int = setting(128, "HNSW search breadth.")
-    batch_size: int = setting(64, "Texts per encoder forward pass.")
+    index: IndexKind = setting(
+        "flat", "flat (exact inner product), ivf or hnsw, for corpora too large for exact.", group=PERF
+    )
+    nprobe: int = setting(16, "IVF lists searched per query.", group=PERF)
+    hnsw_m: int = setting(32, "HNSW links per node.", group=PERF)
+    ef_search: int = setting(128, "HNSW search breadth.", group=PERF)
+    batch_size: int = setting(64, "Texts per encoder forward pass.", group=PERF)
     max_length: int = setting(256, "Tokens per query or key (LLM-Embedder's setting).")
 
     def problems(self) -> list[str]:
@@ -174,24 +209,30 @@ class RetrieveConfig:
 
 @dataclass
 class LabelConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
-    restart: bool = setting(False, "Discard earlier output made with other settings.")
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
+    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO)
     cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
-    llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.")
+    llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.", group=IO)
     backend: Backend = setting(factory=default_backend, help="vllm (the default where installed), transformers, or "
                                "server (an OpenAI-compatible server at llm_url).")  # fmt: skip
     server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
-    dtype: DType = setting("float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).")
+    dtype: DType = setting(
+        "float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).", group=PERF
+    )
     n_samples: int = setting(8, "N: samples from the prompt without a candidate.")
     per_candidate_samples: int = setting(2, "m: samples from each candidate's prompt, pooled with the N.")
     temperature: float = setting(1.0, "Sampling temperature.")
     seed: int = setting(0, "Per-query seeds derive from it: a rerun of a shard draws the same samples.")
     reduce: Reduce = setting("mean", "A continuation's score: mean (or sum) of its token log-probabilities.")
     tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
-    score_batch_tokens: int = setting(0, "Tokens per scoring pass (transformers; 0: 4096 CPU, 32768 GPU).")
-    block_tokens: int = setting(0, "Prompt tokens of the queries labelled in one sampling + one scoring call "
-                                   "(0: the measured default); samples and rewards do not depend on it.")  # fmt: skip
-    trust_remote_code: bool = setting(False, "Allow the model's own code (off unless asked).")
+    score_batch_tokens: int = setting(0, "Tokens per scoring pass (transformers; 0: 4096 CPU, 32768 GPU).", group=PERF)
+    block_tokens: int = setting(
+        0,
+        "Prompt tokens of the queries labelled in one sampling + one scoring call "
+        "(0: the measured default); samples and rewards do not depend on it.",
+        group=PERF,
+    )
+    trust_remote_code: bool = setting(False, "Allow the model's own code (off unless asked).", group=IO)
 
     def problems(self) -> list[str]:
         out = _backend_problems(self.backend, self.server)
@@ -209,11 +250,11 @@ class LabelConfig:
 
 @dataclass
 class TrainConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.")
-    restart: bool = setting(False, "Discard an earlier or unfinished training run of this folder.")
-    resume: bool = setting(False, "Continue from the last checkpoint.")
-    threads: int = setting(1, "Torch threads.")
-    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.")
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
+    restart: bool = setting(False, "Discard an earlier or unfinished training run of this folder.", group=IO)
+    resume: bool = setting(False, "Continue from the last checkpoint.", group=IO)
+    threads: int = setting(1, "Torch threads.", group=PERF)
+    embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.", group=IO)
     instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     reward: Reward = setting("rank", "Reward recomputed from the label shards' log-probabilities.")
     loss: dict[Task, Loss] = setting(factory=dict, help="Per-task loss override, {task: graded | kl | contrastive}.")
@@ -229,14 +270,22 @@ class TrainConfig:
     task_weights: dict[Task, float] = setting(factory=dict, help="{task: weight}; empty: mix tasks by their size.")
     self_paced: bool = setting(False, "Scale each task's loss by L_task(step 0) / L_task(now).")
     max_length: int = setting(256, "Tokens per query or key.")
-    grad_chunk: int = setting(0, "Queries per gradient-cache chunk (0: off); memory bounded by the chunk.")
-    precision: Precision = setting("fp32", "Autocast of the encoder's forward (fp16 adds loss scaling).")
-    gradient_checkpointing: bool = setting(False, "Recompute activations in backward (less memory, ~30% slower).")
-    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.")
+    grad_chunk: int = setting(0, "Queries per gradient-cache chunk (0: off); memory bounded by the chunk.", group=PERF)
+    precision: Precision = setting("fp32", "Autocast of the encoder's forward (fp16 adds loss scaling).", group=PERF)
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in backward (less memory, ~30% slower).", group=PERF
+    )
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.", group=PERF)
     seed: int = setting(0, "Seed of the batch order and of the model's new parameters.")
-    save_every: int | None = setting(None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).")
-    tensorboard: bool = setting(False, "Also write the training log as TensorBoard events in <run>/train/tensorboard"
-                                " (pip install 'lemb\\[tensorboard]').")  # fmt: skip
+    save_every: int | None = setting(
+        None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).", group=PERF
+    )
+    tensorboard: bool = setting(
+        False,
+        "Also write the training log as TensorBoard events in <run>/train/tensorboard"
+        " (pip install 'lemb[tensorboard]').",
+        group=IO,
+    )
 
     def problems(self) -> list[str]:
         out = _check_instructions(self.instructions)
@@ -267,26 +316,29 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.")
+    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.", group=IO)
     cluster: Cluster = setting(factory=Cluster, help="Where the held-out queries are ranked.")
-    shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.")
-    queries: str = setting("", "Held-out query records.")
-    corpus: str | None = setting(None, "Key records.")
+    shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.", group=PERF)
+    queries: str = setting("", "Held-out query records.", group=IO, required=True)
+    corpus: str | None = setting(None, "Key records.", group=IO)
     embedders: dict[str, Any] = setting(
         factory=dict,
         help="{name: model or {model: M, instructions: I}}; default: base and <run>/train/model, each with its own"
         " instructions.",
+        group=IO,
     )
     instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     key_template: str | dict[Task, str] | None = setting(
         None, f"{KEY_TEMPLATE_HELP} Default: the run's retrieve setting, else {DEFAULT_KEY_TEMPLATE!r}."
     )
-    llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.")
+    llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.", group=IO)
     backend: Backend = setting("transformers", "LLM backend of the downstream metrics: transformers, vllm or server.")
     server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
     answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
+    eval_depth: int = setting(100, "Keys each held-out query is ranked to (run.trec, recall@100); deeper metrics "
+                                   "are left out.")  # fmt: skip
     max_new_tokens: int = setting(24, "Tokens the LLM generates per answer.")
-    batch_size: int = setting(64, "Texts per encoder forward pass.")
+    batch_size: int = setting(64, "Texts per encoder forward pass.", group=PERF)
     max_length: int = setting(256, "Tokens per query or key.")
 
     def problems(self) -> list[str]:
@@ -306,12 +358,12 @@ class EvalConfig:
             out.append("queries: a held-out query file is required")
         if self.answer_k < 0:
             out.append(f"answer_k must be >= 0, got {self.answer_k}")
-        return out + _at_least_one(self, "shards", "max_new_tokens", "batch_size", "max_length")
+        return out + _at_least_one(self, "shards", "max_new_tokens", "batch_size", "max_length", "eval_depth")
 
 
 @dataclass
 class RescoreConfig:
-    run: str = setting("runs/default", "Run folder with a finished label stage.")
+    run: str = setting("runs/default", "Run folder with a finished label stage.", group=IO)
     reward: Reward = setting("rank", "The reward recomputed from the label shards' log-probabilities.")
     tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
 

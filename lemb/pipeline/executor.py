@@ -177,6 +177,9 @@ def init_ray(address: str | None) -> Any:
         if address is None:  # a cluster of its own, even where another local one runs
             address = "local"
             kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free
+        # Ray turns token authentication on for a cluster it starts (a token made once in ~/.ray) and warns that it
+        # did, on every start: nothing the user has to act on, and not what --quiet should print. Its errors stay.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         handler = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, **kwargs)
         if threading.current_thread() is threading.main_thread() and callable(handler):

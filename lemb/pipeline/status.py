@@ -159,11 +159,30 @@ def inspect_shards(path: Path, top: int = 3) -> str:
             if skipped.height:
                 out.append("rows without signal by reason:")
                 out.append(str(skipped.group_by("skip_reason").len()))
-        shown = [
-            c for c in ("query_id", "task", "key_id", "retrieval_rank", value, "rank", "pool_size") if c in df.columns
-        ]
         out.append(f"top {top} by {value}:")
-        out.append(str(valid.sort(value, descending=True).head(top).select(shown)))
+        out += _examples(valid.sort(value, descending=True).head(top).to_dicts(), value)
         out.append(f"bottom {top} by {value}:")
-        out.append(str(valid.sort(value).head(top).select(shown)))
+        out += _examples(valid.sort(value).head(top).to_dicts(), value)
     return "\n".join(out)
+
+
+def _examples(rows: list[dict], value: str, width: int = 100) -> list[str]:
+    """Rows as a person reads them: the numbers on one line, then the query, the key and the desired output, each
+    shortened to `width` characters."""
+    out = []
+    for i, r in enumerate(rows, 1):
+        numbers = [f"{value} {r[value]:.3f}"]
+        if r.get("rank") is not None:
+            numbers.append(f"target rank {r['rank']:g} of {r['pool_size'] + 1}")
+        if r.get("retrieval_rank") is not None:
+            numbers.append(f"retrieval rank {r['retrieval_rank']}")
+        out.append(f"{i:>3}. {r['task']} {r['query_id']} / {r['key_id']}: {', '.join(numbers)}")
+        for label, column in (("query", "query_text"), ("key", "key_text"), ("target", "target")):
+            if r.get(column) is not None:
+                out.append(f"       {label:<6} {_shorten(r[column], width)}")
+    return out
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."

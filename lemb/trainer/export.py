@@ -8,6 +8,7 @@ Its task instructions are a table {task: {"query": ..., "key": ...}}. The export
     OUT/dense_pooler.bin                                   only when the model has a Dense layer
     OUT/instructions.json                                  the task instructions the model was trained with
     OUT/export.json                                        pooling, metric, lengths and the matching flags
+    OUT/README.md                                          the model card, with the trained model's training facts
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from lemb.errors import LembError
 from lemb.files import atomic
 from lemb.stages.encoder import load_embedder
+from lemb.trainer.card import read_facts, write_card
 
 FORMATS = ("flagembedding",)
 
@@ -74,7 +76,8 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
     """Write the FlagEmbedding layout of `model_path` to `out` (which must not exist yet); return `out`."""
     if out.exists():
         raise LembError(f"{out}: already exists; choose a new folder")
-    model = load_embedder(str(model_folder(model_path)), max_length=None)
+    source = model_folder(model_path)
+    model = load_embedder(str(source), max_length=None)
     method, dense = _pooling(model)
     prompts = dict(getattr(model, "prompts", None) or {})
     tasks = sorted({name.rsplit("_", 1)[0] for name in prompts if name.endswith(("_query", "_key"))})
@@ -100,6 +103,7 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
             "flags": flags,
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_card(tmp, read_facts(source) or {}, model=model)
     return out
 
 

@@ -30,6 +30,7 @@ from lemb.pipeline.shards import stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
 from lemb.stages.models import check_model
+from lemb.stages.plots import LOSS_PLOT, plot_loss
 from lemb.trainer.batches import (
     SIGNAL_COLUMNS,
     TEXT_COLUMNS,
@@ -39,6 +40,7 @@ from lemb.trainer.batches import (
     build_groups,
     collate,
 )
+from lemb.trainer.card import task_counts, training_facts, write_card
 from lemb.trainer.losses import make_loss
 from lemb.trainer.step import Precision, World, backward_step
 from lemb.vocabulary import TASKS
@@ -291,9 +293,13 @@ class TrainRecipe:
         if broken:
             raise LembError(f"train: {len(broken)} weight tensors are not finite after the last step (first: "
                             f"{broken[0]}): training diverged; no model saved")  # fmt: skip
+        final_loss = self.train_log.last["loss"] if self.train_log.last else None
+        facts = training_facts(c, task_counts(self.groups), {t: self._loss_name(t) for t in tasks}, self.skipped,
+                               self.instructions.describe(), self.seconds, final_loss)  # fmt: skip
         old = None
         with atomic(path) as tmp:
-            self.model.save(str(tmp))
+            self.model.save(str(tmp), create_model_card=False)  # its card would be the base model's, word for word
+            write_card(tmp, facts, model=self.model)
             if path.exists():  # replace the previous model in two renames, never leaving a half-written folder
                 old = move_aside(path, "old")
         if old is not None:
@@ -304,10 +310,11 @@ class TrainRecipe:
             "groups_per_task": {t: self.tasks.count(t) for t in tasks},
             "queries_left_out": dict(self.skipped),
             "seconds": self.seconds,
-            "final_loss": self.train_log.last["loss"] if self.train_log.last else None,
+            "final_loss": final_loss,
             "instructions": self.instructions.describe(),
         }
         write_json(self.out / "_stats.json", stats)
+        plot_loss(self.out / "log.jsonl", self.out / LOSS_PLOT)
         save_config(c, self.out)
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path

@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from lemb.data.tasks import task_spec
 from lemb.files import write_json
+from lemb.stages.plots import LOSS_PLOT, REWARDS_PLOT, plot_loss, plot_rewards
+from lemb.trainer.bootstrap import INTERVALS, RESAMPLES
 
 HEADLINE = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "answer_accuracy", "answer_em")
 
 
 def metrics_json(
-    metrics: dict[str, dict[str, dict[str, float]]], embedded_with: dict[str, dict[str, Any]] | None = None
+    metrics: dict[str, dict[str, dict[str, Any]]], embedded_with: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """{"base": {"recall@1": ..., "per_task": {...}, "embedded_with": {...}}, "trained": {...}}: headline numbers
-    over all queries, and what each embedder was embedded with (model, instructions, key template)."""
+    """{"base": {"recall@1": ..., "per_task": {...}, "embedded_with": {...}}, "trained": {..., INTERVALS: {"against":
+    "base", "resamples": 2000, "all": {metric: {"diff", "lo", "hi", "n"}}, "per_task": {...}}}}: headline numbers over
+    all queries, what each embedder was embedded with (model, instructions, key template) and, for each embedder
+    compared with the reference, each metric's difference, its 95% interval and the number of queries paired."""
     embedded_with = embedded_with or {}
-    return {
-        name: {**by_task["all"], "per_task": {t: m for t, m in by_task.items() if t != "all"}}
-        | ({"embedded_with": embedded_with[name]} if name in embedded_with else {})
-        for name, by_task in metrics.items()
-    }
+    out = {}
+    for name, by_task in metrics.items():
+        rows = {t: {k: v for k, v in m.items() if k != INTERVALS} for t, m in by_task.items()}
+        out[name] = {**rows["all"], "per_task": {t: m for t, m in rows.items() if t != "all"}}
+        if name in embedded_with:
+            out[name]["embedded_with"] = embedded_with[name]
+        if INTERVALS in by_task["all"]:
+            compared = {t: m[INTERVALS]["metrics"] for t, m in by_task.items() if INTERVALS in m}
+            out[name][INTERVALS] = {"against": by_task["all"][INTERVALS]["against"], "resamples": RESAMPLES,
+                                    "all": compared.pop("all"), "per_task": compared}  # fmt: skip
+    return out
 
 
 def embedders_table(embedded_with: dict[str, dict[str, Any]]) -> list[str]:
@@ -34,13 +43,24 @@ def embedders_table(embedded_with: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def table(metrics: dict[str, dict[str, float]], names: list[str], rows: tuple[str, ...] = HEADLINE) -> str:
-    """One row per metric in `rows` that some embedder has, one column per embedder."""
-    cols = [m for m in rows if any(m in metrics[n] for n in names)]
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for m in cols:
-        lines.append(f"| {m} | " + " | ".join(f"{metrics[n].get(m, float('nan')):.3f}" for n in names) + " |")
+def table(metrics: dict[str, dict[str, Any]], names: list[str], rows: tuple[str, ...] = HEADLINE) -> str:
+    """One row per metric in `rows` that some embedder has, one column per embedder, then one per embedder compared
+    with the reference: the difference, its paired bootstrap 95% interval and (the number of queries paired)."""
+    shown = [m for m in rows if any(m in metrics[n] for n in names)]
+    compared = [n for n in names if INTERVALS in metrics[n]]
+    header = names + [f"{n} - {metrics[n][INTERVALS]['against']}, 95% interval (queries)" for n in compared]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for m in shown:
+        cells = [f"{metrics[n].get(m, float('nan')):.3f}" for n in names]
+        cells += [_interval(metrics[n][INTERVALS]["metrics"].get(m)) for n in compared]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _interval(found: dict[str, float] | None) -> str:
+    if found is None:
+        return ""
+    return f"{found['diff']:+.3f} [{found['lo']:+.3f}, {found['hi']:+.3f}] ({found['n']})"
 
 
 def task_tables(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -49,58 +69,12 @@ def task_tables(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines: list[str] = []
     for task in sorted({t for n in names for t in metrics[n] if t != "all"}):
         rows = task_spec(task).metrics
-        lines += ["", f"## {task} ({metrics[names[0]][task]['queries']} queries)", ""]
+        count = metrics[names[0]][task]["queries"]
+        lines += ["", f"## {task} ({count} quer{'y' if count == 1 else 'ies'})", ""]
         lines.append(table({n: metrics[n][task] for n in names}, names, rows))
         if "perplexity" in rows:
             lines += ["", "perplexity: lower is better."]
     return lines
-
-
-def _save_plot(out: Path, xlabel: str, ylabel: str, draw) -> Path:
-    """One 6x3.5-inch PNG; `draw(ax)` adds the series, each labelled by task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    draw(ax)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def plot_rewards(label_dir: Path, out: Path) -> Path | None:
-    import polars as pl
-
-    files = sorted(label_dir.glob("part-*.parquet"))
-    if not files:
-        return None
-    df = pl.read_parquet(files).filter(pl.col("reward").is_not_null())
-
-    def draw(ax) -> None:
-        for task in sorted(df["task"].unique().to_list()):
-            values = df.filter(pl.col("task") == task)["reward"].to_numpy()
-            ax.hist(values, bins=20, range=(0, 1), alpha=0.6, label=task)
-
-    return _save_plot(out, "rank-aware reward", "(query, candidate) pairs", draw)
-
-
-def plot_loss(log_path: Path, out: Path) -> Path | None:
-    if not log_path.exists():
-        return None
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-
-    def draw(ax) -> None:
-        for task in sorted({r["task"] for r in rows}):
-            pts = [(r["step"], r["loss"]) for r in rows if r["task"] == task]
-            ax.plot(*zip(*pts), marker=".", linestyle="-", label=task)
-
-    return _save_plot(out, "step", "training loss", draw)
 
 
 def write_report(
@@ -115,8 +89,8 @@ def write_report(
     write_json(out / "metrics.json", metrics_json(metrics, embedded_with))
     paths = {"metrics": out / "metrics.json", "report": out / "report.md"}
     for key, path in (
-        ("rewards_plot", plot_rewards(run / "label", out / "rewards.png")),
-        ("loss_plot", plot_loss(run / "train" / "log.jsonl", out / "loss.png")),
+        ("rewards_plot", plot_rewards(run / "label", out / REWARDS_PLOT)),
+        ("loss_plot", plot_loss(run / "train" / "log.jsonl", out / LOSS_PLOT)),
     ):
         if path:
             paths[key] = path
@@ -129,6 +103,10 @@ def write_report(
         "",
         table({n: metrics[n]["all"] for n in names}, names),
     ]
+    if any(INTERVALS in metrics[n]["all"] for n in names):
+        lines += ["", "The last columns: the difference of each metric from the reference embedder's on the same "
+                  f"queries, its 95% interval by a paired bootstrap ({RESAMPLES:,} draws of the queries) and the "
+                  "number of queries paired."]  # fmt: skip
     if embedded_with:
         lines += ["", "Each embedder as it is meant to be used (`instructions: auto`) unless set otherwise:",
                   "", *embedders_table(embedded_with)]  # fmt: skip

@@ -12,6 +12,7 @@ from lemb.cli import app
 from lemb.data.convert import SOURCES, cut
 from lemb.data.flagembedding import read_flagembedding
 from lemb.data.readers import read_keys, read_queries
+from lemb.data.split import hash_fraction
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 runner = CliRunner()
@@ -45,6 +46,32 @@ def test_six_kinds_into_one_set(data, tmp_path):
     key_ids = {k["key_id"] for k in keys}
     assert all(set(q["positive_ids"]) <= key_ids for q in queries if q["task"] not in ("chat", "lrlm"))
     assert any(q["query_id"].startswith("gorilla-huggingface-") for q in queries)
+
+
+def test_dev_fraction_holds_out_a_stable_share_of_every_source(data, tmp_path):
+    sources = ["nq_oracle", "toolalpaca"]
+    result = convert(
+        *sources, "--data", str(data), "--out", str(tmp_path / "a"), "--limit", "40", "--dev-fraction", "0.25"
+    )
+    assert result.exit_code == 0, result.stderr
+    train = read_queries(tmp_path / "a" / "queries.jsonl").to_pylist()
+    dev = read_queries(tmp_path / "a" / "dev.jsonl").to_pylist()
+    ids = {q["query_id"] for q in train} | {q["query_id"] for q in dev}
+    assert len(ids) == len(train) + len(dev) == 80  # disjoint, nothing dropped
+    assert {q["query_id"] for q in dev} == {i for i in ids if hash_fraction(i) < 0.25}
+    assert {q["task"] for q in dev} == {"qa", "tool"} and 10 <= len(dev) <= 30
+    assert f"{len(dev)} held-out queries" in result.stdout and "dev.jsonl" in result.stdout
+    # every held-out query's positives are in the one corpus both files share
+    keys = {k["key_id"] for k in read_keys(tmp_path / "a" / "corpus.jsonl").to_pylist()}
+    assert all(set(q["positive_ids"]) <= keys for q in dev)
+    # the same id falls on the same side whatever else is converted with it
+    more = convert(
+        *sources, "--data", str(data), "--out", str(tmp_path / "b"), "--limit", "60", "--dev-fraction", "0.25"
+    )
+    assert more.exit_code == 0, more.stderr
+    dev_more = {q["query_id"] for q in read_queries(tmp_path / "b" / "dev.jsonl").to_pylist()}
+    assert {q["query_id"] for q in dev} <= dev_more
+    assert not dev_more & {q["query_id"] for q in read_queries(tmp_path / "a" / "queries.jsonl").to_pylist()}
 
 
 def test_cut_keeps_positives_first():
@@ -81,6 +108,9 @@ def test_flagembedding_in_and_out(data, tmp_path):
         (["nq_oracle", "--limit", "0"], "--limit must be >= 1"),
         (["nq_oracle", "nq_oracle"], "comes from both nq_oracle and nq_oracle"),
         (["nq_oracle", "--format", "csv"], "--format must be one of lemb, flagembedding"),
+        (["nq_oracle", "--dev-fraction", "1"], "--dev-fraction must be a fraction in (0, 1), got 1.0"),
+        (["nq_oracle", "--dev-fraction", "0.2", "--format", "flagembedding"], "use it with --format lemb"),
+        (["nq_oracle", "--limit", "2", "--dev-fraction", "0.001"], "--dev-fraction 0.001 leaves dev.jsonl empty"),
     ],
 )
 def test_bad_arguments_one_line(data, tmp_path, args, message):

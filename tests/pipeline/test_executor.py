@@ -213,3 +213,17 @@ def test_an_address_where_no_ray_cluster_answers_is_one_line(tmp_path):
 
     with pytest.raises(LembError, match=r"^cannot reach the Ray cluster at 127\.0\.0\.1:\d+ \(.*\); start it with"):
         _run(tmp_path, ["q1"], "ray", address=f"127.0.0.1:{free_port()}")
+
+
+@pytest.mark.slow
+def test_a_quiet_stage_on_a_local_ray_cluster_prints_no_ray_warning(tiny_data, tmp_path):
+    """Ray warns on each start that it turned token authentication on (unless RAY_AUTH_MODE is set): not for quiet."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"])]
+    args = [sys.executable, "-m", "lemb.cli", "retrieve", *data, "--run", str(tmp_path / "run"), "--top-k", "2"]
+    proc = subprocess.run([*args, "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "candidates:" in proc.stdout and (tmp_path / "run" / "retrieve" / "candidates").is_dir()
+    assert "Token authentication" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr

