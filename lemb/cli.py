@@ -11,7 +11,7 @@ from typer.core import TyperCommand
 
 from lemb.commands import default_note, name_value_pairs, stage_command, user_errors
 from lemb.errors import LembError
-from lemb.pipeline.config import EvalConfig, LabelConfig, RetrieveConfig, TrainConfig
+from lemb.pipeline.config import IO, EvalConfig, LabelConfig, RetrieveConfig, TrainConfig
 from lemb.stages.plots import LOSS_PLOT, REWARDS_PLOT
 
 WORKFLOW = """A run, start to end (each command's --help lists all of its settings):
@@ -138,9 +138,16 @@ def label(
     cfg: LabelConfig,
     quiet: bool,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan and its cost; write nothing. " + default_note("false"))
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan and its cost; write nothing. " + default_note("false"),
+            rich_help_panel=IO,
+        ),
     ] = False,
-    calibrate: Annotated[int, typer.Option(help="Queries timed by --dry-run (0: counts only, no LLM).")] = 2,
+    calibrate: Annotated[
+        int, typer.Option(help="Queries timed by --dry-run (0: counts only, no LLM).", rich_help_panel=IO)
+    ] = 2,
 ) -> None:
     """Sample the LLM, score the desired output under each candidate, write rank-aware reward shards."""
     if dry_run:
@@ -176,7 +183,8 @@ def eval_(
     cfg: EvalConfig,
     quiet: bool,
     embedder: Annotated[
-        Optional[list[str]], typer.Option(help="NAME=MODEL, repeatable. " + default_note("base and <run>/train/model"))
+        Optional[list[str]],
+        typer.Option(help="NAME=MODEL, repeatable. " + default_note("base and <run>/train/model"), rich_help_panel=IO),
     ] = None,
 ) -> None:
     """Each task's metrics (TaskSpec.metrics) for each embedder, base vs trained; writes <run>/eval/."""

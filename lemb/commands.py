@@ -48,7 +48,7 @@ def default_text(f: dataclasses.Field) -> str:
         return {None: "none", True: "true", False: "false"}[value]
     if isinstance(value, (dict, list)):
         return yaml.safe_dump(value, default_flow_style=True).strip()
-    return str(value)
+    return str(value) if value != "" else '""'
 
 
 def default_note(text: str) -> str:

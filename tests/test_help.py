@@ -66,8 +66,11 @@ def test_every_setting_is_listed_with_its_default(command, cls):
 def test_settings_are_grouped_in_panels_in_order(command, cls):
     text = _help(command)
     panels = [m.group(1) for m in re.finditer(r"╭─ (.+?) ─", text)]
-    shown = [p for p in panels if p in GROUPS]
-    assert shown == [g for g in GROUPS if g in shown] and shown[0] == GROUPS[0]
+    assert panels[0] == "Options" and panels[1] == GROUPS[0]  # typer's own panel first, holding --help alone
+    own = text.split("╭─ Options")[1].split("╰")[0]
+    assert [m.group(1) for m in re.finditer(r"│ +(--[\w-]+)", own)] == ["--help"]
+    shown = panels[1:]
+    assert shown == [g for g in GROUPS if g in shown]
     # the run folder and the inputs are in the first panel, the cluster's settings in the last
     first = text.split("╭─ " + GROUPS[0])[1].split("╰")[0]
     assert "--run " in first and "--config " in first

@@ -3,10 +3,10 @@
 import importlib.metadata
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from lemb.cli import app

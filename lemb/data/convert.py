@@ -191,6 +191,8 @@ def convert(
     if dev_fraction is not None:
         queries, dev = _split(queries, dev_fraction)
     paths = _write(queries, keys, out, fmt)
+    if not dev:
+        (out / "dev.jsonl").unlink(missing_ok=True)  # an earlier split's held-out queries are in queries.jsonl now
     if dev:
         paths["dev_path"] = write_jsonl(dev, out / "dev.jsonl")
         read_queries(paths["dev_path"])

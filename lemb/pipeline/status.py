@@ -172,11 +172,12 @@ def _examples(rows: list[dict], value: str, width: int = 100) -> list[str]:
     out = []
     for i, r in enumerate(rows, 1):
         numbers = [f"{value} {r[value]:.3f}"]
-        if r.get("rank") is not None:
+        if r.get("rank") is not None and r.get("pool_size") is not None:
             numbers.append(f"target rank {r['rank']:g} of {r['pool_size'] + 1}")
         if r.get("retrieval_rank") is not None:
             numbers.append(f"retrieval rank {r['retrieval_rank']}")
-        out.append(f"{i:>3}. {r['task']} {r['query_id']} / {r['key_id']}: {', '.join(numbers)}")
+        names = " / ".join(str(r[c]) for c in ("query_id", "key_id") if r.get(c) is not None)
+        out.append(f"{i:>3}. {' '.join(x for x in (r.get('task'), names) if x)}: {', '.join(numbers)}")
         for label, column in (("query", "query_text"), ("key", "key_text"), ("target", "target")):
             if r.get(column) is not None:
                 out.append(f"       {label:<6} {_shorten(r[column], width)}")

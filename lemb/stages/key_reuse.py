@@ -46,14 +46,14 @@ class CorpusDigest:
 
 def model_content(name: str) -> str:
     """A local model folder's SHA-256 over every file's path and bytes (weights retrained in place differ, sizes
-    alike); a hub id as it is named."""
+    alike), its model card and other Markdown left out (eval and push rewrite the card); a hub id as it is named."""
     path = resolve_model_path(name, "embedder")
     if not os.path.isdir(path):
         return name
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(path):
         dirs.sort()
-        for file in sorted(files):
+        for file in sorted(f for f in files if not f.endswith(".md")):
             full = os.path.join(root, file)
             digest.update(os.path.relpath(full, path).encode() + b"\0")
             with open(full, "rb") as fh:

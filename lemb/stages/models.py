@@ -93,7 +93,7 @@ def resolve_model_path(name: str, what: str) -> str:
 
 
 def check_model(
-    name: str, what: str, max_length: int | None = None, trust_remote_code: bool = False
+    name: str, what: str, max_length: int | None = None, trust_remote_code: bool = False, setting: str | None = None
 ) -> dict[str, Any]:
     """Everything about the model `name` that can be known before loading it, checked in the driver before any
     worker starts or any output is written, each problem one line: a local path that does not exist or holds no
@@ -105,7 +105,7 @@ def check_model(
         if config_file is None:
             raise LembError(f"{what} folder {path} holds no model (no config.json)")
     else:
-        config_file = _hub_config(name, what)
+        config_file = _hub_config(name, what, setting or f"--{what.lower()}")
     try:
         with open(config_file, encoding="utf-8") as fh:
             config = json.load(fh)
@@ -138,7 +138,7 @@ def _config_file(folder: str) -> str | None:
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def _hub_config(repo: str, what: str) -> str:
+def _hub_config(repo: str, what: str, flag: str) -> str:
     """A hub model's config.json: from the local cache, else downloaded once the hub answers a plain connection."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
@@ -150,7 +150,6 @@ def _hub_config(repo: str, what: str) -> str:
         found = _config_file(os.path.dirname(modules))
         if found is not None:
             return found
-    flag = f"--{what.lower()}"  # the setting that named it: --embedder, --llm
     where = (
         f"{what} {repo!r} ({flag}) is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     )

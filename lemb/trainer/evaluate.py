@@ -373,7 +373,9 @@ def evaluate_run(
     `<run>/eval/`."""
     run = Path(config.run)
     embedders = embedders or config.embedders or _default_embedders(run)
-    if config.answer_k > 0 and config.backend != "server":  # a bad LLM fails now, not after the ranking
+    for name, spec in embedders.items():  # every model fails now, before the first ranking, not after it
+        check_model(embedder_spec(spec)[0], "embedder", config.max_length, setting=f"--embedder {name}=MODEL")
+    if config.answer_k > 0 and config.backend != "server":
         check_model(config.llm, "LLM")
     with StageLock(run / "eval", "eval"):  # one eval per run at a time: its reports and rankings are shared
         return _evaluate(config, run, embedders, progress, report_to)

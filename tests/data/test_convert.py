@@ -72,6 +72,9 @@ def test_dev_fraction_holds_out_a_stable_share_of_every_source(data, tmp_path):
     dev_more = {q["query_id"] for q in read_queries(tmp_path / "b" / "dev.jsonl").to_pylist()}
     assert {q["query_id"] for q in dev} <= dev_more
     assert not dev_more & {q["query_id"] for q in read_queries(tmp_path / "a" / "queries.jsonl").to_pylist()}
+    # converted again without a split, the folder keeps no held-out file whose queries are now training queries
+    again = convert(*sources, "--data", str(data), "--out", str(tmp_path / "a"), "--limit", "40")
+    assert again.exit_code == 0 and not (tmp_path / "a" / "dev.jsonl").exists()
 
 
 def test_cut_keeps_positives_first():

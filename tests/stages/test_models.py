@@ -67,7 +67,7 @@ def test_a_hub_id_neither_cached_nor_reachable_fails_at_once_in_one_line(monkeyp
         assert "not in the Hugging Face cache" in str(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
 
 
-@pytest.mark.parametrize("command", ["retrieve", "label", "label-dry-run", "train"])
+@pytest.mark.parametrize("command", ["retrieve", "label", "label-dry-run", "train", "eval"])
 def test_an_unreachable_hub_model_stops_each_stage_within_seconds_and_writes_nothing(
     command, labelled_run, tiny_data, tmp_path
 ):
@@ -78,6 +78,11 @@ def test_an_unreachable_hub_model_stops_each_stage_within_seconds_and_writes_not
     if command == "retrieve":
         data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"])]
         args = ["retrieve", "--embedder", "lemb-tests/no-such-embedder", *data]
+    elif command == "eval":  # the second embedder: checked before the first is ranked
+        shutil.copytree(labelled_run, run)
+        data = ["--queries", str(tiny_data["queries"]), "--corpus", str(tiny_data["corpus"]), "--answer-k", "0"]
+        embedders = ["--embedder", "base=all-minilm-l6-v2", "--embedder", "other=lemb-tests/no-such-embedder"]
+        args = ["eval", *embedders, *data]
     elif command == "train":
         shutil.copytree(labelled_run, run)
         args = ["train", "--embedder", "lemb-tests/no-such-embedder"]
@@ -88,8 +93,9 @@ def test_an_unreachable_hub_model_stops_each_stage_within_seconds_and_writes_not
     started = time.time()
     err = _one_line_failure([*args, "--executor", "ray"] if command != "train" else args, run)
     assert time.time() - started < 10
-    flag = "--llm" if command.startswith("label") else "--embedder"
-    assert f"'lemb-tests/no-such-{flag[2:]}' ({flag}) is not a local folder" in err
+    flag = "--llm" if command.startswith("label") else "--embedder other=MODEL" if command == "eval" else "--embedder"
+    name = "llm" if command.startswith("label") else "embedder"
+    assert f"'lemb-tests/no-such-{name}' ({flag}) is not a local folder" in err
     assert f"pass a local model folder to {flag}" in err and "HF_HUB_OFFLINE=1" in err
     after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) if run.exists() else []
     assert after == before
