@@ -22,7 +22,7 @@ from lemb.pipeline.config import TrainConfig  # noqa: E402
 from lemb.stages.encoder import load_embedder  # noqa: E402
 from lemb.trainer.batches import collate  # noqa: E402
 from lemb.trainer.losses import graded_loss  # noqa: E402
-from lemb.trainer.step import Precision, backward_step  # noqa: E402
+from lemb.trainer.step import MixedPrecision, backward_step  # noqa: E402
 
 DEFAULTS = TrainConfig()  # the loss's settings as `lemb train` uses them
 
@@ -42,7 +42,7 @@ def grads(path: str, data: dict, device: torch.device, chunk=0, precision="fp32"
         return graded_loss(q, k, on["rewards"], on["valid"], in_batch_mask=on["in_batch_mask"], tau=DEFAULTS.tau,
                            alpha=DEFAULTS.alpha)  # fmt: skip
 
-    amp = Precision.make(precision, device)
+    amp = MixedPrecision.make(precision, device)
     loss = backward_step(model, on["queries"], on["keys"], on["valid"], loss_fn, chunk_size=chunk, precision=amp)
     scale = amp.scaler.get_scale() if amp.scaler else 1.0
     flat = torch.cat([p.grad.flatten() / scale for p in model.parameters() if p.grad is not None])

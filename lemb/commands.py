@@ -171,8 +171,9 @@ def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A command whose user mistakes (bad input, bad settings, a conflicting earlier run) print one line and exit 1,
-    and whose SIGINT / SIGTERM stop it cleanly (exit 130 / 143), saying how to resume."""
+    """A command whose user mistakes (a LembError: bad input, bad settings, a missing path the user named, a
+    conflicting earlier run) print one line and exit 1, and whose SIGINT / SIGTERM stop it cleanly (exit 130 / 143),
+    saying how to resume. Any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -182,7 +183,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
-        except (LembError, FileNotFoundError) as exc:
+        except LembError as exc:  # a user's mistake; anything else (a bug's FileNotFoundError too) keeps its traceback
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:

@@ -15,6 +15,11 @@ class InputError(LembError):
         super().__init__(f"{location}: {problem}")
 
 
+class NotFound(LembError, FileNotFoundError):
+    """A path the user named (a model folder, a file) does not exist: one line, and still a FileNotFoundError for
+    code that catches those."""
+
+
 class ConfigError(LembError):
     """Invalid settings; all problems are gathered into one message."""
 

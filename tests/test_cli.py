@@ -172,3 +172,27 @@ def test_status_shows_a_running_or_stopped_training_run(tmp_path):
     result = runner.invoke(app, ["status", str(tmp_path / "run")])
     assert "stopped: 2 steps done, loss 0.7500; checkpoint of " in result.output
     assert "lemb train --resume continues it" in result.output
+
+
+def test_only_lemb_errors_become_one_line():
+    """A path the user named that does not exist is one line; a FileNotFoundError from anywhere else is a bug and
+    keeps its traceback (it once became a bare `error: <path>` line that hid where it came from)."""
+    import typer
+
+    from lemb.commands import user_errors
+    from lemb.errors import NotFound
+
+    def command(error: Exception) -> typer.Typer:
+        app_ = typer.Typer()
+
+        @app_.command()
+        @user_errors
+        def run() -> None:
+            raise error
+
+        return app_
+
+    named = runner.invoke(command(NotFound("embedder path not found: ./m")), [])
+    assert named.exit_code == 1 and named.stderr == "error: embedder path not found: ./m\n"
+    bug = runner.invoke(command(FileNotFoundError(2, "No such file", "run/retrieve/.input/x.parquet")), [])
+    assert isinstance(bug.exception, FileNotFoundError) and "error:" not in bug.stderr

@@ -77,6 +77,42 @@ def test_no_private_name_is_imported_from_another_module():
     assert private == []
 
 
+def _private_uses(source: str) -> list[str]:
+    """`name._attr` where `name` is something imported from another lemb module (a module, a class, a function) or
+    a variable bound to a call of one (`codec = LLMBackend(); codec._init_codec(...)`), and `Imported()._attr`."""
+    tree = ast.parse(source)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lemb"):
+            imported.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("lemb"))
+    foreign = set(imported)
+    for node in ast.walk(tree):
+        call = getattr(node, "value", None)
+        if isinstance(node, ast.Assign) and isinstance(call, ast.Call) and getattr(call.func, "id", None) in imported:
+            foreign.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value.func if isinstance(node.value, ast.Call) else node.value
+            names = imported if isinstance(node.value, ast.Call) else foreign
+            while isinstance(owner, ast.Attribute):  # lemb.files._tmp: the chain's root name
+                owner = owner.value
+            if isinstance(owner, ast.Name) and owner.id in names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    uses = {str(p.relative_to(ROOT.parent)): _private_uses(p.read_text()) for p in ROOT.rglob("*.py")}
+    assert {path: found for path, found in uses.items() if found} == {}
+    # the check finds what it is for
+    assert _private_uses("from lemb.stages.llm import LLMBackend\ncodec = LLMBackend()\ncodec._init_codec(t, None)\n")
+    assert _private_uses("import lemb.files\nlemb.files._tmp()\n") == ["line 2: lemb.files._tmp"]
+    assert _private_uses("from lemb.x import Y\nY()._z()\n") and not _private_uses("self._x = 1\n")
+
+
 def test_one_function_replaces_files():
     callers = [p.relative_to(ROOT.parent) for p in ROOT.rglob("*.py") if "os.replace(" in p.read_text()]
     assert [str(p) for p in callers] == ["lemb/files.py"]

@@ -219,7 +219,7 @@ class LabelConfig:
     dtype: DType = setting(
         "float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).", group=PERF
     )
-    n_samples: int = setting(8, "N: samples from the prompt without a candidate.")
+    n_samples: int = setting(8, "Samples from the prompt without a candidate (pooled with the per-candidate ones).")
     per_candidate_samples: int = setting(2, "m: samples from each candidate's prompt, pooled with the N.")
     temperature: float = setting(1.0, "Sampling temperature.")
     seed: int = setting(0, "Per-query seeds derive from it: a rerun of a shard draws the same samples.")

@@ -100,8 +100,7 @@ def plan_label(config: LabelConfig, calibrate: int = 2) -> dict[str, Any]:
     from lemb.stages.models import resolve_model_path
 
     path = served.tokenizer if served is not None else resolve_model_path(config.llm, "LLM")
-    codec = LLMBackend()
-    codec._init_codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code), None)
+    codec = LLMBackend.codec(AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code))
     c, m = config.n_samples, config.per_candidate_samples
     queries = labelled = pairs = prompts = prompt_tokens = samples = sample_budget = 0
     first_shard: list[list[dict[str, Any]]] = []

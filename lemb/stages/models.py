@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lemb.errors import LembError, MissingDependency
+from lemb.errors import LembError, MissingDependency, NotFound
 from lemb.files import atomic
 from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM
 
@@ -88,7 +88,7 @@ def resolve_model_path(name: str, what: str) -> str:
         return path
     # Hub ids are "owner/name": one separator, never leading; anything else can only have meant a local path.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise FileNotFoundError(f"{what} path not found: {name}")
+        raise NotFound(f"{what} path not found: {name}")
     return name
 
 
@@ -186,7 +186,7 @@ def _convert_packaged_gguf(name: str) -> str:
     spec = importlib.util.find_spec(module)
     ggufs = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
     if not ggufs:
-        raise FileNotFoundError(f"LLM path not found: {name} (package {module} with its GGUF missing)")
+        raise NotFound(f"LLM path not found: {name} (package {module} with its GGUF missing)")
     src, gguf_file = os.path.split(ggufs[0])
     log.info("converting %s to safetensors in %s (once)", ggufs[0], target)
     # from_pretrained(gguf_file=...) needs accelerate and yields a model that refuses save_pretrained, so the

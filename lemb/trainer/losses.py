@@ -125,10 +125,10 @@ def contrastive_loss(
     return per_query[has_pos].mean()
 
 
-Loss = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
-def make_loss(name: str, tau: float, alpha: float, in_batch: bool) -> Loss:
+def make_loss(name: str, tau: float, alpha: float, in_batch: bool) -> LossFn:
     """A task's loss, built once: a function of the query and key embeddings and the collated batch (its
     `rewards`, `valid`, `positive` and `in_batch_mask` tensors)."""
     if name == "graded":

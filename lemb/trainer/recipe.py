@@ -42,7 +42,7 @@ from lemb.trainer.batches import (
 )
 from lemb.trainer.card import task_counts, training_facts, write_card
 from lemb.trainer.losses import make_loss
-from lemb.trainer.step import Precision, World, backward_step
+from lemb.trainer.step import MixedPrecision, World, backward_step
 from lemb.vocabulary import TASKS
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class TrainRecipe:
         if c.gradient_checkpointing:
             self.model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.model.train()
-        self.precision = Precision.make(c.precision, self.device)
+        self.precision = MixedPrecision.make(c.precision, self.device)
         self.sampler = TaskBatchSampler(self.tasks, c.batch_size, c.task_weights or None, c.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         warmup = int(c.warmup * c.steps)

@@ -45,7 +45,7 @@ class World:
 
 
 @dataclass
-class Precision:
+class MixedPrecision:
     """Mixed precision of the encoder's forward: autocast to bf16/fp16; fp16 also scales the loss.
 
     Embeddings leave the encoder in float32, so the loss and the all-gather always run in float32.
@@ -57,7 +57,7 @@ class Precision:
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
 
     @classmethod
-    def make(cls, name: str, device: torch.device) -> Precision:
+    def make(cls, name: str, device: torch.device) -> MixedPrecision:
         scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         return cls(name, device.type, scaler)
 
@@ -118,9 +118,9 @@ def pad_features(features: dict, multiple: int, pad_id: int, limit: int | None =
 
 
 def _forward(
-    model: torch.nn.Module, texts: list[str], precision: Precision | None = None, multiple: int | None = None
+    model: torch.nn.Module, texts: list[str], precision: MixedPrecision | None = None, multiple: int | None = None
 ) -> torch.Tensor:
-    precision = precision or Precision()
+    precision = precision or MixedPrecision()
     features = model.preprocess(texts) if hasattr(model, "preprocess") else model.tokenize(texts)
     device = model_device(model)
     multiple = multiple or PAD_MULTIPLE.get(device.type, PAD_MULTIPLE["cuda"])
@@ -132,10 +132,10 @@ def _forward(
         return model(features)["sentence_embedding"].float()
 
 
-def embed_texts(model: torch.nn.Module, texts: list[str], precision: Precision | None = None) -> torch.Tensor:
+def embed_texts(model: torch.nn.Module, texts: list[str], precision: MixedPrecision | None = None) -> torch.Tensor:
     """Float32 embeddings in input order, computed in buckets of similar length (short texts are not padded to the
     longest)."""
-    precision = precision or Precision()
+    precision = precision or MixedPrecision()
     bucket = LENGTH_BUCKET.get(model_device(model).type, LENGTH_BUCKET["cuda"])
     if len(texts) <= bucket:
         return _forward(model, texts, precision)
@@ -148,7 +148,7 @@ def embed_texts(model: torch.nn.Module, texts: list[str], precision: Precision |
     return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
-def _embed_keys(model, keys: list[str], valid: list[bool], dim: int, precision: Precision) -> torch.Tensor:
+def _embed_keys(model, keys: list[str], valid: list[bool], dim: int, precision: MixedPrecision) -> torch.Tensor:
     """(len(keys), dim) with zero rows at padding slots (masked out by the loss)."""
     idx = [i for i, ok in enumerate(valid) if ok]
     device = model_device(model)
@@ -193,7 +193,7 @@ def backward_step(
     chunk_size: int = 0,
     world: World | None = None,
     scale: Callable[[float], float] = lambda loss: 1.0,
-    precision: Precision | None = None,
+    precision: MixedPrecision | None = None,
 ) -> float:
     """Accumulate the gradients of scale(L) * L for the global batch into `model`; return L.
 
@@ -201,7 +201,7 @@ def backward_step(
     `loss_fn(q (B, d), k (B, M, d))` is the loss on all of it, computed in float32.
     """
     world = world or World.current()
-    precision = precision or Precision()
+    precision = precision or MixedPrecision()
     b, group = valid.shape
     mine = world.part(b)
     local_q = queries[mine]

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.batches import Group, collate
 from lemb.trainer.losses import graded_loss
-from lemb.trainer.step import Precision, World, backward_step
+from lemb.trainer.step import MixedPrecision, World, backward_step
 
 TEXTS = ["capital of Zorbia", "Quelm is the seat of government", "tide tables of the harbor", "my pet glimmerfox"]
 
@@ -100,7 +100,7 @@ def _cosine(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_autocast_tracks_float32(reference, name):
-    precision = Precision.make(name, torch.device("cpu"))
+    precision = MixedPrecision.make(name, torch.device("cpu"))
     loss, grads = _grads(precision=precision)
     assert loss == pytest.approx(reference[0], rel=0.05)
     assert grads.keys() == reference[1].keys()
@@ -110,7 +110,7 @@ def test_autocast_tracks_float32(reference, name):
     unscaled = {n: g / scale for n, g in grads.items()}
     assert _cosine(unscaled, reference[1]) > 0.98
     # the gradient cache keeps the loss scale through the chunked backward
-    chunked_loss, chunked = _grads(chunk_size=1, precision=Precision.make(name, torch.device("cpu")))
+    chunked_loss, chunked = _grads(chunk_size=1, precision=MixedPrecision.make(name, torch.device("cpu")))
     assert _cosine({n: g / scale for n, g in chunked.items()}, reference[1]) > 0.98
 
 
@@ -201,7 +201,7 @@ def test_max_grad_norm_clips_the_step_and_is_a_train_option():
         before = [p.detach().clone() for p in layer.parameters()]
         optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
         (layer(torch.randn(5, 4)) ** 2).sum().mul(100).backward()  # a gradient of norm well above 0.5
-        Precision.make("fp32", torch.device("cpu")).step(optimizer, max_grad_norm)
+        MixedPrecision.make("fp32", torch.device("cpu")).step(optimizer, max_grad_norm)
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(layer.parameters(), before)]).norm().item()
 
     assert sgd_update(0.0) > 1.0

@@ -46,6 +46,13 @@ class LLMBackend:
     has_chat_template: bool
     eos_ids: list[int]
 
+    @classmethod
+    def codec(cls, tokenizer: Any, eos: int | list[int] | None = None) -> LLMBackend:
+        """A backend with a tokenizer and no model: it renders prompts and counts their tokens (label --dry-run)."""
+        backend = cls()
+        backend._init_codec(tokenizer, eos)
+        return backend
+
     def _init_codec(self, tokenizer: Any, eos: int | list[int] | None) -> None:
         self.tokenizer = tokenizer
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
