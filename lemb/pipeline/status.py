@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lemb.errors import LembError
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import holder_of, process_gone
 from lemb.pipeline.shards import FAILURES, MANIFEST, progress_path, refuse_damaged, shard_path, verify_shard
 
@@ -66,7 +67,8 @@ def _gone(progress: dict) -> bool:
 
 def run_status(run: Path) -> str:
     stages = sorted(p.parent for p in run.rglob(MANIFEST))
-    if not stages and not (run / "train").exists():
+    train = RunLayout(run).train
+    if not stages and not train.exists():
         raise LembError(f"{run}: no stage output here")
     lines = [f"{'stage':<22}{'done':>6}{'pending':>9}{'failed':>8}{'rows':>9}{'tokens':>10}{'seconds':>10}  config"]
     for d in stages:
@@ -86,8 +88,8 @@ def run_status(run: Path) -> str:
                 f"  shard {r['shard']}: {int(r['done'])}/{r['total']} done, {r['rate']:.2f}/s, updated {ago:.0f} s ago"
                 f" ({where})"
             )
-    if (run / "train").exists():
-        lines.append(f"{'train':<22}{train_status(run / 'train')}")
+    if train.exists():
+        lines.append(f"{'train':<22}{train_status(train)}")
     return "\n".join(lines)
 
 

@@ -15,11 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data.tasks import key_template
 from lemb.errors import LembError
-from lemb.pipeline.shards import stage_files
+from lemb.pipeline.shards import shard_path, stage_files
 from lemb.stages.instructions import Instructions
 from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import TASKS
@@ -72,6 +73,16 @@ def key_identity(
         "max_length": max_length,
         "corpus": corpus,
     }
+
+
+def recorded_identity(keys_dir: Path) -> dict[str, Any] | None:
+    """The identity that the first key shard in `keys_dir` records (its footer only: the shards are not checked
+    here, `reuse_problem` checks them before any reuse), or None."""
+    try:
+        found = (pq.read_schema(shard_path(keys_dir, 0)).metadata or {}).get(IDENTITY.encode())
+    except (OSError, pa.ArrowException):
+        return None
+    return json.loads(found) if found is not None else None
 
 
 def reuse_problem(keys_dir: Path, identity: dict[str, Any]) -> str | None:

@@ -33,6 +33,7 @@ from lemb.data.tasks import build_prompt, task_spec, templates_fingerprint
 from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig
 from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, ShardPlan
 from lemb.stages.llm.base import RequestRefused
 from lemb.stages.plots import REWARDS_PLOT, plot_rewards
@@ -298,7 +299,7 @@ def _carried(row: dict[str, Any]) -> dict[str, Any]:
 
 def candidates_plan(run: Path) -> ShardPlan:
     """Label's work: the run's candidate shards as they are, each checked for the desired outputs label needs."""
-    cand_dir = run / "retrieve" / "candidates"
+    cand_dir = RunLayout(run).candidates
     if not (cand_dir / MANIFEST).exists():
         raise LembError(f"{cand_dir}: no candidates; run `lemb retrieve --run {run}` first")
     plan = ShardPlan.of_stage(cand_dir, "query_id")
@@ -331,9 +332,10 @@ def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     run = Path(config.run)
     plan = candidates_plan(run)
     stage = LabelStage(config, served_model(config))
-    inputs = [run / "retrieve" / "candidates" / MANIFEST]
+    layout = RunLayout(run)
+    inputs = [layout.manifest(layout.candidates)]
     stats = Executor(config.cluster, config.restart, progress).run(
-        stage, plan, run / "label", config, inputs, "query_id"
+        stage, plan, layout.label, config, inputs, "query_id"
     )
-    plot_rewards(run / "label", run / "label" / REWARDS_PLOT)  # the histogram, each task's, as soon as it exists
+    plot_rewards(layout.label, layout.label / REWARDS_PLOT)  # the histogram, each task's, as soon as it exists
     return stats

@@ -19,6 +19,7 @@ from lemb.errors import LembError
 from lemb.files import write_json
 from lemb.pipeline.config import Cluster, RescoreConfig, load_config
 from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, ShardPlan, stage_files
 from lemb.stages.reward import row_reward
 from lemb.vocabulary import REWARDS
@@ -53,11 +54,12 @@ def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6, progress: b
     if kind not in REWARDS:
         raise LembError(f"--reward {kind!r}: known rewards are {', '.join(REWARDS)}")
     config = load_config(RescoreConfig, run=str(run), reward=kind, tie_tolerance=tie_tolerance)
-    label_dir = Path(config.run) / "label"
+    layout = RunLayout(config.run)
+    label_dir = layout.label
     plan = ShardPlan.of_stage(label_dir, "query_id")  # refuses a missing, unfinished or damaged label stage
     meta = pq.read_schema(plan.inputs[0]).metadata or {}
     label_metadata = {k.decode(): v.decode() for k, v in meta.items() if k.decode().startswith("lemb.")}
-    out = label_dir.parent / "rescore" / config.reward
+    out = layout.rescore(config.reward)
     stage = RescoreStage(config, label_metadata)
     # a derived output, cheap to remake: other settings (or relabelled shards) simply redo it
     stats = Executor(Cluster(executor="local"), restart=True, progress=progress).run(

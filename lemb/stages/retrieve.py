@@ -32,6 +32,7 @@ from lemb.errors import InputError
 from lemb.files import remove
 from lemb.pipeline.config import RetrieveConfig
 from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import ShardPlan, partition
 from lemb.stages.encoder import Encoder
@@ -324,7 +325,7 @@ def retrieve(
     check_model(config.embedder, "embedder", config.max_length)  # a bad model fails here, not in every worker
     instructions = resolve_instructions(config.instructions, config.embedder)
     log.info("%s embeds with instructions %s: %s", config.embedder, instructions.name, instructions.source)
-    out = Path(config.run) / "retrieve" if out is None else out
+    out = RunLayout(config.run).retrieve if out is None else out
     staging = out / ".input"
     inputs = [Path(p) for p in (config.queries, config.corpus) if p]
     executor = Executor(config.cluster, config.restart, progress)

@@ -26,6 +26,7 @@ from lemb.data.tasks import task_spec
 from lemb.errors import LembError
 from lemb.files import write_text
 from lemb.pipeline.config import TrainConfig
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, shard_path
 from lemb.stages.models import PACKAGED_MODELS, resolve_model_path
 from lemb.trainer.card_template import TEMPLATE
@@ -162,7 +163,7 @@ def training_facts(
     return {
         "version": lemb.__version__,
         "base": {**model_source(c.embedder), **_base_card(c.embedder)},
-        "labels": label_facts(Path(c.run) / "label"),
+        "labels": label_facts(RunLayout(c.run).label),
         "reward": c.reward,
         "tau": c.tau,
         "alpha": c.alpha,

@@ -38,16 +38,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
 
 from lemb.data.schemas import by_query, grades
 from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, build_prompt, task_spec
 from lemb.errors import ConfigError, LembError
 from lemb.files import write_json, write_text
-from lemb.pipeline.config import EvalConfig, RetrieveConfig, TrainConfig, load_config
+from lemb.pipeline.config import EvalConfig, RetrieveConfig, load_config
 from lemb.pipeline.executor import set_threads
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
+from lemb.stages.key_reuse import recorded_identity
 from lemb.stages.models import check_model
 from lemb.stages.retrieve import retrieve, truncation_counts, truncation_line
 from lemb.trainer.bootstrap import compare
@@ -109,7 +110,7 @@ def rank(
         key_template=template, top_k=depth, add_positives=False,
         batch_size=config.batch_size, max_length=config.max_length,
     )  # fmt: skip
-    keys = Path(config.run) / "retrieve" / "keys"
+    keys = RunLayout(config.run).keys
     stats = retrieve(retrieve_config, progress, out=out, summary=False, reuse_keys=keys if keys.exists() else None,
                      name=out.name)  # fmt: skip
     embedded_with = {"model": model, "instructions": stats["instructions"], "key_template": template}
@@ -128,13 +129,15 @@ def rank(
 
 
 def run_key_template(config: EvalConfig) -> Any:
-    """Eval's key template: its own setting, else the one the run's retrieve stage embedded with, else the default."""
+    """Eval's key template: its own setting, else the one the run's retrieve stage embedded its keys with (what its
+    key shards record), else the default."""
     if config.key_template is not None:
         return config.key_template
-    saved = Path(config.run) / "retrieve" / "candidates" / "config.yaml"
-    if saved.exists():
-        return (yaml.safe_load(saved.read_text()) or {}).get("key_template", "{text}")  # saved before templates
-    return DEFAULT_KEY_TEMPLATE
+    recorded = recorded_identity(RunLayout(config.run).keys)
+    if recorded is None or "key_template" not in recorded:
+        return DEFAULT_KEY_TEMPLATE
+    templates = recorded["key_template"]  # {task: template}: one template when every task has the same
+    return next(iter(templates.values())) if len(set(templates.values())) == 1 else templates
 
 
 def _ir_measure(name: str) -> str:
@@ -377,7 +380,7 @@ def evaluate_run(
         check_model(embedder_spec(spec)[0], "embedder", config.max_length, setting=f"--embedder {name}=MODEL")
     if config.answer_k > 0 and config.backend != "server":
         check_model(config.llm, "LLM")
-    with StageLock(run / "eval", "eval"):  # one eval per run at a time: its reports and rankings are shared
+    with StageLock(RunLayout(run).eval, "eval"):  # one eval per run at a time: its reports and rankings are shared
         return _evaluate(config, run, embedders, progress, report_to)
 
 
@@ -385,6 +388,7 @@ def _evaluate(
     config: EvalConfig, run: Path, embedders: dict[str, Any], progress: bool, report_to: Path | None
 ) -> dict[str, Any]:
     set_threads(config.cluster.threads)
+    layout = RunLayout(run)
     llm = None
     evaluator = TaskEvaluator(None, config.answer_k, config.max_new_tokens)
     results: dict[str, Any] = {}
@@ -393,7 +397,7 @@ def _evaluate(
     truncation: dict[str, tuple[int, int]] = {}
     for name, spec in embedders.items():
         model, instructions = embedder_spec(spec)
-        ranked = rank(config, model, run / "eval" / name, progress, instructions=instructions)
+        ranked = rank(config, model, layout.ranking(name), progress, instructions=instructions)
         embedded_with[name] = ranked.embedded_with
         truncation[name] = tuple(sum(c[i] for c in ranked.truncation.values()) for i in (0, 1))
         needs_llm = any(_needs(q["task"], "answer") or _needs(q["task"], "perplexity") for q in ranked.queries)
@@ -406,16 +410,16 @@ def _evaluate(
         log.info("evaluating %s (%s, instructions %s) on %d queries", name, model,
                  ranked.embedded_with["instructions"]["name"], len(ranked.queries))  # fmt: skip
         results[name], details[name] = evaluator.run(ranked, name)
-        write_trec(ranked, run / "eval" / name, trec_tag(name, ranked.embedded_with))
+        write_trec(ranked, layout.ranking(name), trec_tag(name, ranked.embedded_with))
     line = truncation_line(truncation, config.max_length)
     if line:
         log.warning("eval: %s", line)
     _log_left_out(ranked.queries, config.eval_depth)
     reference = "base" if "base" in results else next(iter(results))
     compare(results, {n: d["per_query"] for n, d in details.items()}, ranked.queries, reference, STATISTICS)
-    write_report(run, report_to or run / "eval", results, embedded_with)
-    write_json(run / "eval" / "details.json", details)
-    _card_metrics(run / "train" / "model", embedders, results)
+    write_report(run, report_to or layout.eval, results, embedded_with)
+    write_json(layout.eval / "details.json", details)
+    _card_metrics(layout.model, embedders, results)
     return results
 
 
@@ -459,7 +463,13 @@ def trec_tag(name: str, embedded_with: dict[str, Any]) -> str:
 
 
 def _default_embedders(run: Path) -> dict[str, str]:
-    train_cfg = run / "train" / "config.yaml"
-    if not train_cfg.exists():
-        raise LembError(f"{train_cfg}: not found; run `lemb train --run {run}` first or pass --embedder")
-    return {"base": load_config(TrainConfig, train_cfg).embedder, "trained": str(run / "train" / "model")}
+    """The base the run's training started from (train's stats say which) and the model it trained."""
+    layout = RunLayout(run)
+    if not layout.model.exists():
+        raise LembError(f"{layout.model}: not found; run `lemb train --run {run}` first or pass --embedder")
+    try:
+        base = json.loads(layout.train_stats.read_text())["embedder"]
+    except (OSError, ValueError, KeyError):
+        raise LembError(f"{layout.train_stats} does not name the base embedder (a training run of an earlier lemb): "
+                        f"pass --embedder base=MODEL --embedder trained={layout.model}") from None  # fmt: skip
+    return {"base": base, "trained": str(layout.model)}

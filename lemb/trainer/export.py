@@ -21,6 +21,7 @@ import torch
 
 from lemb.errors import LembError
 from lemb.files import atomic
+from lemb.pipeline.layout import RunLayout
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.card import read_facts, write_card
 
@@ -29,7 +30,7 @@ FORMATS = ("flagembedding",)
 
 def model_folder(path: Path) -> Path:
     """A model folder, or a run folder whose trained model is taken."""
-    for candidate in (path, path / "train" / "model"):
+    for candidate in (path, RunLayout(path).model):
         if (candidate / "modules.json").exists() or (candidate / "config.json").exists():
             return candidate
     raise LembError(f"{path}: neither a model folder nor a run folder with train/model in it")

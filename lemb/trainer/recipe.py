@@ -25,8 +25,9 @@ from lemb.errors import ConfigError, InputError, LembError, MissingDependency, S
 from lemb.files import atomic, move_aside, remove, write_json, write_text
 from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock, process_gone
-from lemb.pipeline.shards import stage_files
+from lemb.pipeline.shards import STATS, stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
 from lemb.stages.models import check_model
@@ -113,7 +114,8 @@ class TrainRecipe:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.run = Path(config.run)
-        self.out = self.run / "train"
+        self.layout = RunLayout(config.run)
+        self.out = self.layout.train
 
     def setup(self, groups: list[Group] | LabelledGroups | None = None) -> None:
         """Build every component; `groups` replaces the run's reward shards (benchmarks, experiments)."""
@@ -152,7 +154,7 @@ class TrainRecipe:
         if c.resume and (self.out / CHECKPOINT).exists():
             self.load_checkpoint()
         elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
-            for stale in (CHECKPOINT, "config.yaml", "_stats.json", LOG):
+            for stale in (CHECKPOINT, "config.yaml", STATS, LOG):
                 (self.out / stale).unlink(missing_ok=True)
             if (self.out / TENSORBOARD).exists():  # an earlier run's events are not this run's
                 remove(self.out / TENSORBOARD)
@@ -178,7 +180,7 @@ class TrainRecipe:
 
     def _rewards_fingerprint(self) -> str:
         """The label stage's manifest (config hash, inputs, plan): relabelling changes it."""
-        manifest = self.run / "label" / "_manifest.json"
+        manifest = self.layout.manifest(self.layout.label)
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else ""
 
     def load_checkpoint(self) -> None:
@@ -209,7 +211,7 @@ class TrainRecipe:
 
     def _load_groups(self) -> tuple[LabelledGroups, Any]:
         """Groups from the label shards, one shard at a time; their texts go to a memory-mapped file."""
-        label_dir = self.run / "label"
+        label_dir = self.layout.label
         files = stage_files(label_dir)
         for f in files:  # a shard written by another version, or by hand: one line, before any work
             missing = [c for c in (*SIGNAL_COLUMNS, *TEXT_COLUMNS) if c not in pq.read_schema(f).names]
@@ -305,6 +307,7 @@ class TrainRecipe:
         if old is not None:
             remove(old)
         stats = {
+            "embedder": c.embedder,  # the base it started from: eval's default base
             "steps": c.steps,
             "groups": len(self.groups),
             "groups_per_task": {t: self.tasks.count(t) for t in tasks},
@@ -313,8 +316,8 @@ class TrainRecipe:
             "final_loss": final_loss,
             "instructions": self.instructions.describe(),
         }
-        write_json(self.out / "_stats.json", stats)
-        plot_loss(self.out / "log.jsonl", self.out / LOSS_PLOT)
+        write_json(self.layout.train_stats, stats)
+        plot_loss(self.layout.train_log, self.out / LOSS_PLOT)
         save_config(c, self.out)
         (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
         return path

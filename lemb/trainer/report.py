@@ -7,6 +7,7 @@ from typing import Any
 
 from lemb.data.tasks import task_spec
 from lemb.files import write_json
+from lemb.pipeline.layout import RunLayout
 from lemb.stages.plots import LOSS_PLOT, REWARDS_PLOT, plot_loss, plot_rewards
 from lemb.trainer.bootstrap import INTERVALS, RESAMPLES
 
@@ -89,8 +90,8 @@ def write_report(
     write_json(out / "metrics.json", metrics_json(metrics, embedded_with))
     paths = {"metrics": out / "metrics.json", "report": out / "report.md"}
     for key, path in (
-        ("rewards_plot", plot_rewards(run / "label", out / REWARDS_PLOT)),
-        ("loss_plot", plot_loss(run / "train" / "log.jsonl", out / LOSS_PLOT)),
+        ("rewards_plot", plot_rewards(RunLayout(run).label, out / REWARDS_PLOT)),
+        ("loss_plot", plot_loss(RunLayout(run).train_log, out / LOSS_PLOT)),
     ):
         if path:
             paths[key] = path
