@@ -3,6 +3,7 @@ through others. Ground modules (errors, files, vocabulary) import no other lemb 
 data < pipeline < stages < trainer < workflow / commands / cli."""
 
 import ast
+import re
 from pathlib import Path
 
 import lemb
@@ -116,3 +117,16 @@ def test_no_module_reaches_into_another_modules_private_names():
 def test_one_function_replaces_files():
     callers = [p.relative_to(ROOT.parent) for p in ROOT.rglob("*.py") if "os.replace(" in p.read_text()]
     assert [str(p) for p in callers] == ["lemb/files.py"]
+
+
+def test_no_stage_spells_a_run_folders_layout():
+    """Every path of a run folder comes from RunLayout: `x / "label"` and the like appear nowhere else."""
+    pattern = re.compile(r'/ "(retrieve|label|train|eval|rescore|keys|candidates|model|_manifest\.json)"')
+    spelled = [
+        f"{p.relative_to(ROOT.parent)}:{i}: {line.strip()}"
+        for p in ROOT.rglob("*.py")
+        if p.name != "layout.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert spelled == []

@@ -30,11 +30,20 @@ class RunLayout:
 
     @property
     def keys(self) -> Path:
-        return self.retrieve / "keys"
+        return self.keys_in(self.retrieve)
 
     @property
     def candidates(self) -> Path:
-        return self.retrieve / "candidates"
+        return self.candidates_in(self.retrieve)
+
+    @staticmethod
+    def keys_in(retrieve_dir: Path) -> Path:
+        """The key embeddings of a retrieve folder: the run's, or one of eval's rankings."""
+        return Path(retrieve_dir) / "keys"
+
+    @staticmethod
+    def candidates_in(retrieve_dir: Path) -> Path:
+        return Path(retrieve_dir) / "candidates"
 
     @property
     def label(self) -> Path:
@@ -50,7 +59,11 @@ class RunLayout:
     @property
     def model(self) -> Path:
         """The trained model: a sentence-transformers folder."""
-        return self.train / "model"
+        return self.model_in(self.train)
+
+    @staticmethod
+    def model_in(train_dir: Path) -> Path:
+        return Path(train_dir) / "model"
 
     @property
     def train_log(self) -> Path:

@@ -109,7 +109,7 @@ def train_status(train_dir: Path) -> str:
         return f"running ({holder}): {where}{saved}"
     if checkpoint.exists():
         return f"stopped: {where}{saved} (lemb train --resume continues it)"
-    return "model saved" if (train_dir / "model").exists() else "no model yet"
+    return "model saved" if RunLayout.model_in(train_dir).exists() else "no model yet"
 
 
 def _checked_shards(path: Path) -> list[Path]:

@@ -335,20 +335,22 @@ def retrieve(
             queries, wanted = _partition_queries(config, staging / "queries")
             keys_dir = None
             if config.corpus:
-                plan, key_tasks, positive_task, corpus = _partition_corpus(config, wanted, staging / "keys")
+                plan, key_tasks, positive_task, corpus = _partition_corpus(config, wanted, RunLayout.keys_in(staging))
                 _check_positives(queries, key_tasks, positive_task, config.queries, config.corpus)
                 identity = key_identity(config.embedder, config.key_template, instructions, config.max_length, corpus)
                 keys_dir = _take_keys(reuse_keys, identity, stats, name)
                 if keys_dir is None:
-                    keys_dir = out / "keys"
+                    keys_dir = RunLayout.keys_in(out)
                     embed = EmbedKeys(config, instructions, identity)
                     stats["keys"] = executor.run(embed, plan, keys_dir, config, inputs, "key_id")
-                elif (out / "keys").resolve() != keys_dir.resolve():  # what an earlier run of this folder embedded
-                    remove(out / "keys")  # is not what its candidates are ranked over
+                elif RunLayout.keys_in(out).resolve() != keys_dir.resolve():  # what an earlier run here embedded
+                    remove(RunLayout.keys_in(out))  # is not what its candidates are ranked over
             else:
                 _check_positives(queries, set(), {}, config.queries, None)
             search = SearchQueries(config, instructions, str(keys_dir) if keys_dir else None)
-            stats["candidates"] = executor.run(search, queries, out / "candidates", config, inputs, "query_id")
+            stats["candidates"] = executor.run(
+                search, queries, RunLayout.candidates_in(out), config, inputs, "query_id"
+            )
             if summary:
                 _warn_short_pools(stats["candidates"], config.top_k)
                 line = truncation_line(truncation_counts(stats), config.max_length)

@@ -116,7 +116,7 @@ def rank(
     embedded_with = {"model": model, "instructions": stats["instructions"], "key_template": template}
     ranking: dict[str, list[tuple[str, float]]] = {}
     queries, key_text = [], {}
-    for path in stage_files(out / "candidates"):
+    for path in stage_files(RunLayout.candidates_in(out)):
         for rows in by_query(pq.read_table(path).to_pylist()):
             first = rows[0]
             ranking[first["query_id"]] = [(r["key_id"], r["retrieval_score"]) for r in rows]

@@ -286,7 +286,7 @@ class TrainRecipe:
 
     def save(self) -> Path:
         c = self.config
-        path = self.out / "model"
+        path = self.layout.model
         tasks = sorted(set(self.tasks))
         self.model.prompts = self.instructions.prompts()  # every task's: `auto` finds them again in eval
         self.model.default_prompt_name = None  # the base's default prompt is not among them
@@ -326,7 +326,7 @@ class TrainRecipe:
         """Whether to train, from what the run folder holds: an unfinished run's checkpoint is resumed (--resume)
         or discarded (--restart), never silently; a finished run with the same settings is left as it is."""
         c = self.config
-        checkpoint, model, saved = self.out / CHECKPOINT, self.out / "model", self.out / "config.yaml"
+        checkpoint, model, saved = self.out / CHECKPOINT, self.layout.model, self.out / "config.yaml"
         if c.restart:
             return True  # setup clears the earlier run's checkpoint, stats and log; save replaces its model
         if checkpoint.exists():
@@ -406,12 +406,12 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     with lock:
         recipe.remove_leftovers()
         if not recipe.should_run():
-            return recipe.out / "model"
+            return recipe.layout.model
         try:
             recipe.setup()
             recipe.train(progress)
             if recipe.world.rank:
-                return recipe.out / "model"  # rank 0 writes the model
+                return recipe.layout.model  # rank 0 writes the model
             return recipe.save()
         finally:
             recipe.cleanup()
