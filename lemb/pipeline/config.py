@@ -537,6 +537,13 @@ def config_hash(config: Any, extra: dict[str, Any] | None = None) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`name: old -> new` for each setting that determines the output (UNHASHED ones left out) and differs, by name:
+    what every "made with other settings" message lists."""
+    names = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k) and k not in UNHASHED]
+
+
 def save_config(config: Any, folder: str | Path) -> Path:
     """The resolved config beside a stage's output, loadable again with `--config`."""
     return write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=True))

@@ -31,7 +31,7 @@ import lemb
 from lemb.data.schemas import WHERE
 from lemb.errors import InputError, LembError, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json
-from lemb.pipeline.config import UNHASHED
+from lemb.pipeline.config import config_changes
 
 log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
@@ -232,10 +232,7 @@ def _same_content(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
-    changed = sorted(
-        k for k in set(old["config"]) | set(new["config"]) if old["config"].get(k) != new["config"].get(k)
-    )
-    parts = [f"{k}: {old['config'].get(k)!r} -> {new['config'].get(k)!r}" for k in changed if k not in UNHASHED]
+    parts = config_changes(old["config"], new["config"])
     if len(old["inputs"]) != len(new["inputs"]):
         parts.append(f"inputs: {len(old['inputs'])} -> {len(new['inputs'])} files")
     for before, item in zip(old["inputs"], new["inputs"]):

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from lemb.data.schemas import by_query
 from lemb.files import write_json
 from lemb.pipeline.shards import stage_files
+from lemb.stages.label import labelled_tie_tolerance
 from lemb.stages.reward import row_reward
 from lemb.vocabulary import REWARDS
 
@@ -109,7 +110,7 @@ def tally_agreement(shards: Iterable[tuple[Any, pa.Table]], tie_tolerance: float
     tolerance = tie_tolerance
     for source, shard in shards:
         meta = shard.schema.metadata or {}
-        tol = float(meta.get(b"lemb.tie_tolerance", b"1e-6")) if tie_tolerance is None else tie_tolerance
+        tol = labelled_tie_tolerance(meta, source) if tie_tolerance is None else tie_tolerance
         tolerance = tol if tolerance is None else tolerance
         for rows in by_query(shard.select(list(COLUMNS)).to_pylist()):
             positives = set(rows[0]["positive_ids"] or [])

@@ -40,6 +40,7 @@ from lemb.stages.plots import REWARDS_PLOT, plot_rewards
 from lemb.stages.reward import build_pool, rank_of_target, reward_from_logprobs
 
 log = logging.getLogger(__name__)
+TIE_TOLERANCE = "lemb.tie_tolerance"  # the label shards' metadata key of the tolerance their rewards used
 TARGET_REQUIRED = frozenset({"qa", "icl", "chat", "lrlm"})  # tool / convsearch may train on positives alone
 # Prompt tokens per block of queries (LabelConfig.block_tokens = 0 takes these). A block only has to give the
 # backend enough rows to fill its own batches (transformers: 16k KV tokens of sampling rows, 4k tokens a scoring
@@ -109,7 +110,7 @@ class LabelStage(Stage):
             "lemb.prompt_templates": json.dumps(templates_fingerprint()),
             "lemb.sampling": json.dumps(sampling),
             "lemb.seed": str(c.seed),
-            "lemb.tie_tolerance": repr(c.tie_tolerance),
+            TIE_TOLERANCE: repr(c.tie_tolerance),
             "lemb.version": lemb.__version__,
         }
 
@@ -141,7 +142,6 @@ class LabelStage(Stage):
 
     def _label_block(self, block: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         c = self.config
-        base = {name: None for name in self.output_schema.names}
         out: list[dict[str, Any]] = []
         todo = []
         for rows in block:
@@ -150,7 +150,7 @@ class LabelStage(Stage):
                 todo.append(rows)
             else:
                 self.counters["queries_skipped_no_target"] += 1
-                out += [{**base, **_carried(r), "pool_size": 0, "skip_reason": "no_target"} for r in rows]
+                out += [self._row(r, pool_size=0, skip_reason="no_target") for r in rows]
         report = _BlockProgress(self, len(block))
         if not todo:
             report.finish()
@@ -202,18 +202,17 @@ class LabelStage(Stage):
         for r, scores in zip(rows, scored[1:]):
             values = [s for s, _ in scores]
             self._check_finite(r, r["key_id"], values)
-            row = {
-                **{name: None for name in self.output_schema.names},
-                **_carried(r),
-                "target_logprob": values[0],
-                "target_tokens": scores[0][1],
-                "samples": pool,
-                "sample_counts": counts,
-                "sample_logprobs": values[1:],
-                "baseline_target_logprob": baseline[0],
-                "baseline_sample_logprobs": baseline[1:],
-                "pool_size": n,
-            }
+            row = self._row(
+                r,
+                target_logprob=values[0],
+                target_tokens=scores[0][1],
+                samples=pool,
+                sample_counts=counts,
+                sample_logprobs=values[1:],
+                baseline_target_logprob=baseline[0],
+                baseline_sample_logprobs=baseline[1:],
+                pool_size=n,
+            )
             if n == 0:  # every sample was empty or equal to the target: the LLM needs no help
                 row["skip_reason"] = "no_competing_samples"
             else:
@@ -225,6 +224,10 @@ class LabelStage(Stage):
             out.append(row)
         self.counters["queries_labelled" if n else "queries_skipped_no_competing_samples"] += 1
         return out
+
+    def _row(self, candidate: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """A reward row of `candidate`: what it carries from retrieve, `fields`, and null in every other column."""
+        return {**dict.fromkeys(self.output_schema.names), **_carried(candidate), **fields}
 
     def _check_finite(self, row: dict[str, Any], key_id: str | None, values: list[float]) -> None:
         """A NaN or infinite log-probability is the LLM's fault (broken weights, an overflowing dtype), not a
@@ -291,6 +294,18 @@ def _prompt_keys(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def _flat(nested: list[list]) -> list:
     return [x for part in nested for x in part]
+
+
+def labelled_tie_tolerance(metadata: dict[bytes, bytes] | None, source: object) -> float:
+    """The tie tolerance a label shard's rewards were computed with, from its Parquet metadata: train, rescore's
+    agreement report and the model card score ties as label did, and a shard that does not say is one line, never a
+    silent default."""
+    value = (metadata or {}).get(TIE_TOLERANCE.encode())
+    if value is None:
+        raise InputError(
+            source, "file", TIE_TOLERANCE, "missing from the shard's metadata; rerun `lemb label --restart`"
+        )
+    return float(value)
 
 
 def _carried(row: dict[str, Any]) -> dict[str, Any]:

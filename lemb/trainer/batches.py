@@ -78,7 +78,8 @@ def build_groups(
     reward_kind: str,
     group_size: int,
     source: str,
-    tie_tolerance: float = 1e-6,
+    *,
+    tie_tolerance: float,
     positives_only: frozenset[str] = frozenset(),
     texts_file: Path | None = None,
 ) -> tuple[LabelledGroups, Counter[str]]:

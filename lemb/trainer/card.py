@@ -28,6 +28,7 @@ from lemb.files import write_text
 from lemb.pipeline.config import TrainConfig
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, shard_path
+from lemb.stages.label import labelled_tie_tolerance
 from lemb.stages.models import PACKAGED_MODELS, resolve_model_path
 from lemb.trainer.card_template import TEMPLATE
 from lemb.vocabulary import DEFAULT_EMBEDDER, DEFAULT_LLM, TASKS
@@ -129,7 +130,7 @@ def label_facts(label_dir: Path) -> dict[str, Any]:
         "per_candidate_samples": sampling.get("m"),
         "temperature": sampling.get("temperature"),
         "reduce": sampling.get("reduce"),
-        "tie_tolerance": float(meta.get("lemb.tie_tolerance", "1e-6")),
+        "tie_tolerance": labelled_tie_tolerance(pq.read_schema(first).metadata, first),
         "lemb_version": meta.get("lemb.version"),
     }
 

@@ -23,13 +23,14 @@ import torch
 from lemb.data.tasks import task_spec
 from lemb.errors import ConfigError, InputError, LembError, MissingDependency, StageConflict
 from lemb.files import atomic, move_aside, remove, write_json, write_text
-from lemb.pipeline.config import UNHASHED, TrainConfig, config_hash, load_config, save_config, to_dict
+from lemb.pipeline.config import TrainConfig, config_changes, config_hash, load_config, save_config, to_dict
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock, process_gone
 from lemb.pipeline.shards import STATS, stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
+from lemb.stages.label import labelled_tie_tolerance
 from lemb.stages.models import check_model
 from lemb.stages.plots import LOSS_PLOT, plot_loss
 from lemb.trainer.batches import (
@@ -191,9 +192,7 @@ class TrainRecipe:
                 " drop --resume to start over"
             )
         if state["config_hash"] != config_hash(self.config):
-            old, new = state["config"], to_dict(self.config)
-            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new)
-                       if old.get(k) != new.get(k) and k not in UNHASHED]  # fmt: skip
+            changed = config_changes(state["config"], to_dict(self.config))
             raise StageConflict(
                 f"{self.out / CHECKPOINT}: made with other settings ({'; '.join(changed)});"
                 " drop --resume to start over"
@@ -218,7 +217,7 @@ class TrainRecipe:
             if missing:
                 raise InputError(f, "file", missing[0], f"missing column (of {missing}); rerun `lemb label --restart`")
         meta = pq.read_schema(files[0]).metadata or {}
-        tie_tolerance = float(meta.get(b"lemb.tie_tolerance", b"1e-6"))  # the tolerance the rewards were labelled with
+        tie_tolerance = labelled_tie_tolerance(meta, files[0])  # the tolerance the rewards were labelled with
         contrastive = frozenset(t for t in TASKS if self._loss_name(t) == "contrastive")
         self.out.mkdir(parents=True, exist_ok=True)
         self.texts_file = self.out / f".texts-{os.getpid()}.arrow"
@@ -347,9 +346,7 @@ class TrainRecipe:
             return False
         changed = "its settings are unknown" if old is None else "it was trained with other settings ("
         if old is not None:
-            was, now = to_dict(old), to_dict(c)
-            changed += "; ".join(f"{k}: {was[k]!r} -> {now[k]!r}" for k in sorted(now) if was.get(k) != now[k]
-                                 and k not in UNHASHED) + ")"  # fmt: skip
+            changed += "; ".join(config_changes(to_dict(old), to_dict(c))) + ")"
         raise StageConflict(f"{model}: {changed}; pass --restart to train again")
 
     def remove_leftovers(self) -> None:

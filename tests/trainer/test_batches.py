@@ -80,25 +80,34 @@ def _reward_rows(rewards, positives=(), texts=None, query_id="q1"):
 
 
 def test_build_groups_recomputes_reward_and_rejects_nan():
-    groups, skipped = build_groups(_reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"]), "rank", 8, "src")
+    groups, skipped = build_groups(
+        _reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"]), "rank", 8, "src", tie_tolerance=1e-6
+    )
     assert groups[0].rewards == [1.0, 0.0] and groups[0].positive == [True, False] and not skipped
     assert groups[0].keys == ["a", "b"] and groups[0].query == "t"
-    groups, _ = build_groups(_reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"]), "likelihood", 8, "src")
+    groups, _ = build_groups(
+        _reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"]), "likelihood", 8, "src", tie_tolerance=1e-6
+    )
     assert groups[0].rewards == [-0.5, -3.0]
     # a non-finite log-probability is refused under every reward, not only where it would make the reward NaN
     for kind in ("likelihood", "rank", "improvement"):
         with pytest.raises(InputError, match=r"src.*query_id 'q1', key_id 'k0', field 'target_logprob': not a fin"):
-            build_groups(_reward_rows([(float("nan"), [1]), (-3.0, [1])], ["k0"]), kind, 8, "src")
+            build_groups(_reward_rows([(float("nan"), [1]), (-3.0, [1])], ["k0"]), kind, 8, "src", tie_tolerance=1e-6)
     bad = _reward_rows([(-0.5, [1]), (-3.0, [1])], ["k0"])
     bad = bad.set_column(bad.schema.get_field_index("baseline_target_logprob"), "baseline_target_logprob",
                          pa.array([float("-inf"), -2.0]))  # fmt: skip
     with pytest.raises(InputError, match=r"key_id 'k0', field 'baseline_target_logprob'"):
-        build_groups(bad, "rank", 8, "src")
-    _, skipped = build_groups(_reward_rows([(-0.5, [0]), (-3.0, [0])], ["k0"]), "rank", 8, "src")
+        build_groups(bad, "rank", 8, "src", tie_tolerance=1e-6)
+    _, skipped = build_groups(_reward_rows([(-0.5, [0]), (-3.0, [0])], ["k0"]), "rank", 8, "src", tie_tolerance=1e-6)
     assert skipped == {"no_signal": 1}
     # a contrastive task trains on its positive even without samples
     groups, skipped = build_groups(
-        _reward_rows([(-0.5, [0]), (-3.0, [0])], ["k0"]), "rank", 8, "src", positives_only=frozenset({"qa"})
+        _reward_rows([(-0.5, [0]), (-3.0, [0])], ["k0"]),
+        "rank",
+        8,
+        "src",
+        tie_tolerance=1e-6,
+        positives_only=frozenset({"qa"}),
     )
     assert len(groups) == 1 and groups[0].positive == [True, False] and not skipped
 
@@ -112,16 +121,27 @@ def test_build_groups_uses_the_label_tie_tolerance():
 
 def test_positives_are_kept_when_candidates_exceed_the_group():
     rows = _reward_rows([(-1.0, [1]), (-2.0, [1]), (-0.1, [1])], ["k2"], texts="abc")  # k2 ranked lowest
-    groups, skipped = build_groups(rows, "rank", 2, "src")
+    groups, skipped = build_groups(rows, "rank", 2, "src", tie_tolerance=1e-6)
     assert groups[0].key_ids == ["k0", "k2"] and groups[0].keys == ["a", "c"] and not skipped
 
 
 def test_groups_read_from_shards_through_a_mapped_file_equal_the_in_memory_ones(tmp_path):
     shard_a = _reward_rows([(-0.5, [1]), (-3.0, [2]), (-0.7, [1])], ["k1"])
     shard_b = _reward_rows([(-2.0, [1]), (-0.1, [1])], query_id="q2")
-    whole, _ = build_groups(pa.concat_tables([shard_a, shard_b]), "rank", 2, "src")
-    mapped, _ = build_groups(iter([shard_a, shard_b]), "rank", 2, "src", texts_file=tmp_path / "t.arrow")
+    whole, _ = build_groups(pa.concat_tables([shard_a, shard_b]), "rank", 2, "src", tie_tolerance=1e-6)
+    mapped, _ = build_groups(
+        iter([shard_a, shard_b]), "rank", 2, "src", tie_tolerance=1e-6, texts_file=tmp_path / "t.arrow"
+    )
     assert len(mapped) == len(whole) == 2 and mapped.tasks == ["qa", "qa"]
     assert [mapped[i] for i in range(2)] == [whole[i] for i in range(2)]
     assert mapped[0].key_ids == ["k0", "k1"] and mapped[1].keys == ["a", "b"]
     assert (tmp_path / "t.arrow").stat().st_size > 0
+
+
+def test_the_tie_tolerance_is_read_from_the_label_shard_never_defaulted():
+    from lemb.errors import InputError
+    from lemb.stages.label import labelled_tie_tolerance
+
+    assert labelled_tie_tolerance({b"lemb.tie_tolerance": b"0.001"}, "part-00000.parquet") == 1e-3
+    with pytest.raises(InputError, match="part-00000.parquet: file, field 'lemb.tie_tolerance': missing"):
+        labelled_tie_tolerance({b"lemb.llm": b"x"}, "part-00000.parquet")

@@ -17,6 +17,12 @@ def check_reduce(reduce: str) -> None:
         raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
 
 
+def reduced(total: float, tokens: int, reduce: str) -> tuple[float, int]:
+    """A continuation's score from its summed log-probability (every backend's): the mean over its tokens, or the
+    sum; with its token count."""
+    return (total / tokens if reduce == "mean" else total), tokens
+
+
 def restart_seed(seed: int | None, sample: int, length: int) -> int | None:
     """Seed of the request that continues sample `sample` of a prompt after a blank line of `length` tokens (see
     `LLMBackend.stopped_blank`): its own, so a continued sample depends on nothing else."""

@@ -28,7 +28,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from lemb.stages.llm.base import LLMBackend, Progress, check_reduce
+from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, reduced
 from lemb.stages.models import model_fingerprint, resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM
 
@@ -75,8 +75,7 @@ def _row_generator(seed: int, row: int, device: torch.device) -> torch.Generator
 
 
 def _reduce(logprobs: torch.Tensor, reduce: str) -> tuple[float, int]:
-    total = float(logprobs.double().sum())
-    return (total / len(logprobs) if reduce == "mean" else total), len(logprobs)
+    return reduced(float(logprobs.double().sum()), len(logprobs), reduce)
 
 
 # Tokens per scoring forward pass, padding included (LabelConfig.score_batch_tokens = 0 takes these). On one CPU

@@ -45,7 +45,7 @@ from typing import Any
 
 from lemb.errors import ConfigError
 from lemb.pipeline.config import LLMServer
-from lemb.stages.llm.base import LLMBackend, Progress, RequestRefused, check_reduce, restart_seed
+from lemb.stages.llm.base import LLMBackend, Progress, RequestRefused, check_reduce, reduced, restart_seed
 from lemb.stages.llm.vllm_engine import request_seed
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ class ServerBackend(LLMBackend):
         )  # fmt: skip
         results: list[list[tuple[float, int]]] = [[] for _ in items]
         for (i, cont), total in zip(pairs, totals):
-            results[i].append((total / len(cont) if reduce == "mean" else total, len(cont)))
+            results[i].append(reduced(total, len(cont), reduce))
         return results
 
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lemb.errors import MissingDependency
-from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, restart_seed
+from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, reduced, restart_seed
 from lemb.stages.models import model_fingerprint, resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM, VLLM_INSTALL
 
@@ -234,7 +234,7 @@ class VLLMBackend(LLMBackend):
         for (i, cont), out in zip(jobs, outs):
             rows = out.prompt_logprobs[len(prompts[i]) :]
             total = sum(row[token].logprob for row, token in zip(rows, cont, strict=True))
-            results[i].append((total / len(cont) if reduce == "mean" else total, len(cont)))
+            results[i].append(reduced(total, len(cont), reduce))
         return results
 
 
