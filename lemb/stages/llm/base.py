@@ -52,6 +52,26 @@ class LLMBackend:
     has_chat_template: bool
     eos_ids: list[int]
 
+    def _open(
+        self, name: str, path: str, trust_remote_code: bool, revision: str | None = None, eos: Any = None
+    ) -> None:
+        """What every backend sets up alike: its name, the fingerprint of its model (a folder's: `model_fingerprint`),
+        its tokenizer, and the tokens it stops at (`eos`, else the model's generation_config.json, else the
+        tokenizer's end of sequence)."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        from lemb.stages.models import model_fingerprint
+
+        self.name = name
+        self.revision = model_fingerprint(path) if revision is None else revision
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if eos is None:
+            try:
+                eos = GenerationConfig.from_pretrained(path).eos_token_id
+            except OSError:
+                eos = None
+        self._init_codec(tokenizer, eos)
+
     @classmethod
     def codec(cls, tokenizer: Any, eos: int | list[int] | None = None) -> LLMBackend:
         """A backend with a tokenizer and no model: it renders prompts and counts their tokens (label --dry-run)."""

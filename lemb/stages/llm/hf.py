@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -29,7 +28,7 @@ from transformers import (
 )
 
 from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, reduced
-from lemb.stages.models import model_fingerprint, resolve_model_path
+from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM
 
 
@@ -148,10 +147,7 @@ class TransformersBackend(LLMBackend):
         device: str | None = None,
     ) -> None:
         path = resolve_model_path(model, "LLM")
-        self.name = model
-        self.revision = model_fingerprint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         # scoring passes its own 4-D attention mask, which the sdpa and eager attentions honour (flash kernels don't)
         load = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
         try:
@@ -159,7 +155,7 @@ class TransformersBackend(LLMBackend):
         except ValueError:  # an architecture without sdpa support
             self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **load)
         self.model.to(self.device).eval().requires_grad_(False)
-        self._init_codec(self.tokenizer, self.model.generation_config.eos_token_id)
+        self._open(model, path, trust_remote_code, eos=self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else pad
         # generate() fills whatever a call leaves unset from the model's generation_config.json (a repetition

@@ -241,16 +241,8 @@ class ServerBackend(LLMBackend):
     """The LLMBackend interface over OpenAI-compatible servers of one model (see the module's notes)."""
 
     def __init__(self, served: ServedModel, server: LLMServer, trust_remote_code: bool = False) -> None:
-        from transformers import AutoTokenizer, GenerationConfig
-
         self.served, self.settings = served, server
-        self.name, self.revision = served.id, served.revision
-        tokenizer = AutoTokenizer.from_pretrained(served.tokenizer, trust_remote_code=trust_remote_code)
-        try:
-            eos = GenerationConfig.from_pretrained(served.tokenizer).eos_token_id  # as the other backends stop
-        except OSError:
-            eos = None
-        self._init_codec(tokenizer, eos)
+        self._open(served.id, served.tokenizer, trust_remote_code, revision=served.revision)
         self.prefilled_tokens = 0  # prompt tokens the servers reported (benchmarks, cost reports)
         self.servers = _Servers(server.urls)
         self._client = _Client()

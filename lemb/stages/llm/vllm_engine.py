@@ -30,7 +30,7 @@ from typing import Any
 
 from lemb.errors import MissingDependency
 from lemb.stages.llm.base import LLMBackend, Progress, check_reduce, reduced, restart_seed
-from lemb.stages.models import model_fingerprint, resolve_model_path
+from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM, VLLM_INSTALL
 
 log = logging.getLogger(__name__)
@@ -91,15 +91,12 @@ class VLLMBackend(LLMBackend):
         block_size: int | None = None,
     ) -> None:
         import torch
-        from transformers import AutoTokenizer, GenerationConfig
 
         path = resolve_model_path(model, "LLM")
         on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
         vllm = _import_vllm(on_cpu)
         self.SamplingParams = vllm.SamplingParams
-        self.name = model
-        self.revision = model_fingerprint(path)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self._open(model, path, trust_remote_code)
         # CPU: no chunked prefill. A prompt split across engine steps rewinds its seeded generator, which a CPU
         # generator cannot do ("CPU Generator does not use offset"); a block of many queries makes such splits.
         cpu = {"block_size": CPU_BLOCK_SIZE, "enforce_eager": True, "enable_chunked_prefill": False}
@@ -112,11 +109,6 @@ class VLLMBackend(LLMBackend):
             use_tqdm_on_load=False,
         )  # fmt: skip
         self.engine = _process_engine(vllm, settings, self.revision)
-        try:
-            eos = GenerationConfig.from_pretrained(path).eos_token_id  # as the transformers backend stops
-        except OSError:
-            eos = None
-        self._init_codec(tokenizer, eos)
         self.prefilled_tokens = 0
         self.rescored_requests = 0  # scoring requests run again without the cache (their hit reached too far)
         self.read_prefix_cache = True  # False: vLLM's default for prompt_logprobs requests (benchmarks compare)
