@@ -148,11 +148,14 @@ def read_yaml(value: str, where: str) -> Any:
 
 
 def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate `fn(config, quiet, **extra)`: the command takes every setting of `cls` as an option, plus --config,
-    --set, --quiet and `fn`'s own keyword options, and calls `fn` with the loaded, validated config."""
+    """Decorate `fn(cfg: cls, quiet: bool, **extra)`: the command takes every setting of `cls` as an option, plus
+    --config, --set, --quiet and `fn`'s own keyword options, and calls `fn` with the loaded, validated config (its
+    parameter annotated `cls`) and `quiet`."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        extra = [p.replace(kind=_KW) for p in list(inspect.signature(fn, eval_str=True).parameters.values())[2:]]
+        params = inspect.signature(fn, eval_str=True).parameters.values()
+        config_name = next(p.name for p in params if p.annotation is cls)
+        extra = [p.replace(kind=_KW) for p in params if p.name not in (config_name, "quiet")]
         names, tables = {p.name for p in extra}, _tables(cls)
 
         def command(**kwargs: Any) -> Any:
@@ -160,7 +163,8 @@ def stage_command(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any
             path, sets, quiet = kwargs.pop("config"), kwargs.pop("sets"), kwargs.pop("quiet")
             flags = {k: v for k, v in kwargs.items() if v is not None}
             flags.update({k: read_yaml(v, f"--{k.replace('_', '-')} {v!r}") for k, v in flags.items() if k in tables})
-            return fn(load_config(cls, path, **{**parse_sets(sets), **flags}), quiet, **own)
+            config = load_config(cls, path, **{**parse_sets(sets), **flags})
+            return fn(**{config_name: config, "quiet": quiet, **own})
 
         settings = sorted(setting_options(cls) + _COMMON, key=lambda p: GROUPS.index(_panel(p)))
         command.__signature__ = inspect.Signature(settings + extra)  # type: ignore[attr-defined]

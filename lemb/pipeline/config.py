@@ -52,12 +52,16 @@ def setting(
     factory: Any = dataclasses.MISSING,
     group: str = METHOD,
     required: bool = False,
+    hashed: bool = True,
 ) -> Any:
     """A setting: its default (or `factory` for a mutable one), the one line of help that the CLI shows, the panel
-    of --help it is listed in, and whether a stage cannot run without it (given as a flag or in --config)."""
-    return field(
-        default=default, default_factory=factory, metadata={"help": help, "group": group, "required": required}
-    )
+    of --help it is listed in, whether a stage cannot run without it (given as a flag or in --config), and whether
+    it determines the stage's output (`hashed`: in the config hash that a rerun is compared by). Not hashed: where
+    or how fast a stage runs (the run folder, the cluster, threads, devices, batch sizes in tokens), and the paths
+    of input files, whose content is fingerprinted with the stage's inputs instead (a run folder moved or copied
+    with its data is the same run)."""
+    meta = {"help": help, "group": group, "required": required, "hashed": hashed}
+    return field(default=default, default_factory=factory, metadata=meta)
 
 
 @dataclass
@@ -176,13 +180,13 @@ KEY_TEMPLATE_HELP = (
 
 @dataclass
 class RetrieveConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
-    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO)
-    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
+    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO, hashed=False)
+    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.", hashed=False)
     shards: int = setting(4, "Output files per step (the unit of work and of resume); label keeps them.", group=PERF)
-    queries: str = setting("", "Query records (JSONL or Parquet).", group=IO, required=True)
+    queries: str = setting("", "Query records (JSONL or Parquet).", group=IO, required=True, hashed=False)
     corpus: str | None = setting(
-        None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).", group=IO
+        None, "Key records (JSONL or Parquet); none: only per-query tasks (chat, lrlm).", group=IO, hashed=False
     )
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder: HF id, local path or a lemb default name.", group=IO)
     instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
@@ -209,13 +213,13 @@ class RetrieveConfig:
 
 @dataclass
 class LabelConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
-    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO)
-    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.")
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
+    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO, hashed=False)
+    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.", hashed=False)
     llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.", group=IO)
     backend: Backend = setting(factory=default_backend, help="vllm (the default where installed), transformers, or "
                                "server (an OpenAI-compatible server at llm_url).")  # fmt: skip
-    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
+    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).", hashed=False)
     dtype: DType = setting(
         "float32", "LLM weights' dtype (CPU: float32; bf16 is slower on AVX2 and less exact).", group=PERF
     )
@@ -225,12 +229,15 @@ class LabelConfig:
     seed: int = setting(0, "Per-query seeds derive from it: a rerun of a shard draws the same samples.")
     reduce: Reduce = setting("mean", "A continuation's score: mean (or sum) of its token log-probabilities.")
     tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
-    score_batch_tokens: int = setting(0, "Tokens per scoring pass (transformers; 0: 4096 CPU, 32768 GPU).", group=PERF)
+    score_batch_tokens: int = setting(
+        0, "Tokens per scoring pass (transformers; 0: 4096 CPU, 32768 GPU).", group=PERF, hashed=False
+    )
     block_tokens: int = setting(
         0,
         "Prompt tokens of the queries labelled in one sampling + one scoring call "
         "(0: the measured default); samples and rewards do not depend on it.",
         group=PERF,
+        hashed=False,
     )
     trust_remote_code: bool = setting(False, "Allow the model's own code (off unless asked).", group=IO)
 
@@ -250,10 +257,12 @@ class LabelConfig:
 
 @dataclass
 class TrainConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO)
-    restart: bool = setting(False, "Discard an earlier or unfinished training run of this folder.", group=IO)
-    resume: bool = setting(False, "Continue from the last checkpoint.", group=IO)
-    threads: int = setting(1, "Torch threads.", group=PERF)
+    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
+    restart: bool = setting(
+        False, "Discard an earlier or unfinished training run of this folder.", group=IO, hashed=False
+    )
+    resume: bool = setting(False, "Continue from the last checkpoint.", group=IO, hashed=False)
+    threads: int = setting(1, "Torch threads.", group=PERF, hashed=False)
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.", group=IO)
     instructions: str | dict[Task, Any] = setting("auto", INSTRUCTIONS_HELP)
     reward: Reward = setting("rank", "Reward recomputed from the label shards' log-probabilities.")
@@ -275,16 +284,17 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in backward (less memory, ~30% slower).", group=PERF
     )
-    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.", group=PERF)
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda or cuda:N.", group=PERF, hashed=False)
     seed: int = setting(0, "Seed of the batch order and of the model's new parameters.")
     save_every: int | None = setting(
-        None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).", group=PERF
+        None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).", group=PERF, hashed=False
     )
     tensorboard: bool = setting(
         False,
         "Also write the training log as TensorBoard events in <run>/train/tensorboard"
         " (pip install 'lemb[tensorboard]').",
         group=IO,
+        hashed=False,
     )
 
     def problems(self) -> list[str]:
@@ -316,11 +326,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.", group=IO)
-    cluster: Cluster = setting(factory=Cluster, help="Where the held-out queries are ranked.")
+    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.", group=IO, hashed=False)
+    cluster: Cluster = setting(factory=Cluster, help="Where the held-out queries are ranked.", hashed=False)
     shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.", group=PERF)
-    queries: str = setting("", "Held-out query records.", group=IO, required=True)
-    corpus: str | None = setting(None, "Key records.", group=IO)
+    queries: str = setting("", "Held-out query records.", group=IO, required=True, hashed=False)
+    corpus: str | None = setting(None, "Key records.", group=IO, hashed=False)
     embedders: dict[str, Any] = setting(
         factory=dict,
         help="{name: model or {model: M, instructions: I}}; default: base and <run>/train/model, each with its own"
@@ -333,7 +343,7 @@ class EvalConfig:
     )
     llm: str = setting(DEFAULT_LLM, "LLM of the downstream metrics.", group=IO)
     backend: Backend = setting("transformers", "LLM backend of the downstream metrics: transformers, vllm or server.")
-    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).")
+    server: LLMServer = setting(factory=LLMServer, help="The LLM's servers (backend server).", hashed=False)
     answer_k: int = setting(1, "Retrieved candidates in the LLM's prompt (0: no LLM).")
     eval_depth: int = setting(100, "Keys each held-out query is ranked to (run.trec, recall@100); deeper metrics "
                                    "are left out.")  # fmt: skip
@@ -363,7 +373,7 @@ class EvalConfig:
 
 @dataclass
 class RescoreConfig:
-    run: str = setting("runs/default", "Run folder with a finished label stage.", group=IO)
+    run: str = setting("runs/default", "Run folder with a finished label stage.", group=IO, hashed=False)
     reward: Reward = setting("rank", "The reward recomputed from the label shards' log-probabilities.")
     tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
 
@@ -497,28 +507,13 @@ RETIRED = {
     "default): remove it or rename it",
 }
 
-# settings that change where or how fast a stage runs, not what it writes (the whole `cluster` section among them)
-EXECUTION_ONLY = frozenset(
-    {
-        "run",
-        "restart",
-        "cluster",
-        "server",
-        "threads",
-        "save_every",
-        "resume",
-        "device",
-        "score_batch_tokens",
-        "block_tokens",
-        "tensorboard",
-    }
+# the settings of any stage that do not determine its output (`setting(hashed=False)`), by name
+UNHASHED = frozenset(
+    f.name
+    for cls in (RetrieveConfig, LabelConfig, TrainConfig, EvalConfig, RescoreConfig)
+    for f in dataclasses.fields(cls)
+    if not f.metadata["hashed"]
 )
-
-
-# where a stage's input files lie: their content is fingerprinted with the stage's inputs instead, so that a run
-# folder moved or copied with its data, or a stage started from another directory, is the same run
-INPUT_PATHS = frozenset({"queries", "corpus"})
-UNHASHED = EXECUTION_ONLY | INPUT_PATHS
 # why a setting of another stage is not one of this stage's
 NOT_HERE = {f.name: "a setting of the sharded stages retrieve, label and eval" for f in dataclasses.fields(Cluster)}
 NOT_HERE.update({f.name: "a setting of label and eval (backend server)" for f in dataclasses.fields(LLMServer)})

@@ -181,3 +181,25 @@ def test_label_refuses_a_negative_tie_tolerance_and_a_nan_temperature():
         load_config(LabelConfig, tie_tolerance=-1.0)
     with pytest.raises(ConfigError, match="temperature must be a finite number"):
         load_config(LabelConfig, temperature=float("nan"))
+
+
+def test_whether_a_setting_is_hashed_is_declared_on_its_field():
+    """A setting that only says where or how fast a stage runs, or where its input files lie, leaves the config hash
+    as it is; every other one changes it. Each field says which it is (`setting(hashed=False)`)."""
+    import dataclasses
+
+    from lemb.pipeline.config import UNHASHED, LabelConfig, TrainConfig, config_hash
+
+    base = load_config(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(base, f.name)
+        other = {bool: lambda v: not v, int: lambda v: v + 3, float: lambda v: v * 0.5 + 0.25, str: lambda v: v + "x"}
+        change = other.get(type(value))
+        if change is None or f.name in ("device", "precision", "reward"):  # choices: a changed string is refused
+            continue
+        moved = dataclasses.replace(base, **{f.name: change(value)})
+        assert (config_hash(moved) == config_hash(base)) == (not f.metadata["hashed"]), f.name
+    assert {"run", "threads", "save_every", "resume", "tensorboard"} <= UNHASHED and "lr" not in UNHASHED
+    label = load_config(LabelConfig, backend="transformers")
+    assert config_hash(dataclasses.replace(label, block_tokens=512)) == config_hash(label)
+    assert config_hash(dataclasses.replace(label, n_samples=3)) != config_hash(label)
