@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,51 +156,55 @@ class LabelStage(Stage):
         if not todo:
             report.finish()
             return out
-        prompts = [query_prompts(rows) for rows in todo]
-        ns = [[c.n_samples] + [c.per_candidate_samples] * len(rows) for rows in todo]
-        seeds = [[derive_seed(c.seed, rows[0]["query_id"], *k) for k in _prompt_keys(rows)] for rows in todo]
+        queries = [self._query(rows) for rows in todo]
         start, generated = time.perf_counter(), self.llm.generated_tokens
-        owners = [rows[0]["query_id"] for rows, per_query in zip(todo, prompts) for _ in per_query]
+        owners = [q.id for q in queries for _ in q.prompts]  # the query of each prompt, for a refused request
         with _naming_queries(owners):
             samples = self.llm.sample_many(
-                _flat(prompts), _flat(ns), task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, _flat(seeds),
+                [p for q in queries for p in q.prompts], [n for q in queries for n in q.samples_per_prompt],
+                task_spec(todo[0][0]["task"]).max_new_tokens, c.temperature, [s for q in queries for s in q.seeds],
                 progress=report.sampling,
             )  # fmt: skip
         self.counters["sample_seconds"] += time.perf_counter() - start
         self.counters["samples_drawn"] += sum(map(len, samples))
         self.counters["sampled_tokens"] += self.llm.generated_tokens - generated
-        pools, at = [], 0
-        for rows, per_query in zip(todo, prompts):
-            drawn = [s for texts in samples[at : at + len(per_query)] for s in texts]
-            at += len(per_query)
-            pool, counts, dropped = build_pool(drawn, rows[0]["target"])
+        for q, drawn in zip(queries, _per_query(samples, queries)):
+            q.pool, q.counts, dropped = build_pool([s for texts in drawn for s in texts], q.target)
             self.counters["samples_empty"] += dropped["empty"]
             self.counters["samples_equal_to_target"] += dropped["equal_to_target"]
-            pools.append((pool, counts))
-        items = [(p, [rows[0]["target"], *pool]) for rows, per_query, (pool, _) in zip(todo, prompts, pools)
-                 for p in per_query]  # fmt: skip
+        items = [(p, [q.target, *q.pool]) for q in queries for p in q.prompts]  # one item per prompt, as sampled
         start = time.perf_counter()
-        with _naming_queries(owners):  # one item per prompt, as sampled
+        with _naming_queries(owners):
             scored = self.llm.score_many(
                 items, reduce=c.reduce, batch_tokens=c.score_batch_tokens or None, progress=report.scoring
             )
         self.counters["score_seconds"] += time.perf_counter() - start
         self.counters["scored_continuations"] += sum(len(conts) for _, conts in items)
         self.counters["continuation_tokens"] += sum(n for per_item in scored for _, n in per_item)
-        at = 0
-        for rows, (pool, counts) in zip(todo, pools):
-            out += self._rows(rows, pool, counts, scored[at : at + len(rows) + 1])
-            at += len(rows) + 1
+        for q, scores in zip(queries, _per_query(scored, queries)):
+            q.bare_scores, q.candidate_scores = scores[0], scores[1:]  # query_prompts: the bare prompt first
+            out += self._rows(q)
         report.finish()
         return out
 
-    def _rows(self, rows: list[dict], pool: list[str], counts: list[int], scored: list) -> list[dict[str, Any]]:
-        """Reward rows of one query from its pool and its scores (bare prompt first, then each candidate's)."""
+    def _query(self, rows: list[dict[str, Any]]) -> _Query:
+        c = self.config
+        keys = _prompt_keys(rows)
+        return _Query(
+            rows=rows,
+            prompts=query_prompts(rows),
+            samples_per_prompt=[c.n_samples] + [c.per_candidate_samples] * len(rows),
+            seeds=[derive_seed(c.seed, rows[0]["query_id"], *k) for k in keys],
+        )
+
+    def _rows(self, q: _Query) -> list[dict[str, Any]]:
+        """Reward rows of one query from its pool and its scores (the bare prompt's, then each candidate's)."""
+        rows, pool, counts = q.rows, q.pool, q.counts
         n, tol = sum(counts), self.config.tie_tolerance
-        baseline = [s for s, _ in scored[0]]
+        baseline = [s for s, _ in q.bare_scores]
         self._check_finite(rows[0], None, baseline)
         out = []
-        for r, scores in zip(rows, scored[1:]):
+        for r, scores in zip(rows, q.candidate_scores, strict=True):
             values = [s for s, _ in scores]
             self._check_finite(r, r["key_id"], values)
             row = self._row(
@@ -292,8 +297,36 @@ def _prompt_keys(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return [()] + [(r["key_id"],) for r in rows]
 
 
-def _flat(nested: list[list]) -> list:
-    return [x for part in nested for x in part]
+@dataclass
+class _Query:
+    """One query of a block on its way through label: its candidate rows; its prompts (`query_prompts`: the bare
+    prompt, then one per candidate) with what each samples and its seed; then its pool of samples, and the scores of
+    the target and the pool under the bare prompt and under each candidate's."""
+
+    rows: list[dict[str, Any]]
+    prompts: list[str]
+    samples_per_prompt: list[int]
+    seeds: list[int]
+    pool: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    bare_scores: list[tuple[float, int]] = field(default_factory=list)
+    candidate_scores: list[list[tuple[float, int]]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.rows[0]["query_id"]
+
+    @property
+    def target(self) -> str:
+        return self.rows[0]["target"]
+
+
+def _per_query(flat: list, queries: list[_Query]) -> Iterator[list]:
+    """A block call's results (one per prompt, in the queries' order) cut back into each query's."""
+    at = 0
+    for q in queries:
+        yield flat[at : at + len(q.prompts)]
+        at += len(q.prompts)
 
 
 def labelled_tie_tolerance(metadata: dict[bytes, bytes] | None, source: object) -> float:

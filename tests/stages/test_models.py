@@ -128,11 +128,17 @@ def test_a_non_finite_log_probability_from_the_llm_stops_label_naming_the_query(
              "key_title": None}]  # fmt: skip
     good = [[(-1.0, 2), (-2.0, 2)]]
     nan = r"gave a non-finite log-probability \(nan\) for query_id 'q7' under key_id 'k2'"
+
+    def scored(bare, per_candidate):
+        query = stage._query(rows)
+        query.pool, query.counts, query.bare_scores, query.candidate_scores = ["London"], [1], bare, per_candidate
+        return stage._rows(query)
+
     with pytest.raises(LembError, match=nan):
-        stage._rows(rows, ["London"], [1], good + [[(-1.0, 2), (float("nan"), 2)]])
+        scored(good[0], [[(-1.0, 2), (float("nan"), 2)]])
     with pytest.raises(LembError, match=r"\(-inf\) for query_id 'q7' under the bare prompt"):
-        stage._rows(rows, ["London"], [1], [[(float("-inf"), 2), (-2.0, 2)]] + good)
-    assert stage._rows(rows, ["London"], [1], good + good)[0]["rank"] is not None
+        scored([(float("-inf"), 2), (-2.0, 2)], good)
+    assert scored(good[0], good)[0]["rank"] is not None
 
 
 def test_a_default_model_whose_package_is_missing_is_one_line_naming_the_install(monkeypatch):
