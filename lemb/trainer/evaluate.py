@@ -133,8 +133,12 @@ def run_key_template(config: EvalConfig) -> Any:
     key shards record), else the default."""
     if config.key_template is not None:
         return config.key_template
-    recorded = recorded_identity(RunLayout(config.run).keys)
+    keys = RunLayout(config.run).keys
+    recorded = recorded_identity(keys)
     if recorded is None or "key_template" not in recorded:
+        if keys.exists():
+            log.warning("%s records no key template (written by an earlier lemb): eval embeds keys with %r; pass "
+                        "--key-template to match retrieve's", keys, DEFAULT_KEY_TEMPLATE)  # fmt: skip
         return DEFAULT_KEY_TEMPLATE
     templates = recorded["key_template"]  # {task: template}: one template when every task has the same
     return next(iter(templates.values())) if len(set(templates.values())) == 1 else templates

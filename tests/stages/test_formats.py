@@ -136,22 +136,34 @@ def test_a_graded_id_absent_from_the_corpus_is_one_line_before_any_output(beir, 
 
 
 def test_eval_takes_the_key_template_of_the_run_it_evaluates(tmp_path):
-    import yaml
+    """Eval embeds the corpus as retrieve did: with the template retrieve's key shards record (never by reading
+    retrieve's config.yaml), unless eval is given its own."""
+    import json
+
+    import pyarrow.parquet as pq
 
     from lemb.pipeline.config import EvalConfig
+    from lemb.stages.key_reuse import IDENTITY
     from lemb.trainer.evaluate import run_key_template
+    from lemb.vocabulary import TASKS
 
     def template(**settings):
         return run_key_template(load_config(EvalConfig, run=str(tmp_path), queries="q.jsonl", **settings))
 
+    def record(templates):
+        meta = {IDENTITY: json.dumps({"key_template": templates})} if templates is not None else {}
+        pq.write_table(pa.table({"key_id": ["k1"]}).replace_schema_metadata(meta), keys / "part-00000.parquet")
+
     assert template() == "{title}: {text}"  # no retrieve stage in the run: the default
-    saved = tmp_path / "retrieve" / "candidates" / "config.yaml"
-    saved.parent.mkdir(parents=True)
-    saved.write_text(yaml.safe_dump({"top_k": 8}))  # saved before key templates existed: keys were text alone
-    assert template() == "{text}"
-    saved.write_text(yaml.safe_dump({"key_template": {"qa": "{text} ({title})"}}))
-    assert template() == {"qa": "{text} ({title})"}
+    keys = tmp_path / "retrieve" / "keys"
+    keys.mkdir(parents=True)
+    record(dict.fromkeys(TASKS, "{text}"))
+    assert template() == "{text}"  # one template for every task: that template
+    record({**dict.fromkeys(TASKS, "{title}: {text}"), "qa": "{text} ({title})"})
+    assert template() == {**dict.fromkeys(TASKS, "{title}: {text}"), "qa": "{text} ({title})"}
     assert template(key_template="{title} | {text}") == "{title} | {text}"  # eval's own setting wins
+    record(None)  # keys of an earlier lemb, which recorded none: the default
+    assert template() == "{title}: {text}"
 
 
 @pytest.mark.slow
