@@ -184,6 +184,7 @@ def test_reused_keys_rank_as_embedding_them_again_does(retrieved, tiny_data, tmp
     shutil.copytree(retrieved, run)
     reused = _eval(run, tiny_data)
     assert not (run / "eval" / "base" / "keys").exists()
+    caplog.clear()  # only the second eval's records (the lemb logger may already log INFO in a full run)
     with caplog.at_level(logging.INFO, logger="lemb"):
         embedded = _eval(tmp_path / "fresh", tiny_data)  # a run without a retrieve stage
     assert "key embeddings" not in caplog.text and (tmp_path / "fresh" / "eval" / "base" / "keys").exists()
