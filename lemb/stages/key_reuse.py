@@ -79,9 +79,14 @@ def recorded_identity(keys_dir: Path) -> dict[str, Any] | None:
     """The identity that the first key shard in `keys_dir` records (its footer only: the shards are not checked
     here, `reuse_problem` checks them before any reuse), or None."""
     try:
-        found = (pq.read_schema(shard_path(keys_dir, 0)).metadata or {}).get(IDENTITY.encode())
+        return _identity(shard_path(keys_dir, 0))
     except (OSError, pa.ArrowException):
         return None
+
+
+def _identity(shard: Path) -> dict[str, Any] | None:
+    """The identity one key shard's Parquet metadata records, or None (a shard of an earlier lemb)."""
+    found = (pq.read_schema(shard).metadata or {}).get(IDENTITY.encode())
     return json.loads(found) if found is not None else None
 
 
@@ -93,10 +98,9 @@ def reuse_problem(keys_dir: Path, identity: dict[str, Any]) -> str | None:
     except (LembError, OSError) as exc:
         return f"no finished key embeddings there ({str(exc).splitlines()[0]})"
     for path in files:
-        found = (pq.read_schema(path).metadata or {}).get(IDENTITY.encode())
-        if found is None:
+        recorded = _identity(path)
+        if recorded is None:
             return "their shards record no identity (written by an earlier lemb)"
-        recorded = json.loads(found)
         differs = [PARTS[part] for part in PARTS if recorded.get(part) != identity[part]]
         if differs:
             return f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''}"
