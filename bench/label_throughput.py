@@ -284,7 +284,7 @@ def server_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[s
 
     from lemb.pipeline.config import LabelConfig, load_config
     from lemb.stages.label import LabelStage, served_model
-    from lemb.stages.llm.server import ServerBackend
+    from lemb.stages.llm.server_client import ServerClient
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.llm_server import VLLMServer
@@ -327,9 +327,9 @@ def server_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[s
             print(f"prefix cache not reset ({exc}): start the server with VLLM_SERVER_DEV_MODE=1", flush=True)
 
     recorded: list[dict[str, Any]] = []
-    post = ServerBackend._post
+    post = ServerClient.post
 
-    async def recording(self: ServerBackend, payload: dict[str, Any], index: int) -> dict[str, Any]:
+    async def recording(self: ServerClient, payload: dict[str, Any], index: int) -> dict[str, Any]:
         reply = await post(self, payload, index)
         recorded.append({"body": {"model": self.served.id, **payload}, "usage": reply.get("usage", {})})
         return reply
@@ -351,15 +351,17 @@ def server_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[s
             stage = LabelStage(config, served_model(config))
             stage.setup()
             stage.process(warm)
-            ServerBackend._post = recording  # type: ignore[method-assign]
+            ServerClient.post = recording  # type: ignore[method-assign]
             recorded.clear()
             reset_cache()
             print(f"server backend, {concurrency} in flight: labelling {len(work)} queries", flush=True)
             start = time.perf_counter()
             stage.process(table)
             seconds = time.perf_counter() - start
-            ServerBackend._post = post  # type: ignore[method-assign]
+            ServerClient.post = post  # type: ignore[method-assign]
             stage.llm.close()
+            if not recorded:  # the stage no longer sends its requests through ServerClient.post: nothing to compare
+                raise SystemExit("server backend: no request recorded through ServerClient.post")
             tokens = sum(r["usage"].get("total_tokens", 0) for r in recorded)
             # sampling requests first, as the stage sends them (the scoring ones carry prompt_logprobs)
             payloads = sorted((r["body"] for r in recorded), key=lambda b: "prompt_logprobs" in b)
@@ -378,7 +380,7 @@ def server_throughput(args: argparse.Namespace, llm_name: str, work: list[dict[s
             }  # fmt: skip
             out[f"server_vs_bare_c{concurrency}"] = bare_seconds / seconds
     finally:
-        ServerBackend._post = post  # type: ignore[method-assign]
+        ServerClient.post = post  # type: ignore[method-assign]
         if server is not None:
             server.stop()
     runs = [k for k in out["variants"] if k.startswith("server_c")]

@@ -5,10 +5,12 @@ import os
 import pytest
 import torch
 
-import lemb.stages.llm.hf as llm_module
+import lemb.stages.llm.hf_scorer as scorer_module
 from lemb.pipeline.executor import set_threads
-from lemb.stages.llm.base import clean_sample
-from lemb.stages.llm.hf import TransformersBackend, _common_prefix, _length_batches, _Packed
+from lemb.stages.llm.base import LLMBackend, RequestRefused, length_batches
+from lemb.stages.llm.hf import TransformersBackend
+from lemb.stages.llm.hf_scorer import _common_prefix, _Packed
+from lemb.stages.llm.prompts import Prompts, clean_sample
 from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import DEFAULT_LLM
 from tests.conftest import sample_one
@@ -67,12 +69,12 @@ def test_batching_does_not_change_scores(llm) -> None:
     """Rows of different lengths in one left-padded pass score as each row alone (padding and the other rows
     are masked out), and a budget smaller than any row runs them one by one."""
     items = [(PROMPT, CONTINUATIONS), (PROMPT + " One word.", CONTINUATIONS[:4]), ("Say a city.", CONTINUATIONS[2:])]
-    lengths = [len(_Packed(llm._encode_prompt(m), llm._encode_continuations(c)).ids) for m, c in items]
+    lengths = [len(_Packed(llm.prompts.encode(m), llm.prompts.continuations(c)).ids) for m, c in items]
     assert len(set(lengths)) == 3
-    assert _length_batches(lengths, 10_000) == [[0, 1], [2]], "the first two rows must share a padded pass"
+    assert length_batches(lengths, 10_000) == [[0, 1], [2]], "the first two rows must share a padded pass"
     together = llm.score_many(items, reduce="sum", batch_tokens=10_000)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(llm_module, "HEAD_POSITIONS", 5)  # the vocabulary head a row at a time
+        patch.setattr(scorer_module, "HEAD_POSITIONS", 5)  # the vocabulary head a row at a time
         one_row_at_a_time = llm.score_many(items, reduce="sum", batch_tokens=10_000)
     for row_a, row_b in zip(together, one_row_at_a_time):
         for (a, na), (b, nb) in zip(row_a, row_b):
@@ -92,7 +94,7 @@ def test_scoring_without_a_common_prefix(llm, monkeypatch) -> None:
     """Bare prompts (no chat template) that differ from their first token: nothing is cached, rows run whole."""
     monkeypatch.setattr(llm, "has_chat_template", False)
     items = [(PROMPT, CONTINUATIONS[:3]), ("Name a city.", CONTINUATIONS[2:])]
-    prompts = [llm._encode_prompt(m) for m, _ in items]
+    prompts = [llm.prompts.encode(m) for m, _ in items]
     assert _common_prefix(prompts, limit=10) == 0
     scored = llm.score_many(items, reduce="sum")
     for (message, continuations), got in zip(items, scored):
@@ -108,13 +110,13 @@ def test_common_prefix() -> None:
 
 
 def test_length_batches_respect_budget_and_padding() -> None:
-    assert _length_batches([100, 40, 90, 80, 30], budget=300) == [[0, 2, 3], [1, 4]]
-    assert _length_batches([100, 90, 80], budget=250) == [[0, 1], [2]]  # a third row would pad to 300
-    assert _length_batches([500, 10], budget=100) == [[0], [1]]  # a row over the budget runs alone
+    assert length_batches([100, 40, 90, 80, 30], budget=300) == [[0, 2, 3], [1, 4]]
+    assert length_batches([100, 90, 80], budget=250) == [[0, 1], [2]]  # a third row would pad to 300
+    assert length_batches([500, 10], budget=100) == [[0], [1]]  # a row over the budget runs alone
     # sampling: item i is weights[i] rows of its length + `extra` new tokens
-    assert _length_batches([100, 90, 80], budget=700, weights=[2, 1, 1], extra=100) == [[0, 1], [2]]
-    assert _length_batches([100, 90, 80], budget=600, weights=[1, 1, 1], extra=100) == [[0, 1, 2]]
-    assert _length_batches([100, 90], budget=100, weights=[4, 4], extra=10) == [[0], [1]]
+    assert length_batches([100, 90, 80], budget=700, weights=[2, 1, 1], extra=100) == [[0, 1], [2]]
+    assert length_batches([100, 90, 80], budget=600, weights=[1, 1, 1], extra=100) == [[0, 1, 2]]
+    assert length_batches([100, 90], budget=100, weights=[4, 4], extra=10) == [[0], [1]]
 
 
 def test_the_answer_in_context_outscores_a_wrong_one(shared_scores) -> None:
@@ -157,9 +159,9 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatc
     kw = {"max_new_tokens": 8, "temperature": 1.0}
     alone = {m: sample_one(llm, m, n=2, seed=seeds[m], **kw) for m in messages}
     generate_rows = []
-    original = llm._generate
+    original = llm.sampler._generate
     monkeypatch.setattr(
-        llm, "_generate", lambda ids, *a, **k: generate_rows.append(len(ids)) or original(ids, *a, **k)
+        llm.sampler, "_generate", lambda ids, *a, **k: generate_rows.append(len(ids)) or original(ids, *a, **k)
     )
     calls = {
         "one call": (messages, None, [2, 2, 4]),  # the two long prompts share a left-padded batch
@@ -184,7 +186,7 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_call(llm, monkeypatc
 
 def test_prompt_lengths_are_the_encoded_prompts(llm) -> None:
     messages = [PROMPT, SHORT, MEDIUM]
-    assert llm.prompt_lengths(messages) == [len(llm._encode_prompt(m)) for m in messages]
+    assert llm.prompt_lengths(messages) == [len(llm.prompts.encode(m)) for m in messages]
     assert llm.prompt_lengths([]) == []
 
 
@@ -207,7 +209,7 @@ def test_first_tokens_follow_the_tempered_softmax(llm, temperature: float) -> No
     that ignored the temperature, took the argmax, or drew tokens at random would be off by far more."""
     message, n = "Name an animal.", 200
     with torch.inference_mode():
-        logits = llm.model(torch.tensor([llm._encode_prompt(message)])).logits[0, -1].double()
+        logits = llm.model(torch.tensor([llm.prompts.encode(message)])).logits[0, -1].double()
     probs = torch.softmax(logits / temperature, dim=-1)
     texts = [clean_sample(llm.tokenizer.decode([t], skip_special_tokens=True)) for t in range(len(probs))]
     top = texts[int(probs.argmax())]
@@ -282,6 +284,62 @@ def test_render_uses_the_chat_template(llm) -> None:
     assert "Hello" in text and text.endswith("assistant\n")
 
 
+def test_prompts_tokenize_the_rendered_prompt_and_each_continuation_on_its_own(llm) -> None:
+    """The one prompt component of every backend: a chat-templated prompt is its rendered text's ids with no special
+    tokens added (the template writes them); a bare prompt is the message and a newline with the tokenizer's own."""
+    tokenizer = llm.tokenizer
+    prompts = Prompts(tokenizer, llm.eos_ids)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": SHORT}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompts.render(SHORT) == chat == llm.render(SHORT)
+    assert prompts.encode(SHORT) == tokenizer(chat, add_special_tokens=False)["input_ids"] == llm.prompts.encode(SHORT)
+    prompts.encode(SHORT).append(0)  # a caller's copy: the cached ids stay as they were
+    assert prompts.encode(SHORT) == llm.prompts.encode(SHORT)
+    assert prompts.continuations(["Quelm", " Quelm"]) == [
+        tokenizer("Quelm", add_special_tokens=False)["input_ids"],
+        tokenizer(" Quelm", add_special_tokens=False)["input_ids"],
+    ]
+    with pytest.raises(ValueError, match="continuation 1"):
+        prompts.continuations(["Quelm", ""])
+    bare = Prompts(tokenizer, llm.eos_ids)
+    bare.has_chat_template = False
+    assert bare.render(SHORT) == SHORT + "\n"
+    assert bare.encode(SHORT) == tokenizer(SHORT + "\n")["input_ids"]
+    word = tokenizer("Quelm", add_special_tokens=False)["input_ids"]
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert prompts.decode([word + [llm.eos_ids[0]] + word, newline + word + newline + word]) == ["Quelm", "Quelm"]
+
+
+def test_a_backend_composes_its_sampler_and_scorer_on_the_prompts_ids(llm) -> None:
+    """sample_many and score_many hand the components token ids, skip prompts asked for no samples, name a refused
+    request by the call's own prompt, and reduce the scorer's sums once for every engine."""
+    word = llm.prompts.continuations(["Quelm"])[0]
+    asked = []
+
+    class Sampler:
+        def sample(self, prompts, ns, max_new_tokens, temperature, seeds, batch_tokens, progress):
+            asked.append(prompts)
+            if 0 in seeds:
+                raise RequestRefused(seeds.index(0), "refused")
+            return [[word] * n for n in ns]
+
+    class Scorer:
+        def score(self, prompts, continuations, batch_tokens, progress):
+            return [[float(len(p) + len(c)) for c in cs] for p, cs in zip(prompts, continuations)]
+
+    backend = LLMBackend.codec(llm.tokenizer)
+    backend.sampler, backend.scorer = Sampler(), Scorer()
+    assert backend.sample_many([SHORT, MEDIUM], [0, 2], 4, 1.0, [3, 4]) == [[], ["Quelm", "Quelm"]]
+    assert asked == [[llm.prompts.encode(MEDIUM)]] and backend.generated_tokens == 2 * len(word)
+    with pytest.raises(RequestRefused) as refused:
+        backend.sample_many([SHORT, MEDIUM, PROMPT], [0, 1, 1], 4, 1.0, [3, 4, 0])
+    assert refused.value.index == 2
+    total = float(len(llm.prompts.encode(SHORT)) + len(word))
+    assert backend.score_many([(SHORT, ["Quelm"])], reduce="sum") == [[(total, len(word))]]
+    assert backend.score(SHORT, ["Quelm"]) == [(total / len(word), len(word))]
+
+
 def test_resolve_llm_path(tmp_path) -> None:
     missing = os.path.join(str(tmp_path), "no-such-model")
     with pytest.raises(FileNotFoundError, match="no-such-model") as info:
@@ -298,17 +356,17 @@ def test_resolve_llm_path(tmp_path) -> None:
 def test_model_logits_path_and_attention_window_fallback(llm, monkeypatch) -> None:
     """The fast head (decoder + 2-D matmul) is taken for this model; the model's own logits (for heads that scale
     or cap after the matmul) and the per-sequence path (prompts longer than an attention window) score the same."""
-    assert llm.own_head and llm.sliding_window is None
+    scorer = llm.scorer
+    assert scorer.own_head and scorer.sliding_window is None
     items = [(PROMPT, CONTINUATIONS), ("Say a city.", CONTINUATIONS[2:])]
     fast = llm.score_many(items, reduce="sum")
-    monkeypatch.setattr(llm, "own_head", False)
+    monkeypatch.setattr(scorer, "own_head", False)
     own_logits = llm.score_many(items, reduce="sum")
-    monkeypatch.setattr(llm, "own_head", True)
-    monkeypatch.setattr(llm, "sliding_window", 40)  # the first prompt alone is longer
+    monkeypatch.setattr(scorer, "own_head", True)
+    monkeypatch.setattr(scorer, "sliding_window", 40)  # the first prompt alone is longer
     calls = []
-    monkeypatch.setattr(
-        llm, "score_naive", lambda *a, **k: calls.append(a) or TransformersBackend.score_naive(llm, *a, **k)
-    )
+    naive = scorer.naive
+    monkeypatch.setattr(scorer, "naive", lambda *a, **k: calls.append(a) or naive(*a, **k))
     windowed = llm.score_many(items, reduce="sum")
     assert len(calls) == 2, "a window shorter than an item sends every item down the per-sequence path"
     for other in (own_logits, windowed):

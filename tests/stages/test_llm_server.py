@@ -36,16 +36,16 @@ def test_settings_name_the_missing_half():
 
 
 def test_urls_lose_their_credentials_and_errors_their_envelope():
-    from lemb.stages.llm.server import _error_message, public_url
+    from lemb.stages.llm.server_client import error_message, public_url
 
     assert public_url("https://user:secret@gpu1:8000/v1") == "https://gpu1:8000/v1"
-    assert _error_message('{"error": {"message": "too long", "code": 400}}') == "too long"
-    assert _error_message('{"object": "error", "message": "no such model"}') == "no such model"
-    assert _error_message("Internal Server Error") == "Internal Server Error"
+    assert error_message('{"error": {"message": "too long", "code": 400}}') == "too long"
+    assert error_message('{"object": "error", "message": "no such model"}') == "no such model"
+    assert error_message("Internal Server Error") == "Internal Server Error"
 
 
 def test_a_failing_server_is_set_aside_and_the_other_takes_its_requests():
-    from lemb.stages.llm.server import SET_ASIDE_AFTER, _Servers
+    from lemb.stages.llm.server_client import SET_ASIDE_AFTER, _Servers
 
     servers = _Servers(["http://a/v1", "http://b/v1"])
     servers.in_flight["http://b/v1"] = 5
@@ -129,7 +129,7 @@ def test_scores_equal_the_transformers_backend_across_a_merging_boundary(llm_ser
     # a continuation whose first token merges with the prompt's end when the two are tokenized as one string
     merging = "\n\nMars"
     joint = server.tokenizer(rendered + merging, add_special_tokens=False)["input_ids"]
-    apart = server._encode_prompt(prompt) + server._encode_continuations([merging])[0]
+    apart = server.prompts.encode(prompt) + server.prompts.continuations([merging])[0]
     assert joint != apart, "the example must merge across the boundary"
     items = [(prompt, ["Mars", " Mars", merging, "The red planet is Mars, the fourth from the sun."]),
              ("Say hello.", ["Hello!", "hi"])]  # fmt: skip

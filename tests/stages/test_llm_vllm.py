@@ -91,7 +91,7 @@ def test_scoring_just_sampled_prompts_does_not_compute_them_again(vllm_backend, 
     sampled computes them whole."""
     block = vllm_backend.engine.llm_engine.vllm_config.cache_config.block_size
     computed = []  # per engine call of score_many: prompt tokens computed, not read from the cache
-    run = vllm_backend._run
+    run = vllm_backend.calls.run
 
     def recorded(prompts, params, *rest):
         before = vllm_backend.prefilled_tokens
@@ -103,10 +103,10 @@ def test_scoring_just_sampled_prompts_does_not_compute_them_again(vllm_backend, 
         return [f"{tag} {k}. {PROMPT}" for k in range(3)]
 
     continuations = ["Quelm", "Paris"]
-    n_cont = sum(len(c) for c in vllm_backend._encode_continuations(continuations))
+    n_cont = sum(len(c) for c in vllm_backend.prompts.continuations(continuations))
     sampled, unseen = fresh("Sampled prompt"), fresh("Unseen prompt")
     vllm_backend.sample_many(sampled, [2, 2, 2], max_new_tokens=8, temperature=1.0, seeds=[1, 2, 3])
-    monkeypatch.setattr(vllm_backend, "_run", recorded)
+    monkeypatch.setattr(vllm_backend.calls, "run", recorded)
     cost = {}
     for name, messages in [("sampled", sampled), ("unseen", unseen)]:
         computed.clear()

@@ -1,5 +1,7 @@
 """LLM backends of the label stage and of eval's downstream metrics: transformers (`hf`), vLLM in process
-(`vllm_engine`) and OpenAI-compatible servers (`server`), one interface (`base.LLMBackend`)."""
+(`vllm_engine`) and OpenAI-compatible servers (`server`), one interface (`base.LLMBackend`). Each backend composes the
+shared prompt rendering and tokenization (`prompts`) with its engine's sampler and scorer (`hf_sampler`, `hf_scorer`;
+`vllm_sampler`, `vllm_scorer`; `server_sampler`, `server_scorer`)."""
 
 from __future__ import annotations
 

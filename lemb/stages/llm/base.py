@@ -1,15 +1,22 @@
-"""What every LLM backend shares: prompt rendering and tokenization, so that all of them sample after and score
-the same token ids, and the interface the label stage calls (`sample_many`, `score_many`, `greedy`)."""
+"""What every LLM backend shares: the interface the label stage and eval call (`sample_many`, `score_many`,
+`greedy`), composed of three components, as a batch LLM pipeline composes its stages:
+
+- `Prompts` (prompts.py): chat template rendering and tokenization, one implementation for every backend, so all of
+  them sample after and score the same token ids;
+- a `Sampler` of the backend's engine: token ids of N samples (or the greedy answer) of each prompt;
+- a `Scorer` of the backend's engine: the summed log-probability of each continuation after its prompt.
+
+A backend builds its engine, then the three components on it; everything else is here: tokenizing before the
+engine, cleaning and counting the generated text after it, and the one mean-or-sum reduce of a score."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from lemb.stages.llm.prompts import Prompts
 
-def clean_sample(text: str) -> str:
-    """Cut at the first newline that follows the first non-blank character, then strip (shared by all backends)."""
-    return text.lstrip().split("\n", 1)[0].strip()
+Progress = Callable[[float], None]  # told the fraction of a call's work done
 
 
 def check_reduce(reduce: str) -> None:
@@ -25,8 +32,39 @@ def reduced(total: float, tokens: int, reduce: str) -> tuple[float, int]:
 
 def restart_seed(seed: int | None, sample: int, length: int) -> int | None:
     """Seed of the request that continues sample `sample` of a prompt after a blank line of `length` tokens (see
-    `LLMBackend.stopped_blank`): its own, so a continued sample depends on nothing else."""
+    `stopped_blank`): its own, so a continued sample depends on nothing else."""
     return None if seed is None else seed + 7919 * (sample + 1) + length
+
+
+def stopped_blank(
+    prompts: Prompts, row: list[int], finish_reason: str | None, stop_reason: Any, max_new_tokens: int
+) -> bool:
+    """A vLLM sample that stopped at a newline before any text, with budget left. vLLM's stop string "\\n" ends
+    it there, where the transformers backend goes on (a line ends after its first non-blank character): the
+    vLLM-based samplers continue such a sample from its newline, seeded by `restart_seed`."""
+    stopped = finish_reason == "stop" and stop_reason == "\n"
+    return stopped and len(row) < max_new_tokens and not prompts.decode([row])[0]
+
+
+def length_batches(
+    lengths: list[int], budget: int, weights: list[int] | None = None, extra: int = 0
+) -> list[list[int]]:
+    """Indices grouped longest first into batches of at most `budget` tokens once padded to the batch's longest
+    row, taking a row only while it is at least 3/4 of that longest (padding is wasted compute). With `weights`,
+    item i stands for weights[i] rows of lengths[i] + `extra` tokens (a prompt's samples and their new tokens)."""
+    weights = weights or [1] * len(lengths)
+    batches: list[list[int]] = []
+    held = 0  # rows of the last batch
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches:
+            longest = lengths[batches[-1][0]]
+            if (held + weights[i]) * (longest + extra) <= budget and 4 * lengths[i] >= 3 * longest:
+                batches[-1].append(i)
+                held += weights[i]
+                continue
+        batches.append([i])
+        held = weights[i]
+    return batches
 
 
 class RequestRefused(Exception):
@@ -38,19 +76,61 @@ class RequestRefused(Exception):
         self.index = index
 
 
-PROMPT_CACHE = 8192  # prompts whose token ids a backend keeps
+class Sampler(Protocol):
+    """Generated token ids of an engine, after prompts given as token ids."""
+
+    def sample(
+        self,
+        prompts: list[list[int]],
+        ns: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        seeds: list[int],
+        batch_tokens: int | None,
+        progress: Progress | None,
+    ) -> list[list[list[int]]]:
+        """ns[i] rows of generated ids after prompt i (every ns[i] positive), a function of (prompt i, ns[i],
+        seeds[i], max_new_tokens, temperature) alone (`LLMBackend.sample_many`)."""
+        ...
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The temperature-0 row of each prompt."""
+        ...
 
 
-Progress = Callable[[float], None]  # told the fraction of a call's work done
+class Scorer(Protocol):
+    """Log-probabilities of an engine, of continuations after prompts, all given as token ids."""
+
+    def score(
+        self,
+        prompts: list[list[int]],
+        continuations: list[list[list[int]]],
+        batch_tokens: int | None,
+        progress: Progress | None,
+    ) -> list[list[float]]:
+        """The summed log-probability of each continuations[i][j] after prompts[i]."""
+        ...
+
+
+def forwarded(component: str, name: str) -> property:
+    """An attribute of the backend that is its component's (read and set there)."""
+    return property(
+        lambda self: getattr(getattr(self, component), name),
+        lambda self, value: setattr(getattr(self, component), name, value),
+        doc=f"`{component}.{name}`",
+    )
 
 
 class LLMBackend:
-    """What every LLM backend shares: prompt rendering and tokenization (so all of them sample after and score the
-    same token ids), and the methods that only combine the backend's own ones."""
+    """The interface every backend offers, from its `prompts`, `sampler` and `scorer` (see the module's notes)."""
 
-    tokenizer: Any
-    has_chat_template: bool
-    eos_ids: list[int]
+    prompts: Prompts
+    sampler: Sampler
+    scorer: Scorer
+    pad_id: int | None = None  # the token that fills a generated row after its end, where an engine pads rows
+    tokenizer = forwarded("prompts", "tokenizer")
+    has_chat_template = forwarded("prompts", "has_chat_template")
+    eos_ids = forwarded("prompts", "eos_ids")
 
     def _open(
         self, name: str, path: str, trust_remote_code: bool, revision: str | None = None, eos: Any = None
@@ -80,67 +160,29 @@ class LLMBackend:
         return backend
 
     def _init_codec(self, tokenizer: Any, eos: int | list[int] | None) -> None:
-        self.tokenizer = tokenizer
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.prompts = Prompts(tokenizer, eos)
         self.generated_tokens = 0  # tokens sampled or decoded greedily (up to each row's end), for cost reports
 
     def render(self, user_message: str) -> str:
-        if not self.has_chat_template:
-            return user_message + "\n"
-        messages = [{"role": "user", "content": user_message}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.prompts.render(user_message)
 
+    def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
+        """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
+        return [len(self.prompts.encode(m)) for m in user_messages]
+
+    # the prompt's and continuations' ids as sampled and scored (benchmarks read them: bench/label_throughput.py)
     def _encode_prompt(self, user_message: str) -> list[int]:
-        """The prompt's token ids, kept for the prompts of the last few blocks: the label stage samples a block's
-        prompts, then scores the same prompts."""
-        cache = self.__dict__.setdefault("_prompt_ids", {})
-        ids = cache.get(user_message)
-        if ids is None:
-            if len(cache) >= PROMPT_CACHE:
-                cache.clear()
-            # A chat template already writes BOS and the turn markers; only a bare prompt needs the tokenizer's own.
-            rendered = self.render(user_message)
-            ids = cache[user_message] = self.tokenizer(rendered, add_special_tokens=not self.has_chat_template)[
-                "input_ids"
-            ]
-        return list(ids)
+        return self.prompts.encode(user_message)
 
     def _encode_continuations(self, continuations: Sequence[str]) -> list[list[int]]:
-        encoded = []
-        for i, text in enumerate(continuations):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            if not ids:
-                raise ValueError(f"continuation {i} ({text!r}) has no tokens; drop empty samples before scoring")
-            encoded.append(ids)
-        return encoded
-
-    def _decode(self, rows: list[list[int]]) -> list[str]:
-        texts = []
-        for row in rows:
-            # Rows that stopped early are filled with pad, which need not be a special token: cut at eos first.
-            end = next((j for j, t in enumerate(row) if t in self.eos_ids), len(row))
-            texts.append(clean_sample(self.tokenizer.decode(row[:end], skip_special_tokens=True)))
-        return texts
+        return self.prompts.continuations(continuations)
 
     def _texts(self, rows: list[list[int]]) -> list[str]:
         """The cleaned texts of generated rows, counting each row's tokens up to its end (eos, or the padding that
         fills a row which stopped before the others) into `generated_tokens`."""
-        ends = {*self.eos_ids, getattr(self, "pad_id", None)}
+        ends = {*self.eos_ids, self.pad_id}
         self.generated_tokens += sum(next((j for j, t in enumerate(r) if t in ends), len(r)) for r in rows)
-        return self._decode(rows)
-
-    def stopped_blank(self, row: list[int], finish_reason: str | None, stop_reason: Any, max_new_tokens: int) -> bool:
-        """A vLLM sample that stopped at a newline before any text, with budget left. vLLM's stop string "\\n" ends
-        it there, where the transformers backend goes on (a line ends after its first non-blank character): the
-        vLLM-based backends continue such a sample from its newline, seeded by `restart_seed`."""
-        stopped = finish_reason == "stop" and stop_reason == "\n"
-        return stopped and len(row) < max_new_tokens and not self._decode([row])[0]
-
-    def prompt_lengths(self, user_messages: Sequence[str]) -> list[int]:
-        """Token count of each rendered prompt (as sampled and scored), for sizing work by a token budget."""
-        return [len(self._encode_prompt(m)) for m in user_messages]
+        return self.prompts.decode(rows)
 
     def sample_many(
         self,
@@ -160,18 +202,30 @@ class LLMBackend:
         block of queries in one call gives each query the samples it would get alone. `progress`, if given, is
         called with the fraction of the call's work done as parts of it finish.
         """
-        raise NotImplementedError
-
-    @staticmethod
-    def _check_sampling(user_messages: Sequence[str], ns: Sequence[int], seeds: Sequence[int]) -> None:
         if not len(user_messages) == len(ns) == len(seeds):
             raise ValueError(
                 f"sample_many needs one n and one seed per prompt: {len(user_messages)} prompts, {len(ns)} ns, "
                 f"{len(seeds)} seeds"
             )
+        asked = [i for i, n in enumerate(ns) if n > 0]
+        try:
+            rows = self.sampler.sample(
+                [self.prompts.encode(user_messages[i]) for i in asked], [ns[i] for i in asked], max_new_tokens,
+                temperature, [seeds[i] for i in asked], batch_tokens, progress,
+            )  # fmt: skip
+        except RequestRefused as exc:
+            exc.index = asked[exc.index]  # the sampler's prompt i is the call's prompt asked[i]
+            raise
+        out: list[list[str]] = [[] for _ in user_messages]
+        for i, samples in zip(asked, rows):
+            out[i] = self._texts(samples)
+        return out
 
     def greedy(self, user_messages: list[str], max_new_tokens: int) -> list[str]:
-        raise NotImplementedError
+        """The temperature-0 answer of each prompt (cleaned as samples are)."""
+        if not user_messages:
+            return []
+        return self._texts(self.sampler.greedy([self.prompts.encode(m) for m in user_messages], max_new_tokens))
 
     def score(self, user_message: str, continuations: list[str], reduce: str = "mean") -> list[tuple[float, int]]:
         """(mean or sum token log-probability, token count) of each continuation after the rendered prompt."""
@@ -184,6 +238,10 @@ class LLMBackend:
         batch_tokens: int | None = None,
         progress: Progress | None = None,
     ) -> list[list[tuple[float, int]]]:
-        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass;
-        `progress` as in sample_many."""
-        raise NotImplementedError
+        """score() of several (prompt, continuations) items in one call; `batch_tokens` bounds a forward pass, where
+        the backend batches itself; `progress` as in sample_many."""
+        check_reduce(reduce)
+        prompts = [self.prompts.encode(m) for m, _ in items]
+        conts = [self.prompts.continuations(c) for _, c in items]
+        totals = self.scorer.score(prompts, conts, batch_tokens, progress)
+        return [[reduced(t, len(c), reduce) for t, c in zip(ts, cs)] for ts, cs in zip(totals, conts)]
