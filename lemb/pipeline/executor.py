@@ -4,6 +4,11 @@ failure records.
 A stage is a small object with `setup()` (load models once per worker) and `process(table)`; it knows nothing of
 Ray, files or retries. Its input is a plan of per-shard files (`shards.partition`, or the shards of the stage
 before it); each pending shard runs on a worker that reads its own file and writes its own output atomically.
+
+`Executor` holds what every run shares (the plan, the pending shards, the manifest, the bar, the stats); its two
+kinds differ only in where the pending shards run: `LocalExecutor` in this process, `RayExecutor` on a pool of Ray
+actors (`ray_pool.ActorPool`), retrying shards whose actor or node died. `executor_for` picks the kind that
+`cluster.executor` names.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -27,10 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import WHERE
-from lemb.errors import LembError, MissingDependency
+from lemb.errors import LembError
 from lemb.files import remove, write_json
 from lemb.pipeline.config import Cluster, config_hash, save_config, to_dict
 from lemb.pipeline.lock import StageLock
+from lemb.pipeline.ray_pool import ActorPool, init_ray
 from lemb.pipeline.shards import (
     ShardPlan,
     finish_stage,
@@ -164,55 +169,17 @@ class _Worker:
         return run_shard(self.stage, Path(stage_dir), index, Path(source), items)
 
 
-def init_ray(address: str | None) -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise MissingDependency("ray", "pip install 'ray[default]'") from None
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        _check_reachable(address)
-        if address is None:  # a cluster of its own, even where another local one runs
-            address = "local"
-            kwargs["object_store_memory"] = 256 * 1024**2  # shards travel as files; keep /dev/shm free
-        # Ray turns token authentication on for a cluster it starts (a token made once in ~/.ray) and warns that it
-        # did, on every start: nothing the user has to act on, and not what --quiet should print. Its errors stay.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        handler = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, **kwargs)
-        if threading.current_thread() is threading.main_thread() and callable(handler):
-            signal.signal(signal.SIGTERM, handler)  # ray.init replaces it with sys.exit(15): the CLI's stops cleanly
-    return ray
-
-
-def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
-    """A `host:port` Ray address that does not accept a connection is one line, not Ray's minutes of retries."""
-    if not address or address in ("auto", "local") or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise LembError(
-            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
-            f"`ray start --head` or check --address"
-        ) from None
-
-
 def check_columns(schema: pa.Schema, required: tuple[str, ...], what: str) -> None:
     missing = [c for c in required if c not in schema.names]
     if missing:
         raise LembError(f"{what}: missing column(s) {missing}; present: {schema.names}")
 
 
-class Executor:
+class Executor(ABC):
     """Owns a stage run: the config hash, the manifest with its plan, the saved config, every pending shard on a
-    worker (in-process or a Ray actor pool), the progress bar, per-shard stats, failure records and the stage's
-    stats. A shard is done once its output file is in place, which happens only after its stats are written.
+    worker, the progress bar, per-shard stats, failure records and the stage's stats. A shard is done once its
+    output file is in place, which happens only after its stats are written. Subclasses say where the pending
+    shards run (`LocalExecutor`, `RayExecutor`); `executor_for(cluster, ...)` builds the one `cluster.executor` names.
 
     `inputs` are the files the stage's output depends on (fingerprinted in the manifest); `id_column` names the
     ids that failure records list."""
@@ -244,9 +211,8 @@ class Executor:
         failures: list[dict[str, Any]] = []
         if pending:
             with _Bar(stage, plan, out, pending, self.progress):
-                runner = self._run_local if self.settings.executor == "local" else self._run_ray
                 try:
-                    failures = runner(stage, plan, out, pending)
+                    failures = self._run_shards(stage, plan, out, pending)
                 except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
                     remove_leftovers(out)  # what in-flight shards left
                     raise
@@ -261,7 +227,16 @@ class Executor:
             )
         return stats
 
-    def _run_local(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
+    @abstractmethod
+    def _run_shards(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
+        """Run every pending shard; return the failure records of those that failed on their data (a `LembError`
+        stops the stage instead)."""
+
+
+class LocalExecutor(Executor):
+    """Every pending shard in this process, one after another, on one stage instance; no Ray."""
+
+    def _run_shards(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
         set_threads(self.settings.threads)
         stage.setup()
         failures = []
@@ -274,18 +249,12 @@ class Executor:
                 failures.append(_failure(i, exc))
         return failures
 
-    def _pool_size(self, ray: Any, stage_holds_model: bool) -> int:
-        """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold; clients of a service
-        (`holds_model` False) take no resources, so any number of them run, by default one per CPU."""
-        s = self.settings
-        if s.workers:
-            return s.workers
-        resources = ray.cluster_resources()
-        if s.num_gpus and stage_holds_model:
-            return max(1, int(resources.get("GPU", 0) // s.num_gpus))
-        return max(1, int(resources.get("CPU", 1) // s.threads))
 
-    def _run_ray(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
+class RayExecutor(Executor):
+    """The pending shards on a pool of Ray actors (`_Worker`s, one stage instance each), longest first; a shard
+    whose actor or node died is retried on a fresh actor, at most `max_retries` times."""
+
+    def _run_shards(self, stage: Stage, plan: ShardPlan, out: Path, pending: list[int]) -> list[dict[str, Any]]:
         s = self.settings
         ray = init_ray(s.address)
         resources = ray.cluster_resources()
@@ -297,18 +266,30 @@ class Executor:
             raise LembError(f"{stage.name}: threads {s.threads} per worker, but the Ray cluster has {cpus:g} CPUs "
                             f"(lower --threads)")  # fmt: skip
         queue = sorted(pending, key=plan.items, reverse=True)  # longest first: a shorter tail on the last workers
-        pool = _ActorPool(ray, stage, s, size=min(self._pool_size(ray, stage.holds_model), len(queue)))
+        cpus, gpus = (s.threads, s.num_gpus) if stage.holds_model else (0, 0)
+        worker = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_Worker)
+        size = min(self._pool_size(ray, stage.holds_model), len(queue))
+        pool = ActorPool(ray, lambda: worker.remote(stage, s.threads), size, stage.name, s.max_retries)
         try:
-            return self._drain(ray, plan, out, queue, pool)
+            with pool:  # leaving it stops every actor; in-flight shards are abandoned and the stage's rerun does them
+                return self._drain(ray, plan, out, queue, pool)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Interrupted
-            pool.stop()  # in-flight shards are abandoned; the stage's rerun does them
             if s.address is None:
                 ray.shutdown()  # the local cluster this process started goes with it
             raise
-        finally:
-            pool.stop()
 
-    def _drain(self, ray: Any, plan: ShardPlan, out: Path, queue: list[int], pool: _ActorPool) -> list[dict[str, Any]]:
+    def _pool_size(self, ray: Any, stage_holds_model: bool) -> int:
+        """`workers`, or as many actors as the cluster's CPUs (or GPUs, for GPU actors) hold; clients of a service
+        (`holds_model` False) take no resources, so any number of them run, by default one per CPU."""
+        s = self.settings
+        if s.workers:
+            return s.workers
+        resources = ray.cluster_resources()
+        if s.num_gpus and stage_holds_model:
+            return max(1, int(resources.get("GPU", 0) // s.num_gpus))
+        return max(1, int(resources.get("CPU", 1) // s.threads))
+
+    def _drain(self, ray: Any, plan: ShardPlan, out: Path, queue: list[int], pool: ActorPool) -> list[dict[str, Any]]:
         """Keep every started actor busy until the queue is empty; retry shards whose actor (or node) died."""
         s = self.settings
         attempts: Counter[int] = Counter()
@@ -343,68 +324,10 @@ class Executor:
         return failures
 
 
-class _ActorPool:
-    """Ray actors of one stage (one model copy each). A shard goes only to an actor that has started (its setup
-    done): after a node is lost, the replacement of its actor may wait for resources the cluster no longer has,
-    while the actors still alive take the queue. Actors are owned by the driver: they die with it."""
-
-    def __init__(self, ray: Any, stage: Stage, settings: Cluster, size: int) -> None:
-        from ray.exceptions import ActorDiedError, NodeDiedError, OutOfMemoryError, RayActorError, WorkerCrashedError
-
-        self.ray, self.stage, self.threads = ray, stage, settings.threads
-        self.max_start_failures = settings.max_retries + size
-        self.start_failures = 0
-        self.infrastructure = (ActorDiedError, RayActorError, NodeDiedError, OutOfMemoryError, WorkerCrashedError)
-        cpus, gpus = (settings.threads, settings.num_gpus) if stage.holds_model else (0, 0)
-        self.actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_Worker)
-        self.starting: dict[Any, Any] = {}  # ready-ref -> actor whose setup is under way (or waits for resources)
-        self.idle: list[Any] = []
-        self.running: dict[Any, tuple[int, Any]] = {}  # task ref -> (shard, actor)
-        for _ in range(size):
-            self._start()
-
-    def _start(self) -> None:
-        actor = self.actor_cls.remote(self.stage, self.threads)
-        self.starting[actor.__ray_ready__.remote()] = actor
-
-    def submit(self, index: int, out: str, source: str, items: int) -> None:
-        actor = self.idle.pop()
-        self.running[actor.run.remote(out, index, source, items)] = (index, actor)
-
-    def wait(self) -> Any:
-        ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1)
-        return ready[0]
-
-    def started(self, ref: Any) -> None:
-        actor = self.starting.pop(ref)
-        try:
-            self.ray.get(ref)
-        except self.infrastructure as exc:
-            if getattr(exc, "actor_init_failed", False):  # the stage's setup raised: every worker would
-                raise LembError(f"{self.stage.name}: worker setup failed: {_last_line(exc)}") from None
-            self.start_failures += 1  # its process or its node went away before it was ready
-            if self.start_failures > self.max_start_failures:
-                raise LembError(
-                    f"{self.stage.name}: workers keep dying before they start: {_last_line(exc)}"
-                ) from None
-            log.warning("a worker died before it started (%s); starting another", type(exc).__name__)
-            self.replace(actor)
-            return
-        self.idle.append(actor)
-
-    def replace(self, actor: Any) -> None:
-        self.ray.kill(actor)
-        self._start()
-
-    def stop(self) -> None:
-        for actor in [*self.idle, *self.starting.values(), *(a for _, a in self.running.values())]:
-            self.ray.kill(actor)
-        self.idle, self.starting, self.running = [], {}, {}
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+def executor_for(cluster: Cluster, restart: bool = False, progress: bool = True) -> Executor:
+    """The executor that `cluster.executor` names: `LocalExecutor` for `local`, else `RayExecutor`."""
+    kind = LocalExecutor if cluster.executor == "local" else RayExecutor
+    return kind(cluster, restart, progress)
 
 
 def _failure(index: int, error: BaseException, attempts: int = 1) -> dict[str, Any]:

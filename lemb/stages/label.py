@@ -33,7 +33,7 @@ from lemb.data import schemas
 from lemb.data.tasks import build_prompt, task_spec, templates_fingerprint
 from lemb.errors import InputError, LembError
 from lemb.pipeline.config import LabelConfig
-from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.executor import Stage, executor_for
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, ShardPlan
 from lemb.stages.llm.base import RequestRefused
@@ -382,7 +382,7 @@ def label(config: LabelConfig, progress: bool = True) -> dict[str, Any]:
     stage = LabelStage(config, served_model(config))
     layout = RunLayout(run)
     inputs = [layout.manifest(layout.candidates)]
-    stats = Executor(config.cluster, config.restart, progress).run(
+    stats = executor_for(config.cluster, config.restart, progress).run(
         stage, plan, layout.label, config, inputs, "query_id"
     )
     plot_rewards(layout.label, layout.label / REWARDS_PLOT)  # the histogram, each task's, as soon as it exists

@@ -18,7 +18,7 @@ from lemb.data import schemas
 from lemb.errors import LembError
 from lemb.files import write_json
 from lemb.pipeline.config import Cluster, RescoreConfig, load_config
-from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.executor import Stage, executor_for
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, ShardPlan, stage_files
 from lemb.stages.reward import row_reward
@@ -62,7 +62,7 @@ def rescore(run: str | Path, kind: str, tie_tolerance: float = 1e-6, progress: b
     out = layout.rescore(config.reward)
     stage = RescoreStage(config, label_metadata)
     # a derived output, cheap to remake: other settings (or relabelled shards) simply redo it
-    stats = Executor(Cluster(executor="local"), restart=True, progress=progress).run(
+    stats = executor_for(Cluster(executor="local"), restart=True, progress=progress).run(
         stage, plan, out, config, [label_dir / MANIFEST], "query_id"
     )
     per_task: dict[str, list[float]] = {}

@@ -31,7 +31,7 @@ from lemb.data.tasks import key_template, render_key
 from lemb.errors import InputError
 from lemb.files import remove
 from lemb.pipeline.config import RetrieveConfig
-from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.executor import Stage, executor_for
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import ShardPlan, partition
@@ -328,7 +328,7 @@ def retrieve(
     out = RunLayout(config.run).retrieve if out is None else out
     staging = out / ".input"
     inputs = [Path(p) for p in (config.queries, config.corpus) if p]
-    executor = Executor(config.cluster, config.restart, progress)
+    executor = executor_for(config.cluster, config.restart, progress)
     stats: dict[str, Any] = {"instructions": instructions.describe()}
     with StageLock(out, "retrieve"):  # a process refused here touches nothing: the staging files are the holder's
         try:

@@ -12,7 +12,7 @@ import pytest
 from lemb.data import schemas
 from lemb.errors import LembError
 from lemb.pipeline.config import Cluster
-from lemb.pipeline.executor import Executor, Stage
+from lemb.pipeline.executor import Stage, executor_for
 from lemb.pipeline.shards import partition_table, read_stage
 
 
@@ -68,7 +68,7 @@ def _work(ids):
 def _run(tmp_path, ids, executor, stage=None, **settings):
     cluster = Cluster(executor=executor, **settings)
     plan = partition_table(_work(ids), "query_id", 3, tmp_path / "input")
-    return Executor(cluster, progress=False).run(
+    return executor_for(cluster, progress=False).run(
         stage or EchoStage(), plan, tmp_path / "echo", cluster, [], "query_id"
     )
 
