@@ -85,6 +85,42 @@ def model_path(args: argparse.Namespace) -> str:
     return str(out)
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """The settings a report records: sizes, model, device, precision, machine."""
+    out = {
+        "steps": args.steps,
+        "warmup_steps": WARMUP,
+        "batch": args.batch,
+        "group": args.group,
+        "max_length": args.max_length,
+        "model": args.model + (" (random init)" if args.random_init else ""),
+        "device": args.device,
+        "precision": args.precision,
+        "threads": 1,
+        "machine": platform.processor() or platform.machine(),
+    }
+    if args.device.startswith("cuda"):
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def timed_steps(recipe, device: str) -> list[float]:
+    """Seconds of each of the recipe's steps (batch, forward, backward, optimizer), the device synchronised."""
+    times = []
+    for step in range(recipe.config.steps):
+        start = time.perf_counter()
+        batch = [recipe.groups[i] for i in recipe.sampler.batch(step)]
+        recipe.optimizer.zero_grad(set_to_none=True)
+        recipe._step(batch)
+        recipe.precision.step(recipe.optimizer)
+        recipe.scheduler.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def sync(device: str) -> None:
     import torch
 
@@ -118,16 +154,7 @@ def run_lemb(args: argparse.Namespace, grad_chunk: int = 0, checkpointing: bool 
     )
     recipe = TrainRecipe(cfg)
     recipe.setup(groups)
-    times = []
-    for step in range(cfg.steps):
-        start = time.perf_counter()
-        batch = [recipe.groups[i] for i in recipe.sampler.batch(step)]
-        recipe.optimizer.zero_grad(set_to_none=True)
-        recipe._step(batch)
-        recipe.precision.step(recipe.optimizer)
-        recipe.scheduler.step()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
+    times = timed_steps(recipe, args.device)
     step_s = sum(times[WARMUP:]) / args.steps
     # the loss alone (forward + backward on embeddings of the step's shape), as a fraction of a step
     dim, device = embedding_dim(recipe.model), recipe.device
@@ -268,22 +295,7 @@ def main() -> None:
     if not args.lemb_only:
         report["ratio"] = results["lemb"]["examples_per_s"] / results["sentence_transformers"]["examples_per_s"]
     report["loss_fraction_of_step"] = results["lemb"]["loss_fraction_of_step"]
-    report["settings"] = {
-        "steps": args.steps,
-        "warmup_steps": WARMUP,
-        "batch": args.batch,
-        "group": args.group,
-        "max_length": args.max_length,
-        "model": args.model + (" (random init)" if args.random_init else ""),
-        "device": args.device,
-        "precision": args.precision,
-        "threads": 1,
-        "machine": platform.processor() or platform.machine(),
-    }
-    if args.device.startswith("cuda"):
-        import torch
-
-        report["settings"]["gpu"] = torch.cuda.get_device_name()
+    report["settings"] = settings(args)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

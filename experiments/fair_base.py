@@ -146,11 +146,12 @@ class LLMMetric:
 def rank_arm(model: str, folder: Path, args, instructions: str) -> Any:
     """The dev queries ranked by `model` embedded with `instructions` (lemb eval's ranking)."""
     from lemb.pipeline.config import EvalConfig, load_config
-    from lemb.trainer.evaluate import rank, run_key_template
+    from lemb.stages.key_reuse import run_key_template
+    from lemb.trainer.evaluate import rank
 
     template = args.key_template
     if template is None:
-        template = run_key_template(load_config(EvalConfig, run=str(args.run[0]), queries="-")) if args.run else None
+        template = run_key_template(args.run[0]) if args.run else None
     corpus = str(args.corpus) if args.corpus else None
     config = load_config(EvalConfig, run=str(folder), queries=str(args.dev), corpus=corpus,
                          executor="local", threads=args.threads, key_template=template)  # fmt: skip

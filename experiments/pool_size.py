@@ -158,9 +158,10 @@ def dev_metrics(
     `instructions` (None: eval's default)."""
     from lemb.data.readers import read_queries
     from lemb.pipeline.config import EvalConfig, load_config
-    from lemb.trainer.evaluate import rank, run_key_template
+    from lemb.stages.key_reuse import run_key_template
+    from lemb.trainer.evaluate import rank
 
-    template = args.key_template or run_key_template(load_config(EvalConfig, run=str(args.run), queries="-"))
+    template = args.key_template or run_key_template(args.run)
     config = load_config(EvalConfig, run=str(out), queries=str(args.dev), corpus=str(args.corpus),
                          executor="local", threads=args.threads, key_template=template,
                          instructions=instructions)  # fmt: skip

@@ -58,6 +58,27 @@ def test_train_throughput_lemb_variants(tmp_path):
 
 
 @needs_data
+def test_dev_eval_cost(tmp_path):
+    args = [
+        "--steps",
+        "2",
+        "--every",
+        "1",
+        "--batch",
+        "2",
+        "--dev-queries",
+        "4",
+        "--dev-keys",
+        "12",
+        "--max-length",
+        "32",
+    ]
+    report = _script(tmp_path, "dev_eval_cost", *args)
+    assert report["without_dev"]["evaluations"] == 0 and report["with_dev"]["evaluations"] == 2
+    assert report["per_evaluation_s"] > 0 and len(report["with_dev"]["dev_ndcg@10"]) == 2
+
+
+@needs_data
 def test_train_throughput_against_sentence_transformers(tmp_path):
     pytest.importorskip("datasets", reason="the bench extra (datasets, accelerate) is not installed")
     report = _script(

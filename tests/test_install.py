@@ -65,8 +65,8 @@ def test_every_extra_named_in_the_docs_the_messages_and_the_scripts_is_declared(
     files += [*(ROOT / "lemb").rglob("*.py"), *(ROOT / "bench").rglob("*.sh"), *(ROOT / "bench").rglob("*.py")]
     named = {(f.name, m) for f in files for group in re.findall(r"(?:lemb|\.)\[([\w,-]+)\]", f.read_text())
              for m in group.split(",")}  # fmt: skip
-    assert {m for _, m in named} >= {"vllm", "tensorboard", "test"}
-    assert not [(f, m) for f, m in named if m not in _extras()]
+    assert {m for _, m in named} >= {"vllm", "tensorboard", "wandb", "mlflow", "test"}
+    assert not [(f, m) for f, m in named if m not in _extras() and m != "NAME"]  # NAME: "lemb[NAME]", any extra
     assert "cpu" not in _extras() and "gpu" not in _extras()  # named after what they bring: vllm, tensorboard, ...
 
 

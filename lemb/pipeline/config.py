@@ -181,10 +181,30 @@ KEY_TEMPLATE_HELP = (
 
 
 @dataclass
-class RetrieveConfig:
+class StageSettings:
+    """What every command that works on a run folder takes first."""
+
     run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
-    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO, hashed=False)
+
+
+@dataclass
+class RestartableSettings(StageSettings):
+    """A stage that keeps its output between runs (retrieve, label, train)."""
+
+    restart: bool = setting(
+        False, "Discard earlier or unfinished output of this stage and start over.", group=IO, hashed=False
+    )
+
+
+@dataclass
+class ShardedSettings(RestartableSettings):
+    """A stage whose shards run on a cluster (retrieve, label)."""
+
     cluster: Cluster = setting(factory=Cluster, help="Where the shards run.", hashed=False)
+
+
+@dataclass
+class RetrieveConfig(ShardedSettings):
     shards: int = setting(4, "Output files per step (the unit of work and of resume); label keeps them.", group=PERF)
     queries: str = setting("", "Query records (JSONL or Parquet).", group=IO, required=True, hashed=False)
     corpus: str | None = setting(
@@ -214,10 +234,7 @@ class RetrieveConfig:
 
 
 @dataclass
-class LabelConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
-    restart: bool = setting(False, "Discard earlier output made with other settings.", group=IO, hashed=False)
-    cluster: Cluster = setting(factory=Cluster, help="Where the shards run.", hashed=False)
+class LabelConfig(ShardedSettings):
     llm: str = setting(DEFAULT_LLM, "LLM: HF id, local path or a lemb default name.", group=IO)
     backend: Backend = setting(factory=default_backend, help="vllm (the default where installed), transformers, or "
                                "server (an OpenAI-compatible server at llm_url).")  # fmt: skip
@@ -258,11 +275,7 @@ class LabelConfig:
 
 
 @dataclass
-class TrainConfig:
-    run: str = setting("runs/default", "Run folder; each stage writes <run>/<stage>/.", group=IO, hashed=False)
-    restart: bool = setting(
-        False, "Discard an earlier or unfinished training run of this folder.", group=IO, hashed=False
-    )
+class TrainConfig(RestartableSettings):
     resume: bool = setting(False, "Continue from the last checkpoint.", group=IO, hashed=False)
     threads: int = setting(1, "Torch threads.", group=PERF, hashed=False)
     embedder: str = setting(DEFAULT_EMBEDDER, "Embedder to start from.", group=IO)
@@ -366,8 +379,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    run: str = setting("runs/default", "Run folder; eval writes <run>/eval/.", group=IO, hashed=False)
+class EvalConfig(StageSettings):
     cluster: Cluster = setting(factory=Cluster, help="Where the held-out queries are ranked.", hashed=False)
     shards: int = setting(4, "Shards of each embedder's ranking of the held-out queries.", group=PERF)
     queries: str = setting("", "Held-out query records.", group=IO, required=True, hashed=False)
@@ -413,8 +425,7 @@ class EvalConfig:
 
 
 @dataclass
-class RescoreConfig:
-    run: str = setting("runs/default", "Run folder with a finished label stage.", group=IO, hashed=False)
+class RescoreConfig(StageSettings):
     reward: Reward = setting("rank", "The reward recomputed from the label shards' log-probabilities.")
     tie_tolerance: float = setting(1e-6, "Scores this close to the target's count as ties (nats).")
 
@@ -441,10 +452,69 @@ def _dev_metric_problems(name: str) -> list[str]:
             f" qa/recall@5), got {name!r}"]  # fmt: skip
 
 
+LORA_KEYS = ("r", "alpha", "dropout", "targets")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The `lora` setting, parsed: the adapters' rank `r`, their scale `alpha` (an update is scaled by alpha / r),
+    the dropout on their input, and the names of the linear layers they adapt (empty: peft's defaults for the model
+    type, lemb/trainer/lora.py)."""
+
+    r: int
+    alpha: int
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+
+def parse_lora(spec: str) -> LoraSpec:
+    """`r=16,alpha=32[,dropout=0.1][,targets=query+value]` as a LoraSpec; every problem in one ConfigError."""
+    parsed, problems = _read_lora(spec)
+    if parsed is None:
+        raise ConfigError("; ".join(problems))
+    return parsed
+
+
+def _read_lora(spec: str) -> tuple[LoraSpec | None, list[str]]:
+    values: dict[str, str] = {}
+    out = []
+    for item in spec.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq:
+            out.append(f"lora: {item.strip()!r} is not KEY=VALUE (e.g. r=16,alpha=32)")
+        elif key not in LORA_KEYS:
+            out.append(f"lora: unknown key {key!r} (keys: {', '.join(LORA_KEYS)})")
+        elif key in values:
+            out.append(f"lora: {key} is given twice")
+        else:
+            values[key] = value
+    for key in ("r", "alpha"):
+        if key not in values:
+            out.append(f"lora: {key} is required (e.g. r=16,alpha=32)")
+        elif not (values[key].isdigit() and int(values[key]) > 0):
+            out.append(f"lora: {key} must be a positive integer, got {values[key]!r}")
+    try:
+        dropout = float(values.get("dropout", "0"))
+    except ValueError:
+        dropout = math.nan
+    if not 0 <= dropout < 1:
+        out.append(f"lora: dropout must be a number in [0, 1), got {values['dropout']!r}")
+    targets = tuple(t.strip() for t in values.get("targets", "").split("+") if t.strip())
+    if "targets" in values and not targets:
+        out.append(f"lora: targets must name at least one layer, as NAME+NAME (e.g. query+value), got "
+                   f"{values['targets']!r}")  # fmt: skip
+    if out:
+        return None, out
+    return LoraSpec(int(values["r"]), int(values["alpha"]), dropout, targets), []
+
+
 def _lora_problems(spec: str | None, merge: bool) -> list[str]:
     if spec is None:
         return ["merge needs --lora: only adapters are merged"] if merge else []
-    return []
+    return _read_lora(spec)[1]
 
 
 def type_problems(name: str, value: Any, hint: Any) -> list[str]:

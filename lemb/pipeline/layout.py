@@ -4,7 +4,8 @@
     <run>/retrieve/candidates/   each query's top-K candidates: label's input
     <run>/label/                 reward shards: train's input (rewards.png, the histogram)
     <run>/rescore/<reward>/      the label shards' rows under another reward
-    <run>/train/                 model/, log.jsonl, loss.png, _stats.json, checkpoint.pt while unfinished
+    <run>/train/                 model/, log.jsonl, loss.png, _stats.json, checkpoint.pt while unfinished;
+                                 model-merged/ with --lora --merge
     <run>/eval/                  metrics.json, report.md, details.json; eval/<name>/ each embedder's ranking
 
 A stage asks the layout for another stage's folder and reads what that stage declares as its output (its manifest,
@@ -64,6 +65,11 @@ class RunLayout:
     @staticmethod
     def model_in(train_dir: Path) -> Path:
         return Path(train_dir) / "model"
+
+    @property
+    def merged_model(self) -> Path:
+        """The trained model with its LoRA adapters merged into the base (`lemb train --lora --merge`)."""
+        return self.train / "model-merged"
 
     @property
     def train_log(self) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lemb.data.tasks import key_template
+from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, key_template
 from lemb.errors import LembError
+from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import shard_path, stage_files
 from lemb.stages.instructions import Instructions
 from lemb.stages.models import resolve_model_path
 from lemb.vocabulary import TASKS
 
+log = logging.getLogger(__name__)
 IDENTITY = "lemb.keys_identity"  # the Parquet metadata key of a key shard's identity
 # what each part of the identity is called in messages
 PARTS = {"model": "model", "key_template": "template", "key_instructions": "instructions",
@@ -105,3 +108,20 @@ def reuse_problem(keys_dir: Path, identity: dict[str, Any]) -> str | None:
         if differs:
             return f"{', '.join(differs)} differ{'s' if len(differs) == 1 else ''}"
     return None
+
+
+def run_key_template(run: str | Path, setting: Any = None) -> Any:
+    """The key template of held-out keys (eval's, train's dev set): `setting` when given, else the one the run's
+    retrieve stage embedded its keys with (what its key shards record), else the default: held-out keys read as the
+    training candidates did."""
+    if setting is not None:
+        return setting
+    keys = RunLayout(run).keys
+    recorded = recorded_identity(keys)
+    if recorded is None or "key_template" not in recorded:
+        if keys.exists():
+            log.warning("%s records no key template (written by an earlier lemb): held-out keys are embedded with "
+                        "%r; pass --key-template to match retrieve's", keys, DEFAULT_KEY_TEMPLATE)  # fmt: skip
+        return DEFAULT_KEY_TEMPLATE
+    templates = recorded["key_template"]  # {task: template}: one template when every task has the same
+    return next(iter(templates.values())) if len(set(templates.values())) == 1 else templates

@@ -25,7 +25,7 @@ import lemb
 from lemb.data.tasks import task_spec
 from lemb.errors import LembError
 from lemb.files import write_text
-from lemb.pipeline.config import TrainConfig
+from lemb.pipeline.config import TrainConfig, parse_lora
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.shards import MANIFEST, shard_path
 from lemb.stages.label import labelled_tie_tolerance
@@ -188,6 +188,7 @@ def training_facts(
         "instructions": {"name": instructions["name"], "source": instructions["source"]},
         "seconds": round(seconds, 1),
         "final_loss": final_loss,
+        "lora": parse_lora(c.lora).as_dict() if c.lora else None,  # the adapters' settings; none: every weight trained
     }
 
 

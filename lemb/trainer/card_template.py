@@ -95,12 +95,21 @@ Not trained on, by reason: {% for reason, n in lemb.queries_left_out.items() %}{
 - **learning rate:** {{ lemb.lr }} (AdamW, warm-up {{ lemb.warmup }} of the steps, weight decay \
 {{ lemb.weight_decay }}{% if lemb.max_grad_norm %}, gradients clipped to norm {{ lemb.max_grad_norm }}{% endif %})
 - **precision:** {{ lemb.precision }}, **max length:** {{ lemb.max_length }} tokens, **seed:** {{ lemb.seed }}
-- **task mix:** {{ lemb.task_weights if lemb.task_weights else "by the tasks' sizes" }}\
+{% if lemb.lora %}- **LoRA:** r {{ lemb.lora.r }}, alpha {{ lemb.lora.alpha }}, dropout {{ lemb.lora.dropout }}, on \
+{{ lemb.lora.targets | join(", ") if lemb.lora.targets else "peft's default layers for the model type" }}; \
+{% if lemb.lora.merged %}merged into the base weights in this folder{% else %}this folder holds the adapters only \
+(sentence-transformers loads it with peft installed){% endif %}
+{% endif %}- **task mix:** {{ lemb.task_weights if lemb.task_weights else "by the tasks' sizes" }}\
 {% if lemb.self_paced %}, self-paced{% endif %}
 - **instructions:** {{ lemb.instructions.name }}: {{ lemb.instructions.source }}
 - **training time:** {{ lemb.seconds }} s{% if lemb.final_loss is not none %}, final loss \
 {{ "%.4f" | format(lemb.final_loss) }}{% endif %}
-{% endif %}
+{% if lemb.dev %}- **dev evaluation:** {{ lemb.dev.queries }} held-out queries ({{ lemb.dev.tasks | join(", ") }}), \
+{% if lemb.dev.every %}every {{ lemb.dev.every }} steps and {% endif %}after the last; the model saved is the \
+{{ lemb.dev.keep }} (step {{ lemb.dev.step }}{% if lemb.dev.keep == "best" %}, by {{ lemb.dev.metric }}{% endif %}), \
+which scores {% for name, value in lemb.dev.scores.items() if name.startswith("dev/") %}{{ name[4:] }} \
+{{ "%.4f" | format(value) }}{{ ", " if not loop.last }}{% endfor %}
+{% endif %}{% endif %}
 ### Framework Versions
 
 - lemb: {{ lemb.version or lemb_version }}

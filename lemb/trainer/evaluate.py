@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lemb.data.schemas import by_query, grades
-from lemb.data.tasks import DEFAULT_KEY_TEMPLATE, build_prompt, task_spec
+from lemb.data.tasks import build_prompt, task_spec
 from lemb.errors import ConfigError, LembError
 from lemb.files import write_json, write_text
 from lemb.pipeline.config import EvalConfig, RetrieveConfig, load_config
@@ -48,11 +48,12 @@ from lemb.pipeline.executor import set_threads
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock
 from lemb.pipeline.shards import stage_files
-from lemb.stages.key_reuse import recorded_identity
+from lemb.stages.key_reuse import run_key_template
 from lemb.stages.models import check_model
 from lemb.stages.retrieve import retrieve, truncation_counts, truncation_line
 from lemb.trainer.bootstrap import compare
 from lemb.trainer.card import read_facts, write_card
+from lemb.trainer.lora import is_adapter_folder, require_peft
 from lemb.trainer.report import write_report
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def rank(
     depth = config.eval_depth if depth is None else depth
     if depth < 1:
         raise ConfigError(f"EvalConfig: eval_depth must be >= 1, got {depth}")
-    template = run_key_template(config)
+    template = run_key_template(config.run, config.key_template)
     retrieve_config = load_config(
         RetrieveConfig, run=config.run, cluster=dataclasses.asdict(config.cluster), shards=config.shards, restart=True,
         queries=config.queries, corpus=config.corpus,
@@ -126,22 +127,6 @@ def rank(
             key_text.update((r["key_id"], r["key_text"]) for r in rows)
     queries.sort(key=lambda q: q["query_id"])
     return Ranked(ranking, queries, key_text, embedded_with, depth, truncation_counts(stats))
-
-
-def run_key_template(config: EvalConfig) -> Any:
-    """Eval's key template: its own setting, else the one the run's retrieve stage embedded its keys with (what its
-    key shards record), else the default."""
-    if config.key_template is not None:
-        return config.key_template
-    keys = RunLayout(config.run).keys
-    recorded = recorded_identity(keys)
-    if recorded is None or "key_template" not in recorded:
-        if keys.exists():
-            log.warning("%s records no key template (written by an earlier lemb): eval embeds keys with %r; pass "
-                        "--key-template to match retrieve's", keys, DEFAULT_KEY_TEMPLATE)  # fmt: skip
-        return DEFAULT_KEY_TEMPLATE
-    templates = recorded["key_template"]  # {task: template}: one template when every task has the same
-    return next(iter(templates.values())) if len(set(templates.values())) == 1 else templates
 
 
 def _ir_measure(name: str) -> str:
@@ -471,6 +456,8 @@ def _default_embedders(run: Path) -> dict[str, str]:
     layout = RunLayout(run)
     if not layout.model.exists():
         raise LembError(f"{layout.model}: not found; run `lemb train --run {run}` first or pass --embedder")
+    if is_adapter_folder(layout.model):  # trained with --lora: the adapters load through peft
+        require_peft()
     try:
         base = json.loads(layout.train_stats.read_text())["embedder"]
     except (OSError, ValueError, KeyError):

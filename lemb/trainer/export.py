@@ -24,6 +24,7 @@ from lemb.files import atomic
 from lemb.pipeline.layout import RunLayout
 from lemb.stages.encoder import load_embedder
 from lemb.trainer.card import read_facts, write_card
+from lemb.trainer.lora import has_adapters, is_adapter_folder, merge_adapters, require_peft
 
 FORMATS = ("flagembedding",)
 
@@ -78,7 +79,11 @@ def export_flagembedding(model_path: Path, out: Path) -> Path:
     if out.exists():
         raise LembError(f"{out}: already exists; choose a new folder")
     source = model_folder(model_path)
+    if is_adapter_folder(source):  # LoRA adapters (lemb train --lora): the base's weights with them merged in
+        require_peft()
     model = load_embedder(str(source), max_length=None)
+    if has_adapters(model):
+        merge_adapters(model)
     method, dense = _pooling(model)
     prompts = dict(getattr(model, "prompts", None) or {})
     tasks = sorted({name.rsplit("_", 1)[0] for name in prompts if name.endswith(("_query", "_key"))})

@@ -8,6 +8,7 @@ it now lives. The token is huggingface_hub's: `HF_TOKEN`, else the one `hf auth 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,12 @@ def model_to_push(path: Path) -> Path:
     if read_facts(folder) is None:
         raise LembError(f"{folder}: no model card written by lemb (README.md with `lemb` metadata); lemb writes one "
                         "with every model it trains or exports")  # fmt: skip
+    adapter = folder / "adapter_config.json"
+    if adapter.exists():  # LoRA adapters name their base; a folder on this machine means nothing on the Hub
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
+        if Path(base).is_absolute() or Path(base).exists():
+            raise LembError(f"{folder}: LoRA adapters over the local base {base}, which no one can load from the Hub: "
+                            "train with --merge and push <run>/train/model-merged (the full model)")  # fmt: skip
     return folder
 
 

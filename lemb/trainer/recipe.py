@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -21,15 +20,24 @@ import pyarrow.parquet as pq
 import torch
 
 from lemb.data.tasks import task_spec
-from lemb.errors import ConfigError, InputError, LembError, MissingDependency, StageConflict
-from lemb.files import atomic, move_aside, remove, write_json, write_text
-from lemb.pipeline.config import TrainConfig, config_changes, config_hash, load_config, save_config, to_dict
+from lemb.errors import ConfigError, InputError, LembError, StageConflict
+from lemb.files import atomic, move_aside, remove, write_json
+from lemb.pipeline.config import (
+    TrainConfig,
+    config_changes,
+    config_hash,
+    load_config,
+    parse_lora,
+    save_config,
+    to_dict,
+)
 from lemb.pipeline.executor import set_threads
 from lemb.pipeline.layout import RunLayout
 from lemb.pipeline.lock import StageLock, process_gone
 from lemb.pipeline.shards import STATS, stage_files
 from lemb.stages.encoder import load_embedder
 from lemb.stages.instructions import resolve_instructions
+from lemb.stages.key_reuse import run_key_template
 from lemb.stages.label import labelled_tie_tolerance
 from lemb.stages.models import check_model
 from lemb.stages.plots import LOSS_PLOT, plot_loss
@@ -43,72 +51,18 @@ from lemb.trainer.batches import (
     collate,
 )
 from lemb.trainer.card import task_counts, training_facts, write_card
+from lemb.trainer.dev_eval import DevEvaluator, load_dev
+from lemb.trainer.lora import add_adapters, merged_copy
 from lemb.trainer.losses import make_loss
 from lemb.trainer.step import MixedPrecision, World, backward_step
+from lemb.trainer.tracking import RUNNING_LOSS_STEPS, TENSORBOARD, TRACKER_IDS, TrainLog
 from lemb.vocabulary import TASKS
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # the weights of the best dev score so far (--keep best), with its step and value
 LOG = "log.jsonl"  # one row per step (TrainLog)
-TENSORBOARD = "tensorboard"
 TIMING_FIELDS = ("examples_per_s", "elapsed_s")  # the log's fields that differ between two runs of one config
-RUNNING_LOSS_STEPS = 20
-
-
-class TrainLog:
-    """The training log, a row per step written and flushed as the step ends (`tail -f` follows it; a killed run
-    keeps it): step, task, loss, lr, queries, examples_per_s (queries per second of the step), elapsed_s. With
-    `tensorboard`, the same scalars also go to TensorBoard events in `<run>/train/tensorboard/`. A resumed run first
-    drops the rows (and events) past its checkpoint, so its log equals an uninterrupted run's but for the timings."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool = True, tensorboard: bool = False) -> None:
-        self.last: dict[str, Any] | None = None
-        self.fh = None
-        self.events = None
-        self.recent: list[float] = []  # the last RUNNING_LOSS_STEPS losses, for the progress bar
-        if not enabled:
-            return
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise MissingDependency("tensorboard", "pip install 'lemb[tensorboard]'") from None
-            self.events = SummaryWriter(str(path.parent / TENSORBOARD), purge_step=start_step)
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-        write_text(path, "".join(line + "\n" for line in kept))  # in one rename: a kill here loses no row
-        self.fh = open(path, "a")
-        where = f"TensorBoard: tensorboard --logdir {path.parent / TENSORBOARD}" if tensorboard else (
-            "TensorBoard: --tensorboard (pip install 'lemb[tensorboard]')")  # fmt: skip
-        log.info("training log: %s (one row per step; tail -f follows it); %s", path, where)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.last = row
-        self.recent = [*self.recent[-(RUNNING_LOSS_STEPS - 1) :], row["loss"]]
-        if self.fh is not None:
-            self.fh.write(json.dumps(row) + "\n")
-            self.fh.flush()
-        if self.events is not None:
-            step = row["step"]
-            self.events.add_scalar(f"loss/{row['task']}", row["loss"], step)
-            self.events.add_scalar("loss/all", row["loss"], step)
-            self.events.add_scalar("lr", row["lr"], step)
-            self.events.add_scalar("examples_per_s", row["examples_per_s"], step)
-            self.events.flush()
-
-    @property
-    def running_loss(self) -> float:
-        """Mean loss of the last RUNNING_LOSS_STEPS steps (any task)."""
-        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-        if self.events is not None:
-            self.events.close()
-            self.events = None
 
 
 class TrainRecipe:
@@ -138,28 +92,35 @@ class TrainRecipe:
         self.instructions = resolve_instructions(c.instructions, c.embedder)
         log.info("training with instructions %s: %s", self.instructions.name, self.instructions.source)
         self.model = load_embedder(c.embedder, c.max_length, device=str(self.device))
-        if c.gradient_checkpointing:
+        if c.lora:  # adapters, every other weight frozen (lemb/trainer/lora.py)
+            add_adapters(self.model, parse_lora(c.lora))
+        if c.gradient_checkpointing:  # transformers also makes the input embeddings require grads, as frozen ones must
             self.model[0].auto_model.gradient_checkpointing_enable({"use_reentrant": False})
         self.model.train()
         self.precision = MixedPrecision.make(c.precision, self.device)
         self.sampler = TaskBatchSampler(self.tasks, c.batch_size, c.task_weights or None, c.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # with --lora, the adapters only
+        self.optimizer = torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.weight_decay)
         warmup = int(c.warmup * c.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (c.steps - s) / max(c.steps - warmup, 1)))
         )
         self.losses = {t: make_loss(self._loss_name(t), c.tau, c.alpha, task_spec(t).in_batch_negatives)
                        for t in sorted(set(self.tasks))}  # fmt: skip
+        self.dev_eval = self._dev_evaluator()
+        self.last_dev: dict[str, Any] | None = None  # {"step": steps done, "value": the keep metric, "scores": all}
+        self.best: dict[str, Any] | None = None  # the last_dev of the best dev score so far
         self.initial_loss: dict[str, float] = {}  # for self-paced scheduling
         self.start_step = 0
         if c.resume and (self.out / CHECKPOINT).exists():
             self.load_checkpoint()
         elif self.world.rank == 0:  # a fresh run: nothing of an earlier run may be read as this run's
-            for stale in (CHECKPOINT, "config.yaml", STATS, LOG):
+            for stale in (CHECKPOINT, BEST, "config.yaml", STATS, LOG, TRACKER_IDS):
                 (self.out / stale).unlink(missing_ok=True)
             if (self.out / TENSORBOARD).exists():  # an earlier run's events are not this run's
                 remove(self.out / TENSORBOARD)
-        self.train_log = TrainLog(self.out / LOG, self.start_step, self.world.rank == 0, c.tensorboard)
+            # the wandb and mlruns stores stay: there an earlier run is a tracker run apart from this one's
+        self.train_log = TrainLog(self.out / LOG, self.start_step, self.world.rank == 0, c.trackers, to_dict(c))
 
     def save_checkpoint(self, step: int) -> None:
         """Everything a resumed run needs to continue bit for bit: weights, optimizer, schedule, step, RNG."""
@@ -175,6 +136,7 @@ class TrainRecipe:
             "grad_scaler": self.precision.scaler.state_dict() if self.precision.scaler else {},
             "rewards": self._rewards_fingerprint(),
             "initial_loss": self.initial_loss,
+            "best": self.best,
         }
         with atomic(self.out / CHECKPOINT) as tmp:
             torch.save(state, tmp)
@@ -206,6 +168,7 @@ class TrainRecipe:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.initial_loss, self.start_step = state["initial_loss"], state["step"]
+        self.best = state.get("best")
         log.info("resuming from step %d of %d", self.start_step, self.config.steps)
 
     def _load_groups(self) -> tuple[LabelledGroups, Any]:
@@ -226,6 +189,37 @@ class TrainRecipe:
             shards, self.config.reward, self.config.group_size, str(label_dir), tie_tolerance=tie_tolerance,
             positives_only=contrastive, texts_file=self.texts_file,
         )  # fmt: skip
+
+    def _dev_evaluator(self) -> DevEvaluator | None:
+        """The dev evaluation of `--dev` (rank 0 runs it), checked before the first step: a dev set that cannot be
+        scored, or a kept metric it has no queries for, is one line."""
+        c = self.config
+        if not c.dev or self.world.rank:
+            return None
+        dev = load_dev(c.dev, c.corpus, run_key_template(c.run))
+        where = c.keep_metric.partition("/")[0]
+        if where != "all" and where not in dev.tasks:
+            raise ConfigError(f"TrainConfig: keep_metric {c.keep_metric!r} names task {where}, which has no judged "
+                              f"query in {c.dev} (its tasks: {', '.join(dev.tasks)})")  # fmt: skip
+        log.info("dev evaluation: %d queries of %s, every %s", len(dev.queries), ", ".join(dev.tasks),
+                 f"{c.dev_every} steps and after the last" if c.dev_every else "run, after the last step")  # fmt: skip
+        return DevEvaluator(dev, self.instructions, keep_metric=c.keep_metric)
+
+    def _evaluate_dev(self, done: int) -> dict[str, float]:
+        """Score the model after `done` steps; with --keep best, keep its weights when it beats the best so far."""
+        c = self.config
+        scores = self.dev_eval(self.model)
+        value = scores[f"dev/{c.keep_metric}"]
+        better = self.best is None or value > self.best["value"]
+        if c.keep == "best" and better:
+            with atomic(self.out / BEST) as tmp:
+                torch.save({"step": done, "value": value, "model": self.model.state_dict()}, tmp)
+        self.last_dev = {"step": done, "value": value, "scores": scores}
+        if better:
+            self.best = self.last_dev
+        log.info("dev after step %d: %s %.4f (best %.4f after step %d; %.1f s)", done, c.keep_metric, value,
+                 self.best["value"], self.best["step"], scores["dev_seconds"])  # fmt: skip
+        return scores
 
     def _loss_name(self, task: str) -> str:
         return self.config.loss.get(task, task_spec(task).loss)
@@ -271,11 +265,18 @@ class TrainRecipe:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
             now = time.perf_counter()
-            self.train_log.write({"step": step, "task": task, "loss": loss, "lr": lr, "queries": len(batch),
-                                  "examples_per_s": round(len(batch) / max(now - step_start, 1e-9), 3),
-                                  "elapsed_s": round(now - start, 3)})  # fmt: skip
-            bar.set_postfix({"task": task, "loss": f"{loss:.4f}", f"loss@{RUNNING_LOSS_STEPS}":
-                             f"{self.train_log.running_loss:.4f}"}, refresh=False)  # fmt: skip
+            row = {"step": step, "task": task, "loss": loss, "lr": lr, "queries": len(batch),
+                   "examples_per_s": round(len(batch) / max(now - step_start, 1e-9), 3),
+                   "elapsed_s": round(now - start, 3)}  # fmt: skip
+            every = c.dev_every
+            if self.dev_eval is not None and ((every and (step + 1) % every == 0) or step + 1 == c.steps):
+                row |= self._evaluate_dev(step + 1)  # after the step's timing: examples_per_s is training's alone
+            self.train_log.write(row)
+            running = f"{self.train_log.running_loss:.4f}"
+            shown = {"task": task, "loss": f"{loss:.4f}", f"loss@{RUNNING_LOSS_STEPS}": running}
+            if self.best is not None:
+                shown[f"best {c.keep_metric}"] = f"{self.best['value']:.4f}"
+            bar.set_postfix(shown, refresh=False)
             bar.update(1)
             every = c.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < c.steps and self.world.rank == 0:
@@ -287,6 +288,10 @@ class TrainRecipe:
         c = self.config
         path = self.layout.model
         tasks = sorted(set(self.tasks))
+        if c.keep == "best" and self.best is not None:  # the weights of the best dev score, not the last step's
+            self.model.load_state_dict(torch.load(self.out / BEST, weights_only=True, map_location="cpu")["model"])
+            log.info("saving the model of step %d, the best by %s (%.4f)", self.best["step"], c.keep_metric,
+                     self.best["value"])  # fmt: skip
         self.model.prompts = self.instructions.prompts()  # every task's: `auto` finds them again in eval
         self.model.default_prompt_name = None  # the base's default prompt is not among them
         self.model.eval()
@@ -297,14 +302,23 @@ class TrainRecipe:
         final_loss = self.train_log.last["loss"] if self.train_log.last else None
         facts = training_facts(c, task_counts(self.groups), {t: self._loss_name(t) for t in tasks}, self.skipped,
                                self.instructions.describe(), self.seconds, final_loss)  # fmt: skip
-        old = None
-        with atomic(path) as tmp:
-            self.model.save(str(tmp), create_model_card=False)  # its card would be the base model's, word for word
-            write_card(tmp, facts, model=self.model)
-            if path.exists():  # replace the previous model in two renames, never leaving a half-written folder
-                old = move_aside(path, "old")
-        if old is not None:
-            remove(old)
+        if self.dev_eval is not None:
+            facts["dev"] = self._dev_facts()
+        folders = [(path, self.model, facts)]  # with --lora, the adapters and the base they name
+        if c.lora and c.merge:  # the adapters folded into the base's weights: a full model, loadable without peft
+            merged = {**facts, "lora": {**facts["lora"], "merged": True}}
+            folders.append((self.layout.merged_model, merged_copy(self.model), merged))
+        elif self.layout.merged_model.exists():  # an earlier run's merged model is not this run's
+            remove(self.layout.merged_model)
+        for folder, model, card_facts in folders:
+            old = None
+            with atomic(folder) as tmp:
+                model.save(str(tmp), create_model_card=False)  # its card would be the base model's, word for word
+                write_card(tmp, card_facts, model=model)
+                if folder.exists():  # replace the previous model in two renames, never leaving a half-written folder
+                    old = move_aside(folder, "old")
+            if old is not None:
+                remove(old)
         stats = {
             "embedder": c.embedder,  # the base it started from: eval's default base
             "steps": c.steps,
@@ -315,11 +329,21 @@ class TrainRecipe:
             "final_loss": final_loss,
             "instructions": self.instructions.describe(),
         }
+        if self.dev_eval is not None:
+            stats["dev"] = self._dev_facts()
         write_json(self.layout.train_stats, stats)
         plot_loss(self.layout.train_log, self.out / LOSS_PLOT)
         save_config(c, self.out)
-        (self.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the model folder supersedes it
+        for done in (CHECKPOINT, BEST):  # the run is complete: the model folder supersedes them
+            (self.out / done).unlink(missing_ok=True)
         return path
+
+    def _dev_facts(self) -> dict[str, Any]:
+        """What the card and the stats say of the dev evaluation: the queries, the kept model's step and scores."""
+        c, dev = self.config, self.dev_eval.dev
+        kept = self.best if c.keep == "best" else self.last_dev
+        return {"queries": len(dev.queries), "tasks": dev.tasks, "every": c.dev_every, "keep": c.keep,
+                "metric": c.keep_metric, "step": kept["step"], "scores": kept["scores"]}  # fmt: skip
 
     def should_run(self) -> bool:
         """Whether to train, from what the run folder holds: an unfinished run's checkpoint is resumed (--resume)
@@ -352,15 +376,16 @@ class TrainRecipe:
     def remove_leftovers(self) -> None:
         """What a killed run left (its text file, a half-written model or checkpoint, a model folder moved aside):
         removed by the next run, whatever that run then does."""
-        for pattern in (".texts-*.arrow", ".*.tmp-*", ".model.old-*"):
+        for pattern in (".texts-*.arrow", ".*.tmp-*", ".model*.old-*"):
             for stale in self.out.glob(pattern):
                 if not _alive(stale.name):  # another rank of this job may be writing its own
                     remove(stale)
 
-    def cleanup(self) -> None:
-        """Close the training log; drop the memory-mapped text file of the run's groups."""
+    def cleanup(self, failed: bool = False) -> None:
+        """Close the training log (and the trackers' runs, as failed when training stopped on an error or an
+        interrupt); drop the memory-mapped text file of the run's groups."""
         if getattr(self, "train_log", None) is not None:
-            self.train_log.close()
+            self.train_log.close(failed)
         texts_file = getattr(self, "texts_file", None)
         if texts_file is not None:
             self.groups = None
@@ -404,11 +429,12 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         recipe.remove_leftovers()
         if not recipe.should_run():
             return recipe.layout.model
+        failed = True
         try:
             recipe.setup()
             recipe.train(progress)
-            if recipe.world.rank:
-                return recipe.layout.model  # rank 0 writes the model
-            return recipe.save()
+            path = recipe.save() if recipe.world.rank == 0 else recipe.layout.model  # rank 0 writes the model
+            failed = False
+            return path
         finally:
-            recipe.cleanup()
+            recipe.cleanup(failed)

@@ -40,6 +40,9 @@ def test_a_retired_setting_names_its_replacement(tmp_path):
     old.write_text("score_batch_size: 32\nn_samples: 4\n")
     with pytest.raises(ConfigError, match="'score_batch_size' was replaced by score_batch_tokens"):
         load_config(LabelConfig, old)
+    old.write_text("tensorboard: true\nsteps: 4\n")
+    with pytest.raises(ConfigError, match="'tensorboard' was replaced by report_to: pass --report-to tensorboard"):
+        load_config(TrainConfig, old)
 
 
 def test_negative_scoring_budget_is_refused():
@@ -199,7 +202,7 @@ def test_whether_a_setting_is_hashed_is_declared_on_its_field():
             continue
         moved = dataclasses.replace(base, **{f.name: change(value)})
         assert (config_hash(moved) == config_hash(base)) == (not f.metadata["hashed"]), f.name
-    assert {"run", "threads", "save_every", "resume", "tensorboard"} <= UNHASHED and "lr" not in UNHASHED
+    assert {"run", "threads", "save_every", "resume", "report_to"} <= UNHASHED and "lr" not in UNHASHED
     label = load_config(LabelConfig, backend="transformers")
     assert config_hash(dataclasses.replace(label, block_tokens=512)) == config_hash(label)
     assert config_hash(dataclasses.replace(label, n_samples=3)) != config_hash(label)

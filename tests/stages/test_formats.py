@@ -143,12 +143,12 @@ def test_eval_takes_the_key_template_of_the_run_it_evaluates(tmp_path):
     import pyarrow.parquet as pq
 
     from lemb.pipeline.config import EvalConfig
-    from lemb.stages.key_reuse import IDENTITY
-    from lemb.trainer.evaluate import run_key_template
+    from lemb.stages.key_reuse import IDENTITY, run_key_template
     from lemb.vocabulary import TASKS
 
     def template(**settings):
-        return run_key_template(load_config(EvalConfig, run=str(tmp_path), queries="q.jsonl", **settings))
+        config = load_config(EvalConfig, run=str(tmp_path), queries="q.jsonl", **settings)
+        return run_key_template(config.run, config.key_template)
 
     def record(templates):
         meta = {IDENTITY: json.dumps({"key_template": templates})} if templates is not None else {}

@@ -70,9 +70,9 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     run = tmp_path / "run"
     for stage in ("retrieve", "label"):
         shutil.copytree(labelled_run / stage, run / stage)
-    with caplog.at_level(logging.INFO, logger="lemb.trainer.recipe"):
+    with caplog.at_level(logging.INFO, logger="lemb"):
         train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, warmup=0.5), progress=False)
-    assert "--tensorboard (pip install 'lemb[tensorboard]')" in caplog.text  # how to turn it on, when off
+    assert "trackers: --report-to tensorboard,wandb,mlflow" in caplog.text  # how to turn them on, when off
     # by default the model trains as its base is used: all-MiniLM-L6-v2 without instructions, saved as such
     assert "training with instructions none: none (the model has no instructions)" in caplog.text
     saved = json.loads((run / "train" / "model" / "config_sentence_transformers.json").read_text())["prompts"]
@@ -86,10 +86,10 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     assert [r["elapsed_s"] for r in rows] == sorted(r["elapsed_s"] for r in rows)
     assert [r["lr"] for r in rows] == pytest.approx([1e-5, 2e-5, 2e-5, 1e-5])  # the rate each step used (warm-up 2)
 
-    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, tensorboard=True,
+    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, report_to="tensorboard",
                       warmup=0.5), progress=False)  # fmt: skip
     assert not (run / "train" / "tensorboard").exists()  # execution-only: the finished run is not trained again
-    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, tensorboard=True,
+    train(load_config(TrainConfig, run=str(run), steps=4, batch_size=2, group_size=2, report_to="tensorboard",
                       warmup=0.5, restart=True), progress=False)  # fmt: skip
     events = EventAccumulator(str(run / "train" / "tensorboard"))
     events.Reload()
@@ -98,7 +98,10 @@ def test_training_log_rows_and_tensorboard_events(labelled_run, tmp_path, caplog
     assert [e.value for e in events.Scalars("loss/all")] == pytest.approx([r["loss"] for r in rows])
     for task in {r["task"] for r in rows}:
         assert [e.step for e in events.Scalars(f"loss/{task}")] == [r["step"] for r in rows if r["task"] == task]
-    assert {"lr", "examples_per_s"} <= set(events.Tags()["scalars"])
+    assert {"lr", "examples_per_s", "queries", "elapsed_s"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([r["lr"] for r in rows])
+    config = events.Tensors("config/text_summary")[0]  # the resolved config, as text at step 0
+    assert config.step == 0 and '"report_to": "tensorboard"' in config.tensor_proto.string_val[0].decode()
     train(load_config(TrainConfig, run=str(run), steps=2, batch_size=2, group_size=2, restart=True), progress=False)
     assert not (run / "train" / "tensorboard").exists()  # a fresh run without events leaves none of the last one
 
@@ -187,9 +190,9 @@ def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch)
     import sys
 
     from lemb.errors import MissingDependency
-    from lemb.trainer.recipe import TrainLog
+    from lemb.trainer.tracking import TrainLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(MissingDependency, match=r"pip install 'lemb\[tensorboard\]'"):
-        TrainLog(tmp_path / "log.jsonl", 0, enabled=True, tensorboard=True)
+        TrainLog(tmp_path / "log.jsonl", 0, enabled=True, trackers=["tensorboard"])
     assert not (tmp_path / "log.jsonl").exists()
