@@ -4,7 +4,8 @@ Both runs train the same groups (NQ questions with their gold passage and 7 othe
 ../shared/data/knowledge_qa/nq_oracle, synthetic rewards, as bench/train_throughput.py builds them) for the same
 steps; the second also scores `--dev-queries` held-out NQ questions over `--dev-keys` passages every `--every` steps.
 The report gives each run's wall time, the evaluations' own time (the log rows' `dev_seconds`) and what is left:
-the slow-down beyond the evaluations themselves, which should be about zero.
+the slow-down beyond the evaluations themselves, which should be about zero; and the training steps' own times (from
+the log rows' `examples_per_s`), whose medians tell a slower step from a noisy machine.
 
     python bench/dev_eval_cost.py [--steps 40] [--every 10] [--dev-queries 200] [--dev-keys 2600] [--json OUT]
 """
@@ -62,7 +63,10 @@ def run(args: argparse.Namespace, dev: tuple[Path, Path] | None, folder: Path) -
     recipe.cleanup()
     rows = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "dev_seconds" in r]
-    return {"wall_s": round(wall, 2), "evaluations": len(evals),
+    steps = sorted(r["queries"] / r["examples_per_s"] for r in rows)  # each step's own time, evaluations excluded
+    median = steps[len(steps) // 2]
+    return {"wall_s": round(wall, 2), "steps_s": round(sum(steps), 2), "median_step_s": round(median, 3),
+            "evaluations": len(evals),
             "dev_seconds": round(sum(r["dev_seconds"] for r in evals), 2),
             "dev_ndcg@10": [round(r["dev/qa/ndcg@10"], 4) for r in evals]}  # fmt: skip
 
@@ -94,6 +98,7 @@ def main() -> None:
         "per_evaluation_s": round(with_dev["dev_seconds"] / max(with_dev["evaluations"], 1), 2),
         "slowdown_beyond_evaluations_s": round(extra, 2),
         "slowdown_beyond_evaluations_fraction": round(extra / plain["wall_s"], 4),
+        "median_step_ratio": round(with_dev["median_step_s"] / plain["median_step_s"], 3),
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     if args.json:
