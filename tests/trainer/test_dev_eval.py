@@ -19,12 +19,28 @@ from tests.conftest import CORPUS, QUERIES, write_jsonl
 DEV = [
     {"query_id": "d1", "task": "qa", "text": "Which city governs Zorbia?", "target": "Quelm", "positive_ids": ["k1"]},
     {"query_id": "d2", "task": "qa", "text": "Name Vantra's capital.", "target": "Plok", "positive_ids": ["k3"]},
-    {"query_id": "d3", "task": "qa", "text": "Which animal stands for Zorbia?", "target": "glimmerfox",
-     "positive_ids": ["k4"]},  # fmt: skip
-    {"query_id": "d4", "task": "tool", "text": "Trains leaving a Zorbian station", "target": "zorb_rail.timetable",
-     "positive_ids": ["t2"]},  # fmt: skip
-    {"query_id": "d5", "task": "chat", "text": "Do I like the sea?", "target": "yes", "positive_ids": ["d5#h0"],
-     "history": ["User: I love the sea.", "User: my cat is grumpy.", "User: Quelm is rainy."]},  # fmt: skip
+    {
+        "query_id": "d3",
+        "task": "qa",
+        "text": "Which animal stands for Zorbia?",
+        "target": "glimmerfox",
+        "positive_ids": ["k4"],
+    },  # fmt: skip
+    {
+        "query_id": "d4",
+        "task": "tool",
+        "text": "Trains leaving a Zorbian station",
+        "target": "zorb_rail.timetable",
+        "positive_ids": ["t2"],
+    },  # fmt: skip
+    {
+        "query_id": "d5",
+        "task": "chat",
+        "text": "Do I like the sea?",
+        "target": "yes",
+        "positive_ids": ["d5#h0"],
+        "history": ["User: I love the sea.", "User: my cat is grumpy.", "User: Quelm is rainy."],
+    },  # fmt: skip
     {"query_id": "d6", "task": "qa", "text": "No known answer", "target": "", "positive_ids": []},
 ]
 
@@ -79,8 +95,8 @@ def _train(labelled_run, run, **settings):
     for stage in ("retrieve", "label"):
         if not (run / stage).exists():
             shutil.copytree(labelled_run / stage, run / stage)
-    config = load_config(TrainConfig, run=str(run), steps=6, batch_size=2, group_size=2, lr=1e-3, warmup=0.0,
-                         **settings)  # fmt: skip
+    defaults = {"steps": 6, "batch_size": 2, "group_size": 2, "lr": 1e-3, "warmup": 0.0}
+    config = load_config(TrainConfig, run=str(run), **{**defaults, **settings})
     train(config, progress=False)
     return [json.loads(line) for line in (run / "train" / "log.jsonl").read_text().splitlines()]
 
@@ -128,3 +144,33 @@ def test_keep_metric_of_a_task_without_dev_queries_is_one_line(labelled_run, tmp
     with pytest.raises(ConfigError, match=r"keep_metric 'tool/ndcg@5' names task tool, which has no judged query"):
         _train(labelled_run, tmp_path / "run", dev=str(qa_only), corpus=str(corpus), keep="best",
                keep_metric="tool/ndcg@5")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_resumed_keep_best_run_saves_the_model_of_an_uninterrupted_one(labelled_run, tmp_path, dev_files):
+    from sentence_transformers import SentenceTransformer
+
+    from lemb.trainer.recipe import TrainRecipe
+
+    dev_path, corpus = dev_files
+    settings = {"dev": str(dev_path), "corpus": str(corpus), "eval_every": 1, "keep": "best",
+                "keep_metric": "all/mrr@10", "save_every": 3}  # fmt: skip
+    whole = _train(labelled_run, tmp_path / "whole", **settings)
+    run = tmp_path / "cut"
+    _train(labelled_run, run, **{**settings, "steps": 1})  # copies the stages; replaced by the cut run below
+    recipe = TrainRecipe(load_config(TrainConfig, run=str(run), steps=6, batch_size=2, group_size=2, lr=1e-3,
+                                     warmup=0.0, restart=True, **settings))  # fmt: skip
+    recipe.setup()
+    recipe.train(progress=False)  # every step done, the checkpoint of step 3 left, the model never saved
+    recipe.cleanup()
+    resumed = _train(labelled_run, run, resume=True, **settings)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole]
+    stats = [json.loads((folder / "train" / "_stats.json").read_text())["dev"] for folder in (tmp_path / "whole", run)]
+    assert stats[0]["step"] == stats[1]["step"]
+    assert {k: v for k, v in stats[0]["scores"].items() if k.startswith("dev/")} == {
+        k: v for k, v in stats[1]["scores"].items() if k.startswith("dev/")
+    }
+    texts = ["Quelm", "Which city governs Zorbia?"]
+    folders = (tmp_path / "whole", run)
+    models = [SentenceTransformer(str(folder / "train" / "model"), device="cpu") for folder in folders]
+    assert (models[0].encode(texts) == models[1].encode(texts)).all()
