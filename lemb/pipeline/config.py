@@ -353,7 +353,7 @@ class TrainConfig(RestartableSettings):
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.resume and self.restart:
             out.append("resume and restart exclude each other: --resume continues a run, --restart starts over")
-        out += _tracker_problems(self.report_to)
+        out += _tracker_problems(self.trackers)
         if self.eval_every is not None and self.eval_every < 0:
             out.append(f"eval_every must be >= 0 (0: after the last step only), got {self.eval_every}")
         if self.keep == "best" and not self.dev:
@@ -433,8 +433,7 @@ class RescoreConfig(StageSettings):
         return [] if self.tie_tolerance >= 0 else [f"tie_tolerance must be >= 0, got {self.tie_tolerance}"]
 
 
-def _tracker_problems(report_to: str) -> list[str]:
-    names = [t.strip() for t in report_to.split(",") if t.strip()]
+def _tracker_problems(names: list[str]) -> list[str]:
     return [f"report_to: unknown tracker {t!r} (one of {', '.join(TRACKERS)})" for t in names if t not in TRACKERS]
 
 

@@ -23,7 +23,7 @@ from lemb.data.schemas import grades, history_key_id
 from lemb.data.tasks import key_template, render_key, task_spec
 from lemb.errors import ConfigError, InputError
 from lemb.stages.instructions import Instructions
-from lemb.trainer.evaluate import RETRIEVAL_METRICS, per_query_retrieval, within
+from lemb.trainer.evaluate import RETRIEVAL_METRICS, retrieval_metrics, within
 from lemb.vocabulary import PER_QUERY_TASKS
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,11 @@ def load_dev(queries: str | Path, corpus: str | Path | None, template: Any) -> D
     return DevSet(queries_out, keys)
 
 
-def metric_names(task: str, extra: str | None = None) -> tuple[str, ...]:
-    """A task's dev metrics: the retrieval metrics of its spec, the "all" row's, and `extra` (the kept metric)."""
-    retrieval = [m for m in task_spec(task).metrics if m.partition("@")[0] in ("recall", "ndcg", "mrr")]
+def metric_names(task: str | None, extra: str | None = None) -> tuple[str, ...]:
+    """A task's dev metrics: the retrieval metrics of its spec, the "all" row's, and `extra` (the kept metric);
+    `task` None: the "all" row's and `extra`."""
+    spec = task_spec(task).metrics if task is not None else ()
+    retrieval = [m for m in spec if m.partition("@")[0] in ("recall", "ndcg", "mrr")]
     names = dict.fromkeys([*retrieval, *RETRIEVAL_METRICS, *([extra] if extra else [])])
     return within(tuple(names), DEV_DEPTH)
 
@@ -118,20 +120,17 @@ class DevEvaluator:
         """Score `model` on the dev set; it comes back in the training mode it had, weights and RNG untouched."""
         start = time.perf_counter()
         training = model.training
+        by_task = {t: [q for q in self.dev.queries if q["task"] == t] for t in self.dev.tasks}
         try:
             with torch.no_grad():
                 ranking = {}
-                for task in self.dev.tasks:
-                    ranking.update(self._rank(model, task, [q for q in self.dev.queries if q["task"] == task]))
+                for task, queries in by_task.items():
+                    ranking.update(self._rank(model, task, queries))
         finally:
             model.train(training)  # encode() leaves the model in eval mode
         out: dict[str, float] = {}
-        for task in self.dev.tasks:
-            queries = [q for q in self.dev.queries if q["task"] == task]
-            for name, values in per_query_retrieval(ranking, queries, metric_names(task, self.extra)).items():
-                out[f"{PREFIX}{task}/{name}"] = sum(values.values()) / len(values)
-        every = within(tuple(dict.fromkeys([*RETRIEVAL_METRICS, *([self.extra] if self.extra else [])])), DEV_DEPTH)
-        for name, values in per_query_retrieval(ranking, self.dev.queries, every).items():
-            out[f"{PREFIX}all/{name}"] = sum(values.values()) / len(values)
+        for task, queries in [*by_task.items(), (None, self.dev.queries)]:
+            for name, value in retrieval_metrics(ranking, queries, metric_names(task, self.extra)).items():
+                out[f"{PREFIX}{task or 'all'}/{name}"] = value
         out["dev_seconds"] = round(time.perf_counter() - start, 3)
         return out
